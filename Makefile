@@ -1,0 +1,35 @@
+# The two set-up commands:  make demo   |   make test
+# Both create .venv when it is missing. torch is installed first, on its own and only when it
+# is not importable, so the project's `torch>=2.4` is already satisfied and pip never picks a
+# multi-GB CUDA build by itself. Override per platform, e.g.
+#   make test TORCH_SPEC="torch==2.5.1" TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+PYTHON         ?= python3
+VENV           ?= .venv
+PY             := $(VENV)/bin/python
+PIP            := $(PY) -m pip
+TORCH_SPEC     ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+PYTEST_ARGS    ?=
+
+.PHONY: demo test bench clean
+
+$(VENV)/.torch-ok:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.test-ok: $(VENV)/.torch-ok pyproject.toml
+	$(PIP) install -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.test-ok
+	$(PY) launch/demo.py
+
+test: $(VENV)/.test-ok
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.test-ok
+	$(PY) benchmarks/bench_load_save.py
+
+clean:
+	rm -rf $(VENV) demo-out benchmarks/out

@@ -1,0 +1,75 @@
+"""dist_guardian: every rank resumes from the best checkpoint that loads on every rank.
+
+The public surface is small: :class:`Guardian` (resume, save, close), the lower-level
+:func:`resume` for checkpoints another library wrote, the values it returns, and the
+errors. ``Guardian`` and ``resume`` import torch lazily, so ``dist-guardian ls`` and
+``plan`` start fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .candidate import Attempt, Candidate, Loaded, ResumeResult, order
+from .errors import (
+    AgreementTimeout,
+    CandidateListMismatch,
+    CheckpointFormatError,
+    CommitConflict,
+    ConfigError,
+    CoordinationError,
+    DistGuardianError,
+    InsecurePathError,
+    NoReachableCheckpoint,
+    ResumeFailed,
+    SaveFailed,
+    StoreError,
+    StoreUnavailable,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Guardian",
+    "resume",
+    "ResumeResult",
+    "SaveResult",
+    "Attempt",
+    "Candidate",
+    "Loaded",
+    "order",
+    "DistGuardianError",
+    "ConfigError",
+    "CheckpointFormatError",
+    "StoreError",
+    "StoreUnavailable",
+    "InsecurePathError",
+    "SaveFailed",
+    "CommitConflict",
+    "CoordinationError",
+    "AgreementTimeout",
+    "CandidateListMismatch",
+    "ResumeFailed",
+    "NoReachableCheckpoint",
+]
+
+if TYPE_CHECKING:
+    from .coordinator import resume
+    from .guardian import Guardian
+    from .saving import SaveResult
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Guardian":
+        from .guardian import Guardian
+
+        return Guardian
+    if name == "resume":
+        from .coordinator import resume
+
+        return resume
+    if name == "SaveResult":
+        from .saving import SaveResult
+
+        return SaveResult
+    raise AttributeError(f"module 'dist_guardian' has no attribute {name!r}")

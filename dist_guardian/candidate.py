@@ -1,0 +1,201 @@
+"""Frozen values that cross ranks and the pure ordering policy.
+
+Everything here is small and plain (JSON-able primitives), because candidates travel from
+rank 0 to every rank as JSON bytes and end up in the decision record. ``order()`` is pure
+so the plan is a function of the verdicts alone: timestamps never order anything (F35).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal
+
+from .errors import ConfigError
+
+Tier = Literal["V", "L", "S", "R"]
+SuspectPolicy = Literal["after_same_step", "last_resort", "reject"]
+SUSPECT_POLICIES = ("after_same_step", "last_resort", "reject")
+TIER_RANK = {"V": 0, "L": 1, "S": 2, "R": 3}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileRef:
+    """One file of a candidate: its name relative to the candidate, its expected size and digest."""
+
+    name: str
+    size: int
+    digest: str | None = None
+    rank: int | None = None  # None: read by every rank; k: read only by rank k (per-rank state)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Candidate:
+    """One checkpoint in one store, with the verdict of verification.
+
+    ``path`` is a location inside ``store`` (a local path or an fsspec URL); ``replica_key``
+    is equal for copies of the same checkpoint in different stores, so the order can put
+    an intact copy before a damaged one.
+    """
+
+    id: str
+    store: str
+    store_index: int
+    rel: str  # location relative to the store root (each rank resolves it through its own store)
+    path: str  # rank 0's full location, for people and records
+    kind: Literal["native", "torch", "dcp"]
+    step: int
+    generation: int = 0
+    run: str | None = None
+    world_size: int | None = None
+    tier: Tier = "V"
+    reasons: tuple[str, ...] = ()
+    files: tuple[FileRef, ...] = ()
+    replica_key: str = ""
+    manifest_digest: str | None = None
+    compat_fingerprint: str | None = None
+    created_unix: float | None = None
+
+    def with_verdict(self, tier: Tier, *reasons: str) -> "Candidate":
+        return dataclasses.replace(self, tier=tier, reasons=self.reasons + tuple(reasons))
+
+    def files_for_rank(self, rank: int, world_size: int) -> tuple[FileRef, ...]:
+        """The files this rank reads when it loads this candidate (the availability vote checks these)."""
+        own = [f for f in self.files if f.rank is None]
+        per_rank = [f for f in self.files if f.rank is not None]
+        if per_rank:
+            saved_ws = self.world_size or len(per_rank)
+            want = rank % max(saved_ws, 1)
+            own += [f for f in per_rank if f.rank == want]
+        return tuple(own)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["reasons"] = list(self.reasons)
+        d["files"] = [dataclasses.asdict(f) for f in self.files]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Candidate":
+        d = dict(d)
+        d["reasons"] = tuple(d.get("reasons", ()))
+        d["files"] = tuple(FileRef(**f) for f in d.get("files", ()))
+        return cls(**d)
+
+    def describe(self) -> str:
+        return f"step {self.step} ({self.kind}, tier {self.tier}) in {self.store} at {self.path}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Attempt:
+    """One candidate tried by every rank, and what each rank said about it."""
+
+    candidate_id: str
+    step: int
+    store: str
+    path: str
+    tier: str
+    outcome: Literal["loaded", "failed", "deferred", "unavailable", "skipped"]
+    reasons: tuple[tuple[int, str], ...] = ()  # (rank, reason)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["reasons"] = [{"rank": r, "reason": why} for r, why in self.reasons]
+        return d
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResumeResult:
+    """What resume decided. Identical on every rank (same step, store and path)."""
+
+    resumed: bool
+    step: int | None = None
+    store: str | None = None
+    path: str | None = None
+    tier: str | None = None
+    generation: int = 0
+    attempts: tuple[Attempt, ...] = ()
+    warnings: tuple[str, ...] = ()
+    rejected: tuple[tuple[str, str], ...] = ()  # (path, reason) of R candidates, for the record
+    unreachable: tuple[tuple[str, str], ...] = ()  # (store, reason)
+    seconds: float = 0.0
+
+    def to_json(self) -> str:
+        """The decision record: one JSON object, logged once by rank 0."""
+        d = {
+            "resumed": self.resumed,
+            "step": self.step,
+            "store": self.store,
+            "path": self.path,
+            "tier": self.tier,
+            "generation": self.generation,
+            "attempts": [a.to_json() for a in self.attempts],
+            "warnings": list(self.warnings),
+            "rejected": [{"path": p, "reason": r} for p, r in self.rejected],
+            "unreachable": [{"store": s, "reason": r} for s, r in self.unreachable],
+            "seconds": round(self.seconds, 4),
+        }
+        return json.dumps(d, sort_keys=False)
+
+
+def validate_suspect_policy(suspect: str) -> SuspectPolicy:
+    if suspect not in SUSPECT_POLICIES:
+        raise ConfigError(f"suspect={suspect!r} is not a policy; use one of {', '.join(SUSPECT_POLICIES)}")
+    return suspect  # type: ignore[return-value]
+
+
+def _key(c: Candidate) -> tuple:
+    # Newest step, then newest lineage (F36), then V < L < S, then the user's store order.
+    return (-c.step, -c.generation, TIER_RANK[c.tier], c.store_index, c.path)
+
+
+def order(candidates: Iterable[Candidate], suspect: str = "after_same_step") -> list[Candidate]:
+    """The plan: the order in which resume tries candidates (FAULTS.md policy).
+
+    R candidates are dropped. ``after_same_step`` keeps a suspect right after the other
+    replicas of its step; ``last_resort`` moves every suspect after every V and L;
+    ``reject`` drops suspects. Pure: the same verdicts always give the same plan.
+    """
+    policy = validate_suspect_policy(suspect)
+    usable = sorted((c for c in candidates if c.tier != "R"), key=_key)
+    if policy == "reject":
+        return [c for c in usable if c.tier != "S"]
+    if policy == "last_resort":
+        return [c for c in usable if c.tier != "S"] + [c for c in usable if c.tier == "S"]
+    return usable
+
+
+def defer_suspect(plan: list[Candidate], index: int, suspect: str, reason: str) -> list[Candidate]:
+    """Re-place plan[index], found suspect while loading, where the policy puts an S candidate.
+
+    Returns the remaining plan after ``index`` (all ranks compute the same). With
+    ``after_same_step`` it goes after the remaining entries of its step; with ``last_resort``
+    after every remaining non-suspect entry; with ``reject`` it is dropped.
+    """
+    cand = plan[index].with_verdict("S", reason)
+    rest = list(plan[index + 1 :])
+    if suspect == "reject":
+        return rest
+    if suspect == "last_resort":
+        pos = len(rest)
+        while pos > 0 and rest[pos - 1].tier == "S":
+            pos -= 1
+        return rest[:pos] + [cand] + rest[pos:]
+    pos = 0
+    while pos < len(rest) and rest[pos].step == cand.step and rest[pos].generation == cand.generation:
+        pos += 1
+    return rest[:pos] + [cand] + rest[pos:]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Loaded:
+    """What a load function may return: the staged state, and why it is suspect (if it is).
+
+    A load function that returns anything else is taken as ``Loaded(staged=value)``.
+    """
+
+    staged: Any = None
+    suspect: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = field(default=())

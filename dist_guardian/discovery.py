@@ -1,0 +1,156 @@
+"""Find checkpoint candidates across stores: one listing per store, nothing read yet.
+
+What belongs here: turning listings into sightings (a step dir of ours, a bare torch.save
+file, a DCP directory), skipping our own staging, trash and journal names, and recording
+which stores could not be listed. Deciding whether a sighting can be trusted is
+``verify``'s job; nothing here opens a data file, and nothing here ever deletes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+from . import formats, manifest, stores
+from .errors import StoreError
+from .stores import Entry, Store
+
+log = logging.getLogger(__name__)
+
+RANK_FILE_RE = re.compile(r"^rank-(\d{5})-of-(\d{5})\.dgt$")
+REPLICATED_FILE = "replicated.dgt"
+DCP_METADATA = ".metadata"
+MAX_SIGHTINGS_PER_STORE = 100_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sighting:
+    """Something in a store that looks like a checkpoint, as the listing showed it."""
+
+    store: Store
+    rel: str  # relative to the store root
+    kind: Literal["native", "torch", "dcp"]
+    step: int | None
+    generation_hint: int | None = None
+    entry_kind: str = "dir"  # what the listing says the path itself is (file, dir, symlink, other)
+    size: int = 0
+    children: tuple[Entry, ...] = ()  # for directories: their files (names relative to the dir)
+
+    @property
+    def id(self) -> str:
+        return f"{self.store.index}:{self.rel}"
+
+    def child(self, name: str) -> Entry | None:
+        for e in self.children:
+            if e.rel == name:
+                return e
+        return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Discovery:
+    sightings: tuple[Sighting, ...]
+    unreachable: tuple[tuple[str, str], ...] = ()  # (store url, reason)
+    listed: tuple[str, ...] = ()  # store urls listed fully
+    seconds: float = 0.0
+    notes: tuple[str, ...] = field(default=())
+
+
+def discover(store_list: Sequence[Store], run: str) -> Discovery:
+    """List every store once and return what looks like a checkpoint. Never raises for one bad store."""
+    t0 = time.monotonic()
+    sightings: list[Sighting] = []
+    unreachable: list[tuple[str, str]] = []
+    listed: list[str] = []
+    notes: list[str] = []
+    for store in store_list:
+        t1 = time.monotonic()
+        try:
+            found = discover_store(store, run)
+        except stores.StoreUnavailable as e:
+            reason = f"{e} elapsed={time.monotonic() - t1:.2f}s"
+            log.warning("store_unreachable store=%s: %s", store.url, reason)
+            unreachable.append((store.url, reason))
+            continue
+        except (OSError, StoreError) as e:
+            reason = f"{type(e).__name__}: {e}"
+            log.warning("store_unreachable store=%s: cannot list it: %s", store.url, reason)
+            unreachable.append((store.url, reason))
+            continue
+        if len(found) > MAX_SIGHTINGS_PER_STORE:
+            notes.append(f"{store.url}: {len(found)} candidates, only the newest {MAX_SIGHTINGS_PER_STORE} considered")
+            found.sort(key=lambda s: -(s.step or 0))
+            found = found[:MAX_SIGHTINGS_PER_STORE]
+        sightings += found
+        listed.append(store.url)
+        log.debug("listed %s: %d sightings in %.3fs", store.url, len(found), time.monotonic() - t1)
+    return Discovery(
+        sightings=tuple(sightings),
+        unreachable=tuple(unreachable),
+        listed=tuple(listed),
+        seconds=time.monotonic() - t0,
+        notes=tuple(notes),
+    )
+
+
+def discover_store(store: Store, run: str) -> list[Sighting]:
+    """The sightings of one store: ``<store>/<run>/`` (ours and foreign) and foreign files at ``<store>/``."""
+    try:
+        entries = stores.list_tree(store, run, max_depth=2)
+    except FileNotFoundError:
+        entries = []
+    out = _from_entries(store, run, entries, ours=True)
+    if store.is_local:
+        try:
+            top = stores.list_tree(store, "", max_depth=2)
+        except FileNotFoundError:
+            top = []
+        top = [e for e in top if e.rel != run and not e.rel.startswith(run + "/")]
+        out += _from_entries(store, "", top, ours=False)
+    return out
+
+
+def _from_entries(store: Store, prefix: str, entries: list[Entry], *, ours: bool) -> list[Sighting]:
+    children: dict[str, list[Entry]] = {}
+    top: dict[str, Entry] = {}
+    for e in entries:
+        head, sep, tail = e.rel.partition("/")
+        if sep:
+            children.setdefault(head, []).append(Entry(tail, e.kind, e.size))
+        else:
+            top[head] = e
+    for head in children:
+        top.setdefault(head, Entry(head, "dir", 0))
+    out: list[Sighting] = []
+    for name, e in top.items():
+        if name.startswith("."):
+            continue  # staging, trash, journal: never candidates (F09)
+        rel = f"{prefix}/{name}" if prefix else name
+        kids = tuple(children.get(name, ()))
+        m = stores.STEP_DIR_RE.match(name)
+        if ours and m and e.kind in ("dir", "symlink", "other"):
+            out.append(
+                Sighting(
+                    store=store,
+                    rel=rel,
+                    kind="native",
+                    step=int(m.group(1)),
+                    generation_hint=int(m.group(2)) if m.group(2) else None,
+                    entry_kind=e.kind,
+                    children=kids,
+                )
+            )
+            continue
+        if e.kind in ("dir", "symlink") and any(k.rel == DCP_METADATA for k in kids):
+            out.append(Sighting(store=store, rel=rel, kind="dcp", step=formats.step_from_name(name), entry_kind=e.kind, children=kids))
+            continue
+        if name.lower().endswith(formats.TORCH_SUFFIXES) and e.kind in ("file", "symlink", "other"):
+            out.append(Sighting(store=store, rel=rel, kind="torch", step=formats.step_from_name(name), entry_kind=e.kind, size=e.size))
+    return out
+
+
+def is_manifest(name: str) -> bool:
+    return name == manifest.MANIFEST_NAME

@@ -1,0 +1,82 @@
+"""The crash-loop journal: which candidates were attempted and never finished.
+
+Before an attempt, rank 0 records it in ``<primary>/<run>/.journal/``; after the vote it
+records the outcome. A candidate whose attempts never finished twice (the job died: OOM
+kill, segfault, a hang killed by the agent) is demoted to the end of the plan on the next
+launch, so ``torchrun --max-restarts`` cannot loop forever on it (DESIGN section 5).
+The journal is advisory: failing to write it is logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import xxhash
+
+from . import stores
+from .candidate import Candidate
+from .stores import Store
+
+log = logging.getLogger(__name__)
+
+JOURNAL_DIR = ".journal"
+UNFINISHED_LIMIT = 2
+MAX_ENTRY_BYTES = 64 * 1024
+
+
+def _key(c: Candidate) -> str:
+    return xxhash.xxh3_64_hexdigest(f"{c.store}|{c.rel}|{c.replica_key}".encode())
+
+
+def _rel(run: str, c: Candidate) -> str:
+    return f"{run}/{JOURNAL_DIR}/{_key(c)}.json"
+
+
+def read(store: Store, run: str, c: Candidate) -> dict:
+    try:
+        doc = json.loads(stores.read_small(store, _rel(run, c), MAX_ENTRY_BYTES))
+        if isinstance(doc, dict) and isinstance(doc.get("started"), int) and isinstance(doc.get("finished"), int):
+            return doc
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as e:
+        log.warning("journal entry for %s unreadable: %s", c.path, e)
+    return {"started": 0, "finished": 0}
+
+
+def unfinished(store: Store, run: str, c: Candidate) -> int:
+    doc = read(store, run, c)
+    return max(0, doc["started"] - doc["finished"])
+
+
+def record(store: Store, run: str, c: Candidate, *, started: int = 0, finished: int = 0, outcome: str | None = None) -> None:
+    """Add to a candidate's counters (rank 0 only). Atomic replace on local stores."""
+    try:
+        doc = read(store, run, c)
+        doc["started"] += started
+        doc["finished"] += finished
+        doc["path"] = c.path
+        doc["step"] = c.step
+        if outcome:
+            doc["last_outcome"] = outcome
+        data = json.dumps(doc).encode()
+        rel = _rel(run, c)
+        if store.is_local:
+            d = store.join(run, JOURNAL_DIR)
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            tmp = store.join(rel + f".{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, store.join(rel))
+            stores.fsync_dir(d)
+        else:
+            fs = stores.filesystem(store)
+            stores.call(store, f"journal {rel}", lambda: fs.pipe_file(store.join(rel), data))
+    except OSError as e:
+        log.warning("could not write the resume journal in %s: %s", store.url, e)

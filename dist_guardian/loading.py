@@ -1,0 +1,335 @@
+"""Load one candidate into staging on this rank: native files, torch.save files, DCP directories.
+
+Staging is fresh memory that nothing live points to, so a failed attempt is dropped without
+touching the model (F29). Native files are read with large ``readinto`` calls into one
+preallocated buffer per file, tensors are zero-copy views into it, and checksums are
+computed from that buffer: each byte is read once and hashed once. Foreign ``torch.save``
+files are loaded with ``weights_only=True`` only, never falling back to unsafe loading.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from . import _faults, formats, manifest, statetree, stores
+from .candidate import Candidate
+from .errors import CheckpointFormatError
+from .manifest import Manifest
+from .stores import Store
+
+log = logging.getLogger(__name__)
+
+SANITY_FACTOR = 10.0
+
+
+@dataclass
+class Staged:
+    """What one rank loaded: the decoded trees, and what verification found on the way."""
+
+    tree: dict[str, Any]  # top-level key -> value (state_dict trees, tensors, plain values)
+    rng: dict[str, Any] | None
+    step: int
+    suspect: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    stats: dict[str, manifest.TensorStat] = field(default_factory=dict)  # tensor name -> saved stats
+    names: dict[int, str] = field(default_factory=dict)  # id(tensor) -> name, to name a damaged tensor
+
+
+# ----------------------------------------------------------------------------- native
+
+
+def read_manifest(c: Candidate, store: Store) -> Manifest:
+    data = stores.read_small(store, f"{c.rel}/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
+    from .manifest import digest_bytes
+
+    if c.manifest_digest and digest_bytes(data) != c.manifest_digest:
+        raise CheckpointFormatError(f"{c.path}: manifest.json changed since the plan was made")
+    return manifest.parse(data)
+
+
+def read_native_file(store: Store, rel: str, expected_size: int, *, concurrency: int = 1) -> tuple[formats.NativeHeader, torch.Tensor]:
+    """One native file into a fresh uint8 buffer. Local: secure open + readinto; remote: ranged reads."""
+    name = rel.rsplit("/", 1)[-1]
+    if store.is_local:
+        stores.check_dirs_no_symlink(store.root, rel)
+        fd = stores.open_regular(store.join(rel))
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            size = os.fstat(fd).st_size
+            if expected_size and size != expected_size:
+                raise CheckpointFormatError(f"{store.uri(rel)}: size_mismatch expected={expected_size} got={size}")
+            header = formats.parse_header(f, size, name=store.uri(rel))
+            buf = torch.empty(header.payload_size, dtype=torch.uint8)
+            if header.payload_size:
+                formats.read_payload_into(f, header, memoryview(buf.numpy()), name=store.uri(rel))
+        return header, buf
+    size = expected_size or stores.remote_size(store, rel)
+    head_len = min(size, 1 << 20)
+    head = bytearray(head_len)
+    stores.read_range_into(store, rel, 0, memoryview(head))
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+    if 8 + n > head_len and 8 + n <= min(size, formats.MAX_HEADER_BYTES + 8):
+        head = bytearray(8 + n)
+        stores.read_range_into(store, rel, 0, memoryview(head))
+    header = formats.parse_header(io.BytesIO(bytes(head)), size, name=store.uri(rel))
+    buf = torch.empty(header.payload_size, dtype=torch.uint8)
+    if header.payload_size:
+        stores.read_range_into(store, rel, header.data_start, memoryview(buf.numpy()), concurrency=concurrency)
+    return header, buf
+
+
+def load_native(c: Candidate, store: Store, *, rank: int, world_size: int, concurrency: int = 1) -> Staged:
+    """Stage a native checkpoint on this rank: the replicated file and this rank's per-rank file."""
+    mf = read_manifest(c, store) if c.tier != "L" else None
+    wanted = c.files_for_rank(rank, world_size)
+    tree: dict[str, Any] = {}
+    rng = None
+    suspect: list[str] = []
+    warnings: list[str] = []
+    stats: dict[str, manifest.TensorStat] = {}
+    names: dict[int, str] = {}
+    saved_ws = c.world_size or world_size
+    for f in wanted:
+        rel = f"{c.rel}/{f.name}"
+        header, buf = read_native_file(store, rel, f.size, concurrency=concurrency)
+        if _faults.hit("load_file", rank=rank, step=c.step) == "corrupt" and buf.numel():
+            buf[buf.numel() // 2] ^= 0x10
+        if f.digest:
+            digest, per = formats.payload_digests(header, memoryview(buf.numpy()))
+            if digest != f.digest:
+                expected = mf.tensors.get(f.name, {}) if mf else {}
+                damaged = [t for t, d in per.items() if t in expected and expected[t].digest != d]
+                suspect.append(
+                    f"checksum_mismatch: {store.uri(rel)} expected={f.digest} got={digest}"
+                    + (f" damaged_tensors={damaged[:10]}" if damaged else "")
+                )
+        if mf:
+            stats.update(mf.tensors.get(f.name, {}))
+        tensors = statetree.tensors_from_buffer(header.entries, buf)
+        names.update({id(t): n for n, t in tensors.items()})
+        try:
+            sub = statetree.decode(header.tree, tensors)
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointFormatError(f"{store.uri(rel)}: state tree unreadable ({e})") from e
+        if not isinstance(sub, dict):
+            raise CheckpointFormatError(f"{store.uri(rel)}: state tree is not a mapping")
+        if f.rank is not None and statetree.RNG_KEY in sub:
+            rng = sub.pop(statetree.RNG_KEY)
+            if saved_ws != world_size:
+                if rank >= saved_ws:
+                    rng = statetree.reseed_rng(rng, rank)
+                warnings.append(f"world_size_changed from={saved_ws} to={world_size}: rank {rank} took per-rank state of rank {f.rank}"
+                                + (" with a re-derived RNG" if rank >= saved_ws else ""))
+        tree.update(sub)
+    return Staged(tree=tree, rng=rng, step=c.step, suspect=suspect, warnings=warnings, stats=stats, names=names)
+
+
+# ----------------------------------------------------------------------------- torch.save files
+
+ALIASES = {
+    "module": ("model_state_dict", "state_dict", "model", "module", "net"),
+    "optimizer": ("optimizer_state_dict", "optimizer", "optim", "opt"),
+    "scheduler": ("scheduler_state_dict", "lr_scheduler", "scheduler", "sched"),
+}
+
+
+def _role(v: Any) -> str | None:
+    if isinstance(v, torch.nn.Module):
+        return "module"
+    if isinstance(v, torch.optim.Optimizer):
+        return "optimizer"
+    if hasattr(v, "state_dict") and type(v).__module__.startswith("torch.optim.lr_scheduler"):
+        return "scheduler"
+    return None
+
+
+def load_torch_file(c: Candidate, store: Store, state: dict[str, Any], *, extra_safe_globals: Iterable[Any] = (),
+                    foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
+                    required: Iterable[str] = ()) -> Staged:
+    """Stage a bare ``torch.save`` file: checks, then ``weights_only=True`` only, then key matching."""
+    extra = list(extra_safe_globals)
+    extra_names = [f"{g.__module__}.{g.__qualname__}" if not isinstance(g, str) else g for g in extra]
+    if store.is_local:
+        stores.check_dirs_no_symlink(store.root, c.rel)
+        fd = stores.open_regular(store.join(c.rel))
+        with os.fdopen(fd, "rb") as f:
+            data = f.read()
+    else:
+        size = stores.remote_size(store, c.rel)
+        buf = bytearray(size)
+        stores.read_range_into(store, c.rel, 0, memoryview(buf))
+        data = bytes(buf)
+    if not data:
+        raise CheckpointFormatError(f"{c.path}: empty file")
+    rep = formats.sniff_torch_file(io.BytesIO(data), len(data), c.path, extra_names)
+    if rep.unsafe_globals:
+        log.warning("security_event: %s needs unsafe_globals=%s; never loaded", c.path, list(rep.unsafe_globals))
+        raise CheckpointFormatError(f"{c.path}: unsafe_globals={list(rep.unsafe_globals)}; loading it would run code")
+    if not rep.ok:
+        raise CheckpointFormatError("; ".join(rep.problems))
+    suspect = [f"checksum_mismatch: {p}" for p in rep.problems] if rep.crc == "mismatch" else []
+    safe = [g for g in extra if not isinstance(g, str)]
+    try:
+        with torch.serialization.safe_globals(safe):
+            obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise CheckpointFormatError(f"{c.path}: torch.load(weights_only=True) refused it: {str(e).splitlines()[0][:300]}") from e
+    tree, warnings = match_foreign(obj, state, path=c.path, foreign_loader=foreign_loader, required=required)
+    step = c.step
+    if step < 0 and isinstance(obj, dict):
+        for k in ("step", "global_step"):
+            if isinstance(obj.get(k), int):
+                step = obj[k]
+                break
+    return Staged(tree=tree, rng=None, step=step, suspect=suspect, warnings=warnings)
+
+
+def match_foreign(obj: Any, state: dict[str, Any], *, path: str, foreign_loader=None, required: Iterable[str] = ()) -> tuple[dict[str, Any], list[str]]:
+    """Map a foreign object's top-level keys onto ``state``: same name, then common aliases, or the user's function."""
+    if foreign_loader is not None:
+        tree = foreign_loader(obj, state)
+        if not isinstance(tree, dict):
+            raise CheckpointFormatError(f"{path}: foreign_loader returned {type(tree).__name__}, not a dict")
+        return tree, []
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError(f"{path}: holds a {type(obj).__name__}, not a dict of state")
+    modules = [k for k, v in state.items() if _role(v) == "module"]
+    if len(modules) == 1 and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        obj = {modules[0]: obj}  # a bare model state_dict
+    tree: dict[str, Any] = {}
+    warnings: list[str] = []
+    missing: list[str] = []
+    req = set(required)
+    for k, v in state.items():
+        names = (k, f"{k}_state_dict") + ALIASES.get(_role(v) or "", ())
+        hit = next((n for n in names if n in obj), None)
+        if hit is not None:
+            tree[k] = obj[hit]
+        elif k in req:
+            missing.append(k)
+        else:
+            warnings.append(f"missing_optional_key: {path} has no {k!r}; it keeps its current value")
+    if missing:
+        raise CheckpointFormatError(
+            f"{path}: keys do not match: missing {missing} (file has {sorted(map(str, obj))[:20]}); "
+            "pass foreign_loader= to map them")
+    return tree, warnings
+
+
+# ----------------------------------------------------------------------------- DCP directories
+
+
+def load_dcp(c: Candidate, store: Store, state: dict[str, Any]) -> Staged:
+    """Stage a PyTorch DCP directory through ``torch.distributed.checkpoint`` (which reshards)."""
+    import torch.distributed.checkpoint as dcp
+
+    if not store.is_local:
+        raise CheckpointFormatError(f"{c.path}: DCP directories are loaded from local stores only")
+    captured = statetree.capture(state)
+    target = _empty_like_tree(captured)
+    dcp.load(target, checkpoint_id=store.join(c.rel))
+    return Staged(tree=target, rng=None, step=c.step)
+
+
+def _empty_like_tree(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return torch.empty_like(v, device="cpu")
+    if isinstance(v, dict):
+        return {k: _empty_like_tree(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_empty_like_tree(x) for x in v]
+    return v
+
+
+# ----------------------------------------------------------------------------- checks before applying
+
+
+def check_structure(staged: Staged, state: dict[str, Any], required: Iterable[str]) -> None:
+    """Keys, shapes and dtypes of module state against the live state, before any vote to apply."""
+    for k in required:
+        if k not in staged.tree:
+            raise CheckpointFormatError(f"missing key {k!r} in the checkpoint (it has {sorted(staged.tree)[:20]})")
+    for k, live in state.items():
+        if k not in staged.tree:
+            staged.warnings.append(f"missing_optional_key: {k!r} not in the checkpoint; it keeps its current value")
+            continue
+        got = staged.tree[k]
+        if isinstance(live, torch.nn.Module):
+            if not isinstance(got, dict):
+                raise CheckpointFormatError(f"{k!r}: checkpoint holds a {type(got).__name__}, not a module state")
+            want = live.state_dict()
+            miss = [n for n in want if n not in got]
+            extra = [n for n in got if n not in want]
+            if miss or extra:
+                raise CheckpointFormatError(f"{k!r}: parameter names differ: missing {miss[:10]}, unexpected {extra[:10]}")
+            for n, t in want.items():
+                g = got[n]
+                if isinstance(t, torch.Tensor) and (not isinstance(g, torch.Tensor) or g.shape != t.shape or g.dtype != t.dtype):
+                    gdesc = f"{tuple(g.shape)} {g.dtype}" if isinstance(g, torch.Tensor) else type(g).__name__
+                    raise CheckpointFormatError(f"{k!r}.{n}: checkpoint has {gdesc}, model has {tuple(t.shape)} {t.dtype}")
+        elif isinstance(live, torch.Tensor):
+            if not isinstance(got, torch.Tensor) or got.shape != live.shape:
+                raise CheckpointFormatError(f"{k!r}: checkpoint tensor does not match the live tensor's shape")
+        elif isinstance(live, torch.optim.Optimizer) and isinstance(got, dict):
+            groups = got.get("param_groups")
+            if not isinstance(groups, list) or len(groups) != len(live.param_groups) or any(
+                len(g.get("params", ())) != len(lg["params"]) for g, lg in zip(groups, live.param_groups)
+            ):
+                raise CheckpointFormatError(f"{k!r}: optimizer param groups differ from the live optimizer's")
+
+
+def sanity_gate(staged: Staged) -> None:
+    """Before a suspect candidate is applied: finite floats, ``max|x|`` within 10x of the saved value (F03)."""
+    for name, t in _iter_tensors(staged.tree, ""):
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        tname = staged.names.get(id(t), name)
+        st = staged.stats.get(tname)
+        x = t.float() if t.dtype in (torch.float16, torch.bfloat16) or t.dtype not in (torch.float32, torch.float64) else t
+        if not bool(torch.isfinite(x).all()):
+            if st is not None and not st.finite:
+                continue  # it was already non-finite when saved
+            raise CheckpointFormatError(f"sanity_gate_failed: tensor {tname} holds NaN/Inf")
+        if st is not None and st.max_abs is not None:
+            m = float(x.abs().max())
+            bound = SANITY_FACTOR * st.max_abs if st.max_abs > 0 else 1e-30
+            if m > bound:
+                raise CheckpointFormatError(f"sanity_gate_failed: tensor {tname} max|x|={m:.3g} > {SANITY_FACTOR:g}x saved {st.max_abs:.3g}")
+
+
+def _iter_tensors(v: Any, path: str):
+    if isinstance(v, torch.Tensor):
+        yield path, v
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            yield from _iter_tensors(x, f"{path}/{k}")
+    elif isinstance(v, (list, tuple)):
+        for i, x in enumerate(v):
+            yield from _iter_tensors(x, f"{path}/{i}")
+
+
+def apply(staged: Staged, state: dict[str, Any]) -> None:
+    """Make the staged state live (called on every rank only after a unanimous vote)."""
+    for k, v in staged.tree.items():
+        if k not in state:
+            continue
+        live = state[k]
+        if hasattr(live, "load_state_dict") and not isinstance(live, torch.Tensor):
+            live.load_state_dict(v)
+        elif isinstance(live, torch.Tensor) and isinstance(v, torch.Tensor):
+            with torch.no_grad():
+                live.copy_(v)
+        elif isinstance(live, dict) and isinstance(v, dict):
+            live.clear()
+            live.update(v)
+        elif isinstance(live, list) and isinstance(v, list):
+            live[:] = v
+        else:
+            state[k] = v
+    if staged.rng is not None:
+        statetree.set_rng_state(staged.rng)

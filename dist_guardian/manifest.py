@@ -1,0 +1,262 @@
+"""The manifest: build it, and parse it strictly without ever crashing on garbage.
+
+``manifest.json`` is written last; its presence is the commit. A manifest comes from a
+store we do not control (a remote bucket, a shared dir), so parsing caps its size, checks
+every field's type and range, refuses duplicate keys, and refuses any file name that could
+escape the checkpoint directory (F06, F32, F47, F49). A bad manifest is a reason
+(:class:`ManifestError`), never an unexpected exception.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+
+from .errors import CheckpointFormatError
+
+FORMAT = "dist_guardian/1"
+FORMAT_PREFIX = "dist_guardian/"
+MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 32 * 1024 * 1024
+MAX_STEP = 10**15 - 1  # step directory names carry 12+ digits; anything larger is absurd (F49)
+MAX_WORLD_SIZE = 1 << 20
+MAX_FILES = 1 << 20
+MAX_FILE_SIZE = 1 << 50
+MAX_GENERATION = 1 << 40
+# A file name inside a checkpoint: one path component, no leading dot, no separators.
+FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+DIGEST_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+class ManifestError(CheckpointFormatError):
+    """A manifest that cannot be trusted; ``reason`` is a short token for logs and records."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileEntry:
+    name: str
+    size: int
+    digest: str
+    rank: int | None = None  # None: replicated (read by every rank)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TensorStat:
+    digest: str
+    max_abs: float | None = None  # None for non-floating tensors
+    finite: bool = True  # False when the tensor already held NaN/Inf at save time
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Manifest:
+    run: str
+    step: int
+    generation: int
+    world_size: int
+    created_unix: float
+    compat: dict[str, Any]
+    compat_fingerprint: str
+    metrics: dict[str, Any]
+    files: tuple[FileEntry, ...]
+    tensors: dict[str, dict[str, TensorStat]] = field(default_factory=dict)  # file -> tensor -> stat
+    torch: str = ""
+    writer: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+
+
+def check_file_name(name: object) -> str:
+    """A file name from a manifest: one safe path component, or ManifestError (F47)."""
+    if not isinstance(name, str):
+        raise ManifestError("path_escape", f"file name {name!r} is not a string")
+    if "\x00" in name or "/" in name or "\\" in name or name in (".", "..") or ".." in name:
+        raise ManifestError("path_escape", f"file name {name!r} could leave the checkpoint directory")
+    if not FILE_NAME_RE.match(name):
+        raise ManifestError("bad_file_name", f"file name {name!r} is not a plain checkpoint file name")
+    return name
+
+
+def compat_fingerprint(compat: dict[str, Any]) -> str:
+    """A stable hash of the compatibility dict (sorted JSON), so a mismatch is found before any data is read."""
+    blob = json.dumps(compat, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def _finite_float(x: float) -> float | str:
+    if math.isfinite(x):
+        return x
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+def build(
+    *,
+    run: str,
+    step: int,
+    generation: int,
+    world_size: int,
+    created_unix: float,
+    compat: dict[str, Any],
+    metrics: dict[str, Any],
+    files: list[FileEntry],
+    tensors: dict[str, dict[str, TensorStat]],
+    torch_version: str,
+    writer: dict[str, Any],
+) -> bytes:
+    """The manifest bytes (canonical JSON). Validated by parsing it back, so we never commit one we would reject."""
+    doc = {
+        "format": FORMAT,
+        "run": run,
+        "step": step,
+        "generation": generation,
+        "world_size": world_size,
+        "created_unix": created_unix,
+        "compat": compat,
+        "compat_fingerprint": compat_fingerprint(compat),
+        "metrics": {k: (_finite_float(v) if isinstance(v, float) else v) for k, v in metrics.items()},
+        "files": {
+            f.name: ({"size": f.size, "xxh3_128": f.digest} | ({"rank": f.rank} if f.rank is not None else {}))
+            for f in files
+        },
+        "tensors": {
+            fname: {
+                tname: {"xxh3_128": s.digest, "max_abs": s.max_abs, "finite": s.finite}
+                for tname, s in stats.items()
+            }
+            for fname, stats in tensors.items()
+        },
+        "torch": torch_version,
+        "writer": writer,
+    }
+    data = json.dumps(doc, separators=(",", ":"), allow_nan=False, default=str).encode()
+    parse(data)
+    return data
+
+
+def digest_bytes(data: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ManifestError("duplicate_key", f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def _int(doc: dict, key: str, lo: int, hi: int) -> int:
+    v = doc.get(key)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ManifestError("bad_field", f"{key!r} must be an integer, got {type(v).__name__}")
+    if not lo <= v <= hi:
+        raise ManifestError("bad_field", f"{key!r}={v} is outside [{lo}, {hi}]")
+    return v
+
+
+def parse(data: bytes) -> Manifest:
+    """Parse manifest bytes. Raises :class:`ManifestError` (only) for anything we would not trust."""
+    if len(data) == 0:
+        raise ManifestError("empty_manifest", "manifest.json is empty")
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError("manifest_too_large", f"{len(data)} bytes > cap {MAX_MANIFEST_BYTES}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ManifestError("bad_json", f"not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except ManifestError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise ManifestError("bad_json", str(e)[:200]) from None
+    if not isinstance(doc, dict):
+        raise ManifestError("bad_json", "top level is not an object")
+    fmt = doc.get("format")
+    if not isinstance(fmt, str) or not fmt.startswith(FORMAT_PREFIX):
+        raise ManifestError("unsupported_schema", f"format {fmt!r} is not a dist_guardian manifest")
+    if fmt != FORMAT:
+        raise ManifestError("unsupported_schema", f"format {fmt!r} is newer or unknown; this reader knows {FORMAT}")
+    run = doc.get("run")
+    if not isinstance(run, str) or not RUN_NAME_RE.match(run):
+        raise ManifestError("bad_field", f"run {run!r} is not a run name")
+    step = _int(doc, "step", 0, MAX_STEP)
+    generation = _int(doc, "generation", 0, MAX_GENERATION)
+    world_size = _int(doc, "world_size", 1, MAX_WORLD_SIZE)
+    created = doc.get("created_unix", 0.0)
+    if not isinstance(created, (int, float)) or isinstance(created, bool):
+        raise ManifestError("bad_field", "created_unix must be a number")
+    compat = doc.get("compat", {})
+    metrics = doc.get("metrics", {})
+    if not isinstance(compat, dict) or not isinstance(metrics, dict):
+        raise ManifestError("bad_field", "compat and metrics must be objects")
+    fp = doc.get("compat_fingerprint")
+    if not isinstance(fp, str) or len(fp) > 128:
+        raise ManifestError("bad_field", "compat_fingerprint must be a short string")
+    files_doc = doc.get("files")
+    if not isinstance(files_doc, dict) or not files_doc:
+        raise ManifestError("bad_field", "files must be a non-empty object")
+    if len(files_doc) > MAX_FILES:
+        raise ManifestError("too_many_files", f"{len(files_doc)} files > cap {MAX_FILES}")
+    files = []
+    for name, entry in files_doc.items():
+        check_file_name(name)
+        if name == MANIFEST_NAME:
+            raise ManifestError("bad_file_name", "the manifest cannot list itself")
+        if not isinstance(entry, dict):
+            raise ManifestError("bad_field", f"files[{name!r}] must be an object")
+        size = _int(entry, "size", 0, MAX_FILE_SIZE)
+        digest = entry.get("xxh3_128")
+        if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+            raise ManifestError("bad_field", f"files[{name!r}].xxh3_128 is not a 128-bit hex digest")
+        rank = entry.get("rank")
+        if rank is not None:
+            rank = _int(entry, "rank", 0, world_size - 1)
+        files.append(FileEntry(name=name, size=size, digest=digest, rank=rank))
+    tensors_doc = doc.get("tensors", {})
+    if not isinstance(tensors_doc, dict):
+        raise ManifestError("bad_field", "tensors must be an object")
+    tensors: dict[str, dict[str, TensorStat]] = {}
+    for fname, stats in tensors_doc.items():
+        if fname not in files_doc or not isinstance(stats, dict):
+            raise ManifestError("bad_field", f"tensors[{fname!r}] does not match a listed file")
+        per: dict[str, TensorStat] = {}
+        for tname, s in stats.items():
+            if not isinstance(s, dict) or not isinstance(s.get("xxh3_128"), str):
+                raise ManifestError("bad_field", f"tensors[{fname!r}][{tname!r}] is malformed")
+            m = s.get("max_abs")
+            if m is not None and (not isinstance(m, (int, float)) or isinstance(m, bool)):
+                raise ManifestError("bad_field", f"tensors[{fname!r}][{tname!r}].max_abs is not a number")
+            per[tname] = TensorStat(digest=s["xxh3_128"], max_abs=m, finite=bool(s.get("finite", True)))
+        tensors[fname] = per
+    writer = doc.get("writer", {})
+    return Manifest(
+        run=run,
+        step=step,
+        generation=generation,
+        world_size=world_size,
+        created_unix=float(created),
+        compat=compat,
+        compat_fingerprint=fp,
+        metrics=metrics,
+        files=tuple(files),
+        tensors=tensors,
+        torch=str(doc.get("torch", "")),
+        writer=writer if isinstance(writer, dict) else {},
+        format=fmt,
+    )
+
+
+def _reject_constant(name: str) -> Any:
+    raise ManifestError("bad_json", f"non-standard JSON constant {name}")

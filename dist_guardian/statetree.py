@@ -1,0 +1,213 @@
+"""State trees <-> (JSON tree, named tensors), and the per-rank RNG state.
+
+A user's ``state`` holds objects with ``state_dict()``, tensors and plain trees. Saving
+turns it into a JSON-able tree whose tensors are references by name, so the native file
+needs no pickle: dicts with non-string keys (an optimizer's ``state``), tuples (Adam's
+``betas``) and non-finite floats are tagged explicitly so a round trip is exact.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CheckpointFormatError
+from .formats import FLOAT_DTYPES, TensorSpec
+
+TO_ST = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
+                   ("uint32", "U32"), ("uint64", "U64")):
+    if hasattr(torch, _name):
+        TO_ST[getattr(torch, _name)] = _st
+FROM_ST = {v: k for k, v in TO_ST.items()}
+_TAGS = ("__dict__", "__tuple__", "__tensor__", "__float__", "__dtype__", "__device__", "__size__")
+RNG_KEY = "__rng__"
+
+
+def capture(state: dict[str, Any]) -> dict[str, Any]:
+    """The plain tree of ``state``: ``state_dict()`` of stateful objects, everything else as is."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise TypeError("state must be a dict with string keys, e.g. {'model': model, 'optim': optimizer}")
+    return {k: (v.state_dict() if _stateful(v) else v) for k, v in state.items()}
+
+
+def _stateful(v: Any) -> bool:
+    return hasattr(v, "state_dict") and hasattr(v, "load_state_dict") and not isinstance(v, torch.Tensor)
+
+
+class Encoder:
+    """Encodes trees into JSON-able values, collecting tensors under unique path names."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def encode(self, value: Any, path: str) -> Any:
+        if value is None or isinstance(value, (bool, str)):
+            return value
+        if isinstance(value, int):
+            return int(value)
+        if isinstance(value, float):
+            return value if math.isfinite(value) else {"__float__": repr(value)}
+        if isinstance(value, torch.Tensor):
+            name = path or "tensor"
+            base, i = name, 1
+            while name in self.tensors:
+                i += 1
+                name = f"{base}#{i}"
+            self.tensors[name] = value
+            return {"__tensor__": name}
+        if isinstance(value, torch.Size):
+            return {"__size__": list(value)}
+        if isinstance(value, tuple):
+            return {"__tuple__": [self.encode(v, f"{path}/{i}") for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return [self.encode(v, f"{path}/{i}") for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in value):
+                return {k: self.encode(v, f"{path}/{k}" if path else k) for k, v in value.items()}
+            return {"__dict__": [[self.encode(k, f"{path}/key"), self.encode(v, f"{path}/{k}" if path else str(k))]
+                                 for k, v in value.items()]}
+        if isinstance(value, torch.dtype):
+            return {"__dtype__": str(value).removeprefix("torch.")}
+        if isinstance(value, torch.device):
+            return {"__device__": str(value)}
+        if isinstance(value, (np.integer, np.floating, np.bool_)):
+            return self.encode(value.item(), path)
+        if isinstance(value, np.ndarray):
+            return self.encode(torch.from_numpy(np.ascontiguousarray(value)), path)
+        raise CheckpointFormatError(
+            f"state[{path!r}]: cannot save a {type(value).__module__}.{type(value).__qualname__} without pickle; "
+            "use tensors, numbers, strings, lists, tuples and dicts (or an object with state_dict())"
+        )
+
+
+def decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [decode(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1:
+        (tag, inner), = value.items()
+        if tag == "__tensor__":
+            try:
+                return tensors[inner]
+            except KeyError:
+                raise CheckpointFormatError(f"tree references tensor {inner!r}, which the file does not hold") from None
+        if tag == "__tuple__":
+            return tuple(decode(v, tensors) for v in inner)
+        if tag == "__dict__":
+            return {_hashable(decode(k, tensors)): decode(v, tensors) for k, v in inner}
+        if tag == "__float__":
+            return float(inner)
+        if tag == "__size__":
+            return torch.Size(inner)
+        if tag == "__dtype__":
+            dt = getattr(torch, str(inner), None)
+            if not isinstance(dt, torch.dtype):
+                raise CheckpointFormatError(f"unknown dtype {inner!r} in the state tree")
+            return dt
+        if tag == "__device__":
+            return torch.device(inner)
+    return {k: decode(v, tensors) for k, v in value.items()}
+
+
+def _hashable(k: Any) -> Any:
+    return tuple(k) if isinstance(k, list) else k
+
+
+def tensor_spec(name: str, t: torch.Tensor) -> TensorSpec:
+    """A tensor's raw bytes as a zero-copy view when it is already a contiguous CPU tensor."""
+    if t.is_sparse or t.is_quantized or t.is_nested:
+        raise CheckpointFormatError(f"tensor {name!r}: sparse, quantized and nested tensors are not supported")
+    if t.dtype not in TO_ST:
+        raise CheckpointFormatError(f"tensor {name!r}: dtype {t.dtype} is not supported by the native format")
+    c = t.detach()
+    if c.device.type != "cpu":
+        c = c.cpu()
+    c = c.contiguous()
+    shape = tuple(c.shape)
+    flat = c.reshape(-1)
+    raw = flat.view(torch.uint8) if flat.element_size() == 1 or flat.numel() == 0 else flat.view(torch.uint8)
+    data = memoryview(raw.numpy()) if raw.numel() else memoryview(b"")
+    return TensorSpec(name=name, dtype=TO_ST[t.dtype], shape=shape, data=data)
+
+
+def max_abs(t: torch.Tensor) -> tuple[float | None, bool]:
+    """``max|x|`` of a floating tensor (None otherwise) and whether it is all finite."""
+    if TO_ST.get(t.dtype) not in FLOAT_DTYPES or t.numel() == 0:
+        return None, True
+    x = t.detach()
+    if x.dtype in (torch.float16, torch.bfloat16) or x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    m = float(x.abs().max())
+    return (m if math.isfinite(m) else None), math.isfinite(m)
+
+
+def tensors_from_buffer(entries, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Zero-copy tensor views into one payload buffer (offsets are aligned by construction)."""
+    out = {}
+    for e in entries:
+        dt = FROM_ST.get(e.dtype)
+        if dt is None:
+            raise CheckpointFormatError(f"tensor {e.name!r}: dtype {e.dtype} is not supported by this torch")
+        piece = buf[e.begin : e.end]
+        if dt != torch.uint8:
+            if e.begin % torch.empty((), dtype=dt).element_size():
+                piece = piece.clone()
+            piece = piece.view(dt)
+        out[e.name] = piece.view(e.shape)
+    return out
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """This rank's RNG states: python, numpy, torch CPU and every initialized CUDA device."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    out: dict[str, Any] = {
+        "python": (version, tuple(internal), gauss),
+        "numpy": (str(np_state[0]), torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+    return out
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    if "python" in s:
+        version, internal, gauss = s["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in s:
+        name, keys, pos, has_gauss, cached = s["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "torch" in s:
+        torch.set_rng_state(s["torch"].clone())
+    if "cuda" in s and torch.cuda.is_available():
+        for i, st in enumerate(s["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(st.clone(), i)
+
+
+def reseed_rng(s: dict[str, Any], salt: int) -> dict[str, Any]:
+    """A deterministic RNG state for a rank that did not exist when the checkpoint was saved (F30)."""
+    seed = (int(s["torch"][:8].to(torch.int64).sum()) * 1_000_003 + salt) % (2**31 - 1)
+    g = torch.Generator().manual_seed(seed)
+    r = random.Random(seed)
+    np_rs = np.random.RandomState(seed)
+    st = np_rs.get_state()
+    return {
+        "python": r.getstate(),
+        "numpy": (str(st[0]), torch.from_numpy(st[1].astype(np.int64)), int(st[2]), int(st[3]), float(st[4])),
+        "torch": g.get_state(),
+    }

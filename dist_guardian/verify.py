@@ -1,0 +1,310 @@
+"""Cheap, lenient verification: a tier and human-readable reasons for every sighting.
+
+Tiers (FAULTS.md): V verified (manifest, sizes match), L legacy (no manifest, structure and
+zip CRCs clean), S suspect (checksum or CRC mismatch, still loadable), R rejected (missing,
+empty, truncated, unsafe, incompatible). Verification never raises for a bad candidate and
+never reads tensor data of a native checkpoint: checksums are checked while loading, when
+the bytes stream by anyway. ``verify_full`` is the exception, for ``dist-guardian verify``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import xxhash
+
+from . import formats, manifest, stores
+from .candidate import Candidate, FileRef
+from .discovery import DCP_METADATA, RANK_FILE_RE, REPLICATED_FILE, Sighting
+from .errors import CheckpointFormatError, InsecurePathError
+from .manifest import Manifest, ManifestError
+
+log = logging.getLogger(__name__)
+
+CLOCK_SKEW_S = 300.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Verified:
+    candidates: tuple[Candidate, ...]  # every sighting, R included
+    max_generation: int
+    warnings: tuple[str, ...]
+
+
+def verify_all(
+    sightings: Sequence[Sighting],
+    *,
+    run: str,
+    compat: dict[str, Any] | None,
+    extra_safe_globals: Iterable[str] = (),
+    now: float | None = None,
+) -> Verified:
+    """Verify every sighting (rank 0). R candidates stay in the result, with their reasons, for the record."""
+    now = time.time() if now is None else now
+    out: list[Candidate] = []
+    warnings: list[str] = []
+    max_gen = 0
+    for s in sightings:
+        try:
+            c, gen, warns = verify_sighting(s, run=run, compat=compat, extra_safe_globals=extra_safe_globals, now=now)
+        except Exception as e:  # never let one candidate break discovery
+            log.exception("verification of %s crashed", s.rel)
+            c = _base(s).with_verdict("R", f"verification_error: {type(e).__name__}: {e}")
+            gen, warns = 0, ()
+        max_gen = max(max_gen, gen)
+        warnings += warns
+        if c.tier == "R":
+            log.info("candidate_rejected id=%s path=%s reason=%s", c.id, c.path, "; ".join(c.reasons))
+        out.append(c)
+    return Verified(candidates=tuple(out), max_generation=max_gen, warnings=tuple(warnings))
+
+
+def _base(s: Sighting, **kw: Any) -> Candidate:
+    return Candidate(
+        id=s.id,
+        store=s.store.url,
+        store_index=s.store.index,
+        rel=s.rel,
+        path=s.store.uri(s.rel),
+        kind=s.kind,
+        step=s.step if s.step is not None else -1,
+        **kw,
+    )
+
+
+def verify_sighting(
+    s: Sighting, *, run: str, compat: dict[str, Any] | None, extra_safe_globals: Iterable[str] = (), now: float
+) -> tuple[Candidate, int, tuple[str, ...]]:
+    """One sighting's verdict, the lineage generation it shows, and warnings worth logging."""
+    if s.entry_kind == "symlink":
+        return _base(s).with_verdict("R", f"insecure: {s.store.uri(s.rel)} is a symlink; refusing to follow it"), 0, ()
+    if s.entry_kind == "other":
+        return _base(s).with_verdict("R", f"not_regular: {s.store.uri(s.rel)} is not a regular file or directory"), 0, ()
+    if s.kind == "native":
+        return _verify_native(s, run=run, compat=compat, now=now)
+    if s.kind == "torch":
+        return _verify_torch(s, extra_safe_globals), 0, ()
+    return _verify_dcp(s), 0, ()
+
+
+def _verify_native(s: Sighting, *, run: str, compat: dict[str, Any] | None, now: float) -> tuple[Candidate, int, tuple[str, ...]]:
+    mf_entry = s.child(manifest.MANIFEST_NAME)
+    if mf_entry is None:
+        if not s.store.is_local:
+            return _base(s).with_verdict("R", "uncommitted: no manifest.json (an object store without a manifest holds no candidate)"), 0, ()
+        return _verify_native_legacy(s), 0, ()
+    try:
+        if mf_entry.kind != "file":
+            raise ManifestError("not_regular", f"manifest.json is a {mf_entry.kind}")
+        data = stores.read_small(s.store, f"{s.rel}/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
+        mf = manifest.parse(data)
+    except ManifestError as e:
+        reason = f"manifest_rejected: {e.reason}: {e.detail}"
+        # F06: data files whose names match may still be a legacy candidate.
+        if s.store.is_local:
+            legacy = _verify_native_legacy(s)
+            if legacy.tier != "R":
+                return legacy.with_verdict(legacy.tier, reason), 0, ()
+        return _base(s).with_verdict("R", reason), 0, ()
+    except (OSError, CheckpointFormatError) as e:
+        return _base(s).with_verdict("R", f"manifest_unreadable: {e}"), 0, ()
+    digest = xxhash.xxh3_128_hexdigest(data)
+    files = tuple(FileRef(name=f.name, size=f.size, digest=f.digest, rank=f.rank) for f in mf.files)
+    replica_key = xxhash.xxh3_64_hexdigest(
+        json.dumps([mf.run, mf.step, mf.generation, sorted((f.name, f.size, f.digest) for f in mf.files)]).encode()
+    )
+    c = _base(
+        s,
+        generation=mf.generation,
+        run=mf.run,
+        world_size=mf.world_size,
+        files=files,
+        replica_key=replica_key,
+        manifest_digest=digest,
+        compat_fingerprint=mf.compat_fingerprint,
+        created_unix=mf.created_unix,
+    )
+    if s.step is not None and mf.step != s.step:
+        return c.with_verdict("R", f"step_mismatch: directory says {s.step}, manifest says {mf.step}"), mf.generation, ()
+    if mf.run != run:
+        return c.with_verdict("R", f"run_mismatch: manifest run {mf.run!r} is not {run!r}"), 0, ()
+    warnings: list[str] = []
+    if mf.created_unix > now + CLOCK_SKEW_S:
+        warnings.append(f"clock_skew_detected: {c.path} was created {mf.created_unix - now:.0f}s in the future (ignored for ordering)")
+    if compat is not None and mf.compat_fingerprint != manifest.compat_fingerprint(compat):
+        return c.with_verdict("R", "incompatible: " + describe_compat_diff(mf.compat, compat)), mf.generation, tuple(warnings)
+    problems = []
+    for f in mf.files:
+        e = s.child(f.name)
+        if e is None:
+            problems.append(f"missing: {f.name}")
+        elif e.kind != "file":
+            problems.append(f"not_regular: {f.name} is a {e.kind}")
+        elif e.size == 0 and f.size != 0:
+            problems.append(f"empty: {f.name} is 0 bytes")
+        elif e.size != f.size:
+            problems.append(f"size_mismatch: {f.name} expected={f.size} got={e.size}")
+    if problems:
+        return c.with_verdict("R", *problems), mf.generation, tuple(warnings)
+    if s.store.is_local:
+        for f in mf.files:
+            if f.name.endswith(formats.NATIVE_SUFFIX):
+                why = _check_native_header(s, f.name, f.size)
+                if why:
+                    return c.with_verdict("R", why), mf.generation, tuple(warnings)
+    return c, mf.generation, tuple(warnings)
+
+
+def _check_native_header(s: Sighting, name: str, size: int) -> str | None:
+    path = s.store.join(s.rel, name)
+    try:
+        fd = stores.open_regular(path)
+    except OSError as e:
+        return f"unreadable: {name}: {e}"
+    with os.fdopen(fd, "rb") as f:
+        try:
+            formats.parse_header(f, size, name=name)
+        except CheckpointFormatError as e:
+            return f"bad_header: {e}"
+    return None
+
+
+def _verify_native_legacy(s: Sighting) -> Candidate:
+    """A step dir of ours without a manifest (F08): tier L when its files' headers parse."""
+    files = []
+    ws = None
+    for e in s.children:
+        m = RANK_FILE_RE.match(e.rel)
+        if e.rel == REPLICATED_FILE:
+            files.append(FileRef(name=e.rel, size=e.size))
+        elif m:
+            files.append(FileRef(name=e.rel, size=e.size, rank=int(m.group(1))))
+            ws = int(m.group(2))
+    c = _base(s, world_size=ws, files=tuple(files), replica_key=f"legacy:{s.id}")
+    if not files:
+        return c.with_verdict("R", "uncommitted: no manifest.json and no checkpoint files")
+    for f in files:
+        e = s.child(f.name)
+        if e is None or e.kind != "file":
+            return c.with_verdict("R", f"not_regular: {f.name}")
+        why = _check_native_header(s, f.name, f.size)
+        if why:
+            return c.with_verdict("R", why)
+    return c.with_verdict("L", "legacy_unverified: no manifest.json, so no checksums to check")
+
+
+def _verify_torch(s: Sighting, extra_safe: Iterable[str]) -> Candidate:
+    c = _base(s, files=(FileRef(name="", size=s.size),), replica_key=f"torch:{s.rel.rsplit('/', 1)[-1]}:{s.size}")
+    if s.size == 0:
+        return c.with_verdict("R", f"empty: {s.rel} is 0 bytes")
+    if not s.store.is_local:
+        return c.with_verdict("L", "legacy_unverified: remote torch.save file, structure checked when loaded")
+    path = s.store.join(s.rel)
+    try:
+        stores.check_dirs_no_symlink(s.store.root, s.rel)
+        fd = stores.open_regular(path)
+    except InsecurePathError as e:
+        return c.with_verdict("R", f"insecure: {e}")
+    except OSError as e:
+        return c.with_verdict("R", f"unreadable: {e}")
+    with os.fdopen(fd, "rb") as f:
+        rep = formats.sniff_torch_file(f, s.size, s.rel, extra_safe)
+    if rep.unsafe_globals:
+        log.warning("security_event: %s needs unsafe_globals=%s; never loaded", path, list(rep.unsafe_globals))
+        return c.with_verdict("R", f"unsafe_globals={list(rep.unsafe_globals)}")
+    if not rep.ok:
+        return c.with_verdict("R", *(f"unloadable: {p}" for p in rep.problems))
+    if s.step is None:
+        if rep.step_key is None:
+            c = c.with_verdict(c.tier, "step_unknown: no step in the name or the file; ordered last")
+        else:
+            c = Candidate.from_json(c.to_json() | {"step": rep.step_key})
+    if rep.crc == "mismatch":
+        return c.with_verdict("S", *(f"checksum_mismatch: {p}" for p in rep.problems))
+    note = "legacy_unverified: torch.save file, zip CRCs clean" if rep.crc == "ok" else "legacy_unverified: torch.save file written without CRCs"
+    return c.with_verdict("L", note, *rep.problems)
+
+
+def _verify_dcp(s: Sighting) -> Candidate:
+    md = s.child(DCP_METADATA)
+    files = tuple(FileRef(name=e.rel, size=e.size) for e in s.children if e.kind == "file")
+    c = _base(s, files=files, replica_key=f"dcp:{s.id}")
+    if md is None or md.kind != "file" or md.size == 0:
+        return c.with_verdict("R", "unloadable: DCP directory without a readable .metadata")
+    bad = [e.rel for e in s.children if e.kind != "file"]
+    if bad:
+        return c.with_verdict("R", f"not_regular: {', '.join(bad[:5])}")
+    if s.step is None:
+        c = c.with_verdict("L", "step_unknown: no step in the directory name; ordered last")
+    return c.with_verdict("L", "legacy_unverified: PyTorch DCP directory")
+
+
+def describe_compat_diff(saved: dict[str, Any], live: dict[str, Any]) -> str:
+    """Which compat keys differ, by name (compare Megatron's check_checkpoint_args)."""
+    diffs = []
+    for k in sorted(set(saved) | set(live)):
+        if k not in saved:
+            diffs.append(f"{k}: not in checkpoint, now {live[k]!r}")
+        elif k not in live:
+            diffs.append(f"{k}: checkpoint has {saved[k]!r}, not configured now")
+        elif json.dumps(saved[k], sort_keys=True, default=str) != json.dumps(live[k], sort_keys=True, default=str):
+            diffs.append(f"{k}: checkpoint {saved[k]!r} != now {live[k]!r}")
+    return "compat differs: " + ("; ".join(diffs) if diffs else "fingerprint differs")
+
+
+# ----------------------------------------------------------------------------- full verification (CLI)
+
+
+def verify_full(store: stores.Store, rel: str) -> tuple[str, list[str]]:
+    """Read every byte of a native checkpoint and compare all checksums. Returns (tier, reasons)."""
+    try:
+        data = stores.read_small(store, f"{rel}/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
+        mf: Manifest = manifest.parse(data)
+    except (OSError, ManifestError) as e:
+        return "R", [f"manifest: {e}"]
+    reasons: list[str] = []
+    tier = "V"
+    for f in mf.files:
+        try:
+            got_size, got, damaged = _digest_file(store, f"{rel}/{f.name}", f.name, mf)
+        except (OSError, CheckpointFormatError) as e:
+            return "R", reasons + [f"{f.name}: {e}"]
+        if got_size != f.size:
+            return "R", reasons + [f"size_mismatch: {f.name} expected={f.size} got={got_size}"]
+        if got != f.digest:
+            tier = "S"
+            reasons.append(
+                f"checksum_mismatch: {f.name} expected={f.digest} got={got}"
+                + (f" damaged_tensors={damaged[:10]}" if damaged else "")
+            )
+    return tier, reasons
+
+
+def _digest_file(store: stores.Store, rel: str, name: str, mf: Manifest) -> tuple[int, str, list[str]]:
+    expected = mf.tensors.get(name, {})
+    if store.is_local:
+        fd = stores.open_regular(store.join(rel))
+        f = os.fdopen(fd, "rb")
+        size = os.fstat(fd).st_size
+    else:
+        import io
+
+        size = stores.remote_size(store, rel)
+        buf = bytearray(size)
+        stores.read_range_into(store, rel, 0, memoryview(buf))
+        f = io.BytesIO(buf)
+    with f:
+        if not name.endswith(formats.NATIVE_SUFFIX):
+            n, d = formats.file_digest_stream(f)
+            return n, d, []
+        header = formats.parse_header(f, size, name=name)
+        buf2 = bytearray(header.payload_size)
+        formats.read_payload_into(f, header, memoryview(buf2), name=name)
+        digest, per = formats.payload_digests(header, memoryview(buf2))
+        damaged = [t for t, d in per.items() if t in expected and expected[t].digest != d]
+        return size, digest, damaged
