@@ -26,7 +26,7 @@ from .stores import Store
 log = logging.getLogger(__name__)
 
 REPLICATED_FILE = "replicated.dgt"
-MIN_KEEP_LAST = 2
+MIN_KEEP_LAST = saving.MIN_KEEP_LAST
 
 
 def rank_file_name(rank: int, world_size: int) -> str:

@@ -30,6 +30,7 @@ class Plan:
     sightings: int
     demoted: tuple[str, ...] = ()
     error: str | None = None
+    listing: tuple[Candidate, ...] = ()  # every candidate, R included (for `ls`; not broadcast)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -82,6 +83,7 @@ def make_plan(
     extra_safe_globals: Iterable[str] = (),
     refused: Sequence[tuple[str, str]] = (),
     use_journal: bool = True,
+    include_rejected: bool = False,
 ) -> Plan:
     """Rank 0 only: discover, verify and order. Never raises for a bad store or candidate."""
     found = discovery.discover(store_list, run)
@@ -108,4 +110,6 @@ def make_plan(
         generation=checked.max_generation + 1,
         sightings=len(found.sightings),
         demoted=tuple(demoted),
+        listing=tuple(sorted(checked.candidates, key=lambda c: (-c.step, -c.generation, c.store_index, c.path)))
+        if include_rejected else (),
     )

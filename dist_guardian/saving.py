@@ -30,6 +30,7 @@ from .stores import Store
 log = logging.getLogger(__name__)
 
 TRASH_PREFIX = ".trash-"
+MIN_KEEP_LAST = 2
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -357,7 +358,8 @@ class Mirrors:
 # ----------------------------------------------------------------------------- retention
 
 
-def retain(store: Store, run: str, keep_last: int, *, protected: set[str] = frozenset(), quarantined: set[str] = frozenset()) -> list[str]:
+def retain(store: Store, run: str, keep_last: int, *, protected: set[str] = frozenset(),
+           quarantined: set[str] = frozenset(), dry_run: bool = False) -> list[str]:
     """Delete old verified checkpoints beyond ``keep_last`` in one store. Returns what was deleted.
 
     Counts only committed checkpoints that pass cheap verification; always keeps the newest
@@ -369,6 +371,9 @@ def retain(store: Store, run: str, keep_last: int, *, protected: set[str] = froz
     """
     if keep_last < 1:
         raise ConfigError("keep_last must be at least 1")
+    if keep_last < MIN_KEEP_LAST:
+        log.warning("keep_last=%d raised to %d: the newest checkpoint alone could be the bad one (F40)", keep_last, MIN_KEEP_LAST)
+        keep_last = MIN_KEEP_LAST
     try:
         sightings = discovery.discover_store(store, run)
     except (OSError, StoreError) as e:
@@ -385,13 +390,16 @@ def retain(store: Store, run: str, keep_last: int, *, protected: set[str] = froz
             continue
         if c.path in quarantined:
             continue
+        if dry_run:
+            deleted.append(c.path)
+            continue
         try:
             _delete_checkpoint(store, run, name)
             deleted.append(c.path)
             log.info("retention deleted %s (keep_last=%d)", c.path, keep_last)
         except OSError as e:
             log.warning("retention could not delete %s: %s", c.path, e)
-    if store.is_local:
+    if store.is_local and not dry_run:
         _clean_trash(store, run)
     return deleted
 

@@ -1,0 +1,155 @@
+"""``dist-guardian``: look at stores the way resume does, without a GPU or a process group.
+
+``ls`` and ``plan`` import no torch (they start in milliseconds); ``verify`` reads every
+byte of one checkpoint; ``prune`` is the only command that deletes, and only by the
+retention rules (``--dry-run`` shows what it would delete).
+
+Exit codes: 0 success (a plan with at least one candidate, a verified checkpoint);
+1 nothing usable (no candidate, a checkpoint that is R); 2 bad usage; 3 a store could not
+be reached or listed; 4 a checkpoint is suspect (S: loadable, checksums differ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Sequence
+
+EXIT_OK, EXIT_NOTHING, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_SUSPECT = 0, 1, 2, 3, 4
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dist-guardian",
+        description="Inspect, plan, verify and prune dist_guardian checkpoint stores.",
+        epilog="Exit codes: 0 ok; 1 nothing usable (no candidate, or the checkpoint is rejected); "
+        "2 bad usage; 3 a store was unreachable; 4 the checkpoint is suspect (loadable, checksum mismatch).",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log decisions to stderr")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def stores_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("stores", nargs="+", help="store URLs: a path, file://, tmp://NAME or any fsspec URL")
+        sp.add_argument("--run", default="default", help="run name (default: %(default)s)")
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.add_argument("--compat", default=None, help="JSON object the checkpoint's compat must match")
+        sp.add_argument("--storage-options", "--storage_options", default=None,
+                        help='JSON: {"s3://bucket": {"client_kwargs": {"endpoint_url": "..."}}}')
+
+    ls = sub.add_parser("ls", help="list every candidate with its tier and reasons")
+    stores_args(ls)
+    pl = sub.add_parser("plan", help="print the order resume would try, and why")
+    stores_args(pl)
+    pl.add_argument("--suspect", default="after_same_step", choices=["after_same_step", "last_resort", "reject"])
+    ve = sub.add_parser("verify", help="check one checkpoint fully (every checksum)")
+    ve.add_argument("path", help="a checkpoint directory (local path or URL)")
+    ve.add_argument("--json", action="store_true")
+    ve.add_argument("--storage-options", "--storage_options", default=None)
+    pr = sub.add_parser("prune", help="delete old verified checkpoints by the retention rules")
+    stores_args(pr)
+    pr.add_argument("--keep-last", "--keep_last", type=int, required=True)
+    pr.add_argument("--dry-run", "--dry_run", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        opts = json.loads(args.storage_options) if getattr(args, "storage_options", None) else None
+        compat = json.loads(args.compat) if getattr(args, "compat", None) else None
+    except ValueError as e:
+        print(f"dist-guardian: bad JSON argument: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    from .errors import ConfigError
+
+    try:
+        if args.cmd in ("ls", "plan"):
+            return _ls_plan(args, opts, compat)
+        if args.cmd == "verify":
+            return _verify(args, opts)
+        return _prune(args, opts)
+    except ConfigError as e:
+        print(f"dist-guardian: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _ls_plan(args: argparse.Namespace, opts: Any, compat: Any) -> int:
+    from . import planning
+
+    store_list, refused = planning.resolve_stores(args.stores, opts)
+    plan = planning.make_plan(store_list, run=args.run, compat=compat,
+                              suspect=getattr(args, "suspect", "after_same_step"), refused=refused,
+                              include_rejected=args.cmd == "ls")
+    rows = plan.listing if args.cmd == "ls" else plan.candidates
+    if args.json:
+        doc = plan.to_json()
+        doc["listing"] = [c.to_json() for c in plan.listing]
+        print(json.dumps(doc, indent=2))
+    else:
+        title = "candidates" if args.cmd == "ls" else "resume would try, in this order"
+        print(f"run {args.run}: {title}")
+        if not rows:
+            print("  (none)")
+        for i, c in enumerate(rows):
+            why = f"  [{'; '.join(c.reasons)}]" if c.reasons else ""
+            lead = f"{i + 1:>3}." if args.cmd == "plan" else "   "
+            print(f"{lead} step {c.step:>10}  gen {c.generation:<3} tier {c.tier}  {c.kind:<6} {c.path}{why}")
+        for url, why in plan.unreachable:
+            print(f"  store {url}: UNREACHABLE: {why}")
+        for w in plan.warnings:
+            print(f"  warning: {w}")
+    if plan.unreachable:
+        return EXIT_UNREACHABLE
+    return EXIT_OK if plan.candidates else EXIT_NOTHING
+
+
+def _verify(args: argparse.Namespace, opts: Any) -> int:
+    from . import stores, verify
+
+    path = args.path.rstrip("/")
+    if "://" in path and not path.startswith(("file://", "tmp://")):
+        proto, _, rest = path.partition("://")
+        parent, _, name = rest.rpartition("/")
+        parent, _, run = parent.rpartition("/")
+        store = stores.resolve(f"{proto}://{parent}", 0, opts)
+        rel = f"{run}/{name}"
+    else:
+        local = path[len("file://"):] if path.startswith("file://") else path
+        local = os.path.abspath(local)
+        store = stores.resolve(os.path.dirname(os.path.dirname(local)), 0, opts)
+        rel = f"{os.path.basename(os.path.dirname(local))}/{os.path.basename(local)}"
+    tier, reasons = verify.verify_full(store, rel)
+    if args.json:
+        print(json.dumps({"path": args.path, "tier": tier, "reasons": reasons}, indent=2))
+    else:
+        print(f"{args.path}: tier {tier}" + ("" if reasons else " (every checksum matches)"))
+        for r in reasons:
+            print(f"  {r}")
+    return {"V": EXIT_OK, "S": EXIT_SUSPECT}.get(tier, EXIT_NOTHING)
+
+
+def _prune(args: argparse.Namespace, opts: Any) -> int:
+    from . import planning, saving
+
+    store_list, refused = planning.resolve_stores(args.stores, opts)
+    out: dict[str, Any] = {}
+    for s in store_list:
+        out[s.url] = saving.retain(s, args.run, args.keep_last, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "deleted": out, "refused": refused}, indent=2))
+    else:
+        verb = "would delete" if args.dry_run else "deleted"
+        for url, paths in out.items():
+            print(f"{url}: {verb} {len(paths)}")
+            for p in paths:
+                print(f"  {p}")
+    return EXIT_UNREACHABLE if refused else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
