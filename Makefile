@@ -18,11 +18,15 @@ $(VENV)/.torch-ok:
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	touch $@
 
-$(VENV)/.test-ok: $(VENV)/.torch-ok pyproject.toml
-	$(PIP) install -e ".[test]"
+$(VENV)/.base-ok: $(VENV)/.torch-ok pyproject.toml
+	$(PIP) install -e .
 	touch $@
 
-demo: $(VENV)/.test-ok
+$(VENV)/.test-ok: $(VENV)/.torch-ok pyproject.toml
+	$(PIP) install -e ".[test]"
+	touch $@ $(VENV)/.base-ok
+
+demo: $(VENV)/.base-ok
 	$(PY) launch/demo.py
 
 test: $(VENV)/.test-ok

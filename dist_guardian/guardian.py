@@ -19,7 +19,7 @@ import torch
 from . import _faults, coordinator, loading, manifest, saving, statetree, stores
 from .candidate import Candidate, Loaded, ResumeResult, validate_suspect_policy
 from .comm import Comm
-from .errors import CommitConflict, ConfigError, DistGuardianError, SaveFailed
+from .errors import CheckpointFormatError, CommitConflict, ConfigError, DistGuardianError, SaveFailed
 from .saving import SaveResult, WrittenEntry
 from .stores import Store
 
@@ -173,7 +173,10 @@ class Guardian:
                 staged = loading.load_dcp(c, store, state)
             loading.check_structure(staged, state, required)
             if staged.suspect:
-                loading.sanity_gate(staged)
+                try:
+                    loading.sanity_gate(staged)
+                except CheckpointFormatError as e:
+                    raise CheckpointFormatError(f"{'; '.join(staged.suspect)}; {e}") from None
             return Loaded(staged=staged, suspect=tuple(staged.suspect), warnings=tuple(staged.warnings))
 
         def apply(c: Candidate, staged: loading.Staged) -> None:

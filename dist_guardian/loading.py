@@ -105,8 +105,9 @@ def load_native(c: Candidate, store: Store, *, rank: int, world_size: int, concu
                 expected = mf.tensors.get(f.name, {}) if mf else {}
                 damaged = [t for t, d in per.items() if t in expected and expected[t].digest != d]
                 suspect.append(
-                    f"checksum_mismatch: {store.uri(rel)} expected={f.digest} got={digest}"
+                    f"checksum_mismatch: {store.uri(rel)}"
                     + (f" damaged_tensors={damaged[:10]}" if damaged else "")
+                    + f" expected={f.digest} got={digest}"
                 )
         if mf:
             stats.update(mf.tensors.get(f.name, {}))
