@@ -62,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--run-name", "--run_name", default="example", help="dist_guardian run name")
     p.add_argument("--steps", type=int, default=50, help="train through this step (inclusive)")
     p.add_argument("--save-every", "--save_every", type=int, default=10)
+    p.add_argument("--lr-horizon", "--lr_horizon", type=int, default=1000,
+                   help="cosine schedule length in steps (independent of --steps, so a run can be extended)")
     p.add_argument("--keep-last", "--keep_last", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=60.0, help="dist_guardian agreement timeout (s)")
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
     model = build_model()
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optim = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=max(args.steps, 1))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=args.lr_horizon)
     data = SyntheticData(args.seed, rank)
     torch.manual_seed(args.seed * 7919 + rank)  # per-rank stream (dropout)
     state = {"model": model, "optim": optim, "sched": sched, "data": data,
