@@ -52,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     stores_args(pr)
     pr.add_argument("--keep-last", "--keep_last", type=int, required=True)
     pr.add_argument("--dry-run", "--dry_run", action="store_true")
+    be = sub.add_parser("bench", help="measure raw and dist_guardian save/load throughput on a store")
+    be.add_argument("store", help="a store URL (local dir, s3://..., any fsspec URL)")
+    be.add_argument("--size-mb", "--size_mb", type=int, default=256, help="bytes per run (default %(default)s MiB)")
+    be.add_argument("--runs", type=int, default=3)
+    be.add_argument("--concurrency", type=int, default=1, help="parallel ranged GETs for remote loads")
+    be.add_argument("--json", action="store_true")
+    be.add_argument("--plot", default=None, help="write a bar chart (PNG) here; needs matplotlib")
+    be.add_argument("--storage-options", "--storage_options", default=None)
     return p
 
 
@@ -67,11 +75,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     from .errors import ConfigError
 
+    run = getattr(args, "run", None)
+    if run is not None:
+        from .manifest import RUN_NAME_RE
+
+        if not RUN_NAME_RE.match(run):  # "../x" would list (or prune) outside the store
+            print(f"dist-guardian: --run {run!r} is not a plain name (letters, digits, '.', '_', '-')", file=sys.stderr)
+            return EXIT_USAGE
     try:
         if args.cmd in ("ls", "plan"):
             return _ls_plan(args, opts, compat)
         if args.cmd == "verify":
             return _verify(args, opts)
+        if args.cmd == "bench":
+            from . import bench
+
+            return bench.main(args)
         return _prune(args, opts)
     except ConfigError as e:
         print(f"dist-guardian: {e}", file=sys.stderr)

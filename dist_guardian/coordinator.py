@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterable, Sequence
 from . import _faults, journal, stores
 from .candidate import Attempt, Candidate, Loaded, ResumeResult, defer_suspect, validate_suspect_policy
 from .comm import Comm
-from .planning import Plan, make_plan, resolve_stores
-from .errors import ConfigError, CoordinationError, DistGuardianError, NoReachableCheckpoint, ResumeFailed, StoreError
+from .planning import Plan, PlanCursor, resolve_stores
+from .errors import AgreementTimeout, ConfigError, CoordinationError, DistGuardianError, NoReachableCheckpoint, ResumeFailed, StoreError
 from .stores import Store
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ def resume(
     *,
     run: str = "default",
     compat: dict[str, Any] | None = None,
+    layout: dict[str, str] | None = None,
     suspect: str = "after_same_step",
     on_exhausted: str = "fresh",
     timeout: float = 600.0,
@@ -146,7 +147,7 @@ def resume(
     comm = comm or Comm(timeout)
     try:
         return _resume(
-            load_fn, stores_, comm=comm, run=run, compat=compat, suspect=suspect, on_exhausted=on_exhausted,
+            load_fn, stores_, comm=comm, run=run, compat=compat, layout=layout, suspect=suspect, on_exhausted=on_exhausted,
             # The rank's own deadline fires before its peers' vote timeout, so a slow load is a failed
             # attempt (all move on) rather than a dead coordination group.
             attempt_timeout=attempt_timeout if attempt_timeout is not None else 0.8 * timeout,
@@ -158,64 +159,108 @@ def resume(
             comm.close()
 
 
-def _resume(load_fn, urls, *, comm: Comm, run, compat, suspect, on_exhausted, attempt_timeout, storage_options,
+def _resume(load_fn, urls, *, comm: Comm, run, compat, layout, suspect, on_exhausted, attempt_timeout, storage_options,
             apply_fn, extra_safe_globals, use_journal, t0) -> ResumeResult:
     rank, world = comm.rank, comm.world_size
     store_list, refused = resolve_stores(urls, storage_options)
-
-    # 1-3. Rank 0 plans; a crash while planning travels as data so no rank waits forever.
-    plan_doc: Any = None
-    if rank == 0:
-        try:
-            plan_doc = make_plan(store_list, run=run, compat=compat, suspect=suspect,
-                                 extra_safe_globals=extra_safe_globals, refused=refused,
-                                 use_journal=use_journal).to_json()
-        except Exception as e:
-            log.exception("planning failed")
-            plan_doc = Plan(candidates=(), rejected=(), unreachable=(), warnings=(), generation=0, sightings=0,
-                            error=f"{type(e).__name__}: {e}").to_json()
-    # 4. Broadcast and check that every rank holds the same plan (F27).
-    plan_doc = comm.broadcast_json(plan_doc, "broadcast plan")
-    if _faults.hit("after_broadcast", rank=rank) == "corrupt" and plan_doc["candidates"]:
-        plan_doc["candidates"] = plan_doc["candidates"][1:]
-    comm.check_same(json.dumps(plan_doc, sort_keys=True).encode(), "plan hash check")
-    plan = Plan.from_json(plan_doc)
-    if plan.error:
-        raise ResumeFailed(f"rank 0 could not plan the resume: {plan.error}")
-    if rank == 0:
-        log.info("resume plan for run %s: %d candidates (%d sightings, %d rejected, %d stores unreachable)",
-                 run, len(plan.candidates), plan.sightings, len(plan.rejected), len(plan.unreachable))
-        for i, c in enumerate(plan.candidates):
-            log.info("  plan[%d] %s%s", i, c.describe(), f" ({'; '.join(c.reasons)})" if c.reasons else "")
-
+    cursor: PlanCursor | None = None
     attempts: list[Attempt] = []
-    warnings: list[str] = list(plan.warnings)
-
-    # 5. Availability vote: drop what not every rank can reach, before any data is read.
-    listings: dict[int, Any] = {}
-    local_why = [available_locally(c, store_list, rank, world, listings) for c in plan.candidates]
-    agreed = comm.vote_bits([w is None for w in local_why], "availability vote")
-    remaining: list[Candidate] = []
-    if not all(agreed):
-        masks = comm.gather_strings(json.dumps([w or "" for w in local_why]), "gather availability reasons")
-        per_rank = [json.loads(m) for m in masks]
-        for i, c in enumerate(plan.candidates):
-            if agreed[i]:
-                remaining.append(c)
-                continue
-            reasons = tuple((r, per_rank[r][i]) for r in range(world) if per_rank[r][i])
-            attempts.append(Attempt(candidate_id=c.id, step=c.step, store=c.store, path=c.path, tier=c.tier,
-                                    outcome="unavailable", reasons=reasons))
-            if rank == 0:
-                log.warning("candidate_unavailable id=%s ranks=%s: %s", c.path, [r for r, _ in reasons],
-                            "; ".join(f"rank {r}: {w}" for r, w in reasons))
-    else:
-        remaining = list(plan.candidates)
-
-    # 6. Attempt loop: every rank tries the same entry, one vote, all move on together.
-    transient = any(_is_transient_store_reason(r) for _, r in plan.unreachable)
-    idx = 0
+    warnings: list[str] = []
+    rejected: list[tuple[str, str]] = []
+    unreachable: tuple[tuple[str, str], ...] = ()
+    generation, sightings, transient = 1, 0, False
     primary = store_list[0] if store_list and store_list[0].index == 0 else None  # the journal lives here
+    more = True
+    while more:
+        # 1-3. Rank 0 plans the next page; a crash while planning travels as data so no rank waits forever.
+        plan_doc: Any = None
+        if rank == 0:
+            try:
+                if cursor is None:
+                    cursor = PlanCursor(store_list, run=run, compat=compat, layout=layout, suspect=suspect,
+                                        extra_safe_globals=extra_safe_globals, refused=refused, use_journal=use_journal)
+                plan_doc = cursor.next_page().to_json()
+            except Exception as e:
+                log.exception("planning failed")
+                plan_doc = Plan(candidates=(), rejected=(), unreachable=(), warnings=(), generation=0, sightings=0,
+                                error=f"{type(e).__name__}: {e}").to_json()
+        # 4. Broadcast and check that every rank holds the same plan (F27).
+        plan_doc = comm.broadcast_json(plan_doc, "broadcast plan")
+        if _faults.hit("after_broadcast", rank=rank) == "corrupt" and plan_doc["candidates"]:
+            plan_doc["candidates"] = plan_doc["candidates"][1:]
+        comm.check_same(json.dumps(plan_doc, sort_keys=True).encode(), "plan hash check")
+        plan = Plan.from_json(plan_doc)
+        if plan.error:
+            raise ResumeFailed(f"rank 0 could not plan the resume: {plan.error}")
+        more = plan.more
+        if not sightings:
+            unreachable, sightings = plan.unreachable, plan.sightings
+            transient = any(_is_transient_store_reason(r) for _, r in plan.unreachable)
+        generation = max(generation, plan.generation)
+        rejected += plan.rejected
+        warnings += plan.warnings
+        # The decision record says why a newer candidate was tried last (DESIGN section 5: "reported").
+        warnings += [f"crash_loop_demoted: {p}: at least {journal.UNFINISHED_LIMIT} attempts never finished; tried last"
+                     for p in plan.demoted]
+        if rank == 0:
+            log.info("resume plan for run %s: %d candidates (%d sightings, %d rejected, %d stores unreachable)%s",
+                     run, len(plan.candidates), plan.sightings, len(plan.rejected), len(plan.unreachable),
+                     "; older steps follow if these fail" if more else "")
+            for i, c in enumerate(plan.candidates):
+                log.info("  plan[%d] %s%s", i, c.describe(), f" ({'; '.join(c.reasons)})" if c.reasons else "")
+        if not plan.candidates:
+            continue
+        remaining = _availability_vote(plan.candidates, comm, store_list, attempts)
+        loaded, transient_here = _attempt_loop(
+            remaining, load_fn, comm=comm, run=run, suspect=suspect, attempt_timeout=attempt_timeout,
+            apply_fn=apply_fn, use_journal=use_journal, primary=primary, store_list=store_list,
+            attempts=attempts, warnings=warnings)
+        transient = transient or transient_here
+        if loaded is not None:
+            result = ResumeResult(resumed=True, step=loaded.step, store=loaded.store, path=loaded.path, tier=loaded.tier,
+                                  generation=generation, attempts=tuple(attempts), warnings=tuple(warnings),
+                                  rejected=tuple(rejected), unreachable=unreachable, seconds=time.monotonic() - t0)
+            if rank == 0:
+                log.info("resume decision: %s", result.to_json())
+            return result
+
+    # 7. Exhausted (F33).
+    result = ResumeResult(resumed=False, generation=generation, attempts=tuple(attempts),
+                          warnings=tuple(warnings), rejected=tuple(rejected), unreachable=unreachable,
+                          seconds=time.monotonic() - t0)
+    anything = sightings > 0
+    summary = _exhausted_summary(result)
+    if transient:
+        if not anything:
+            raise NoReachableCheckpoint(
+                "no checkpoint found, but a store was unreachable, so starting fresh could throw progress away; "
+                f"fix the store or remove it from stores=. {summary}")
+        raise ResumeFailed(
+            "every reachable candidate failed, and a store was unreachable or an attempt timed out (maybe transient); "
+            f"not starting fresh. Let the launcher retry. {summary}")
+    if anything and on_exhausted == "raise":
+        raise ResumeFailed(f"every candidate failed and on_exhausted='raise'. {summary}")
+    if anything:
+        if rank == 0:
+            log.error("starting FRESH: every candidate failed for a lasting reason; all are kept. %s", summary)
+    elif rank == 0:
+        log.info("no checkpoint found in %s for run %s: starting fresh", ", ".join(urls), run)
+    if rank == 0:
+        log.info("resume decision: %s", result.to_json())
+    return result
+
+
+def _attempt_loop(remaining: list[Candidate], load_fn, *, comm: Comm, run: str, suspect: str, attempt_timeout: float,
+                  apply_fn, use_journal: bool, primary: Store | None, store_list: Sequence[Store],
+                  attempts: list[Attempt], warnings: list[str]) -> tuple[Candidate | None, bool]:
+    """Collective: every rank tries the same entry, one vote, all move on together.
+
+    Returns the loaded candidate (already applied on every rank) or None, and whether a
+    failure may have been transient (an attempt timed out).
+    """
+    rank = comm.rank
+    transient = False
+    idx = 0
     while idx < len(remaining):
         c = remaining[idx]
         store = next((s for s in store_list if s.index == c.store_index), None)
@@ -242,7 +287,14 @@ def _resume(load_fn, urls, *, comm: Comm, run, compat, suspect, on_exhausted, at
             staged = None
         code = VOTE_FAIL if why else (VOTE_SUSPECT if suspect_reasons else VOTE_OK)
         _faults.hit("before_vote", rank=rank, step=c.step)
-        verdict = comm.vote_min(code, f"vote on {c.path}")
+        try:
+            verdict = comm.vote_min(code, f"vote on {c.path}")
+        except CoordinationError as e:
+            # The job dies here; the attempt stays unfinished (the crash-loop count), and the journal
+            # says why, so the next start can report it (F23: reason=timeout; F24/F25: a dead peer).
+            if rank == 0 and use_journal and primary is not None:
+                journal.record(primary, run, c, outcome="timeout" if isinstance(e, AgreementTimeout) else "peer_failed")
+            raise
         elapsed = time.monotonic() - t1
         if verdict == VOTE_FAIL:
             texts = comm.gather_strings(why, f"gather failure reasons for {c.path}")
@@ -290,37 +342,33 @@ def _resume(load_fn, urls, *, comm: Comm, run, compat, suspect, on_exhausted, at
             warnings.append(f"legacy_unverified_loaded: {c.path} has no manifest checksums")
         attempts.append(Attempt(candidate_id=c.id, step=c.step, store=c.store, path=c.path, tier=c.tier,
                                 outcome="loaded", seconds=elapsed))
-        result = ResumeResult(resumed=True, step=c.step, store=c.store, path=c.path, tier=c.tier,
-                              generation=plan.generation, attempts=tuple(attempts), warnings=tuple(warnings),
-                              rejected=plan.rejected, unreachable=plan.unreachable, seconds=time.monotonic() - t0)
-        if rank == 0:
-            log.info("resume decision: %s", result.to_json())
-        return result
+        return c, transient
+    return None, transient
 
-    # 7. Exhausted (F33).
-    result = ResumeResult(resumed=False, generation=plan.generation, attempts=tuple(attempts),
-                          warnings=tuple(warnings), rejected=plan.rejected, unreachable=plan.unreachable,
-                          seconds=time.monotonic() - t0)
-    anything = plan.sightings > 0
-    summary = _exhausted_summary(result)
-    if transient:
-        if not anything:
-            raise NoReachableCheckpoint(
-                "no checkpoint found, but a store was unreachable, so starting fresh could throw progress away; "
-                f"fix the store or remove it from stores=. {summary}")
-        raise ResumeFailed(
-            "every reachable candidate failed, and a store was unreachable or an attempt timed out (maybe transient); "
-            f"not starting fresh. Let the launcher retry. {summary}")
-    if anything and on_exhausted == "raise":
-        raise ResumeFailed(f"every candidate failed and on_exhausted='raise'. {summary}")
-    if anything:
+
+def _availability_vote(candidates: Sequence[Candidate], comm: Comm, store_list: Sequence[Store],
+                       attempts: list[Attempt]) -> list[Candidate]:
+    """Collective: drop what not every rank can reach, before any data is read (F21, F22)."""
+    rank, world = comm.rank, comm.world_size
+    listings: dict[int, Any] = {}
+    local_why = [available_locally(c, store_list, rank, world, listings) for c in candidates]
+    agreed = comm.vote_bits([w is None for w in local_why], "availability vote")
+    if all(agreed):
+        return list(candidates)
+    masks = comm.gather_strings(json.dumps([w or "" for w in local_why]), "gather availability reasons")
+    per_rank = [json.loads(m) for m in masks]
+    remaining = []
+    for i, c in enumerate(candidates):
+        if agreed[i]:
+            remaining.append(c)
+            continue
+        reasons = tuple((r, per_rank[r][i]) for r in range(world) if per_rank[r][i])
+        attempts.append(Attempt(candidate_id=c.id, step=c.step, store=c.store, path=c.path, tier=c.tier,
+                                outcome="unavailable", reasons=reasons))
         if rank == 0:
-            log.error("starting FRESH: every candidate failed for a lasting reason; all are kept. %s", summary)
-    elif rank == 0:
-        log.info("no checkpoint found in %s for run %s: starting fresh", ", ".join(urls), run)
-    if rank == 0:
-        log.info("resume decision: %s", result.to_json())
-    return result
+            log.warning("candidate_unavailable id=%s ranks=%s: %s", c.path, [r for r, _ in reasons],
+                        "; ".join(f"rank {r}: {w}" for r, w in reasons))
+    return remaining
 
 
 def _is_transient_store_reason(reason: str) -> bool:

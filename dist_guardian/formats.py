@@ -18,16 +18,19 @@ importable and fast for the CLI.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import io
 import json
 import os
+import queue
+import threading
 import pickletools
 import re
 import struct
 import zipfile
 import zlib
-from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Iterable, Sequence
 
 import xxhash
 
@@ -96,6 +99,7 @@ class WrittenFile:
     size: int
     digest: str
     tensor_digests: dict[str, str]
+    stats: dict[str, object] = field(default_factory=dict)
 
 
 def tree_digest(header_bytes: bytes, tensor_digests_in_order: Iterable[bytes]) -> str:
@@ -121,34 +125,88 @@ def encode_header(tree_json: str, specs: Sequence[TensorSpec], extra_meta: dict[
     return struct.pack("<Q", len(blob)) + blob, ordered
 
 
-def write_native(fd: int, tree_json: str, specs: Sequence[TensorSpec], *, hook=None) -> WrittenFile:
+def write_native(fd: int, tree_json: str, specs: Sequence[TensorSpec], *, hook=None,
+                 stats_fn: Callable[[TensorSpec], object] | None = None) -> WrittenFile:
     """Stream a native file to ``fd``, hashing each tensor as it goes out. The caller fsyncs.
 
-    ``hook(point)`` is called at ``mid_data_write`` (half-way through the payload), for tests.
+    Two stages overlap: this thread hashes a chunk (and runs ``stats_fn`` on each tensor,
+    e.g. its ``max|x|``) while a writer thread writes the previous one, so checksums cost
+    nothing when the disk is the bottleneck. ``hook(point)`` is called at
+    ``mid_data_write`` (half-way through the payload), for tests. Returns the stats in
+    ``WrittenFile.stats`` when ``stats_fn`` is given.
     """
     header, ordered = encode_header(tree_json, specs)
-    _write_all(fd, memoryview(header))
+    total = sum(len(s.data) for s in ordered)
+    pipe = _WritePipe(fd)
+    pipe.put(memoryview(header))
     digests: dict[str, str] = {}
     raw_digests: list[bytes] = []
-    total = sum(len(s.data) for s in ordered)
-    written = 0
+    stats: dict[str, object] = {}
+    queued = 0
     mid_called = hook is None
-    for s in ordered:
-        h = xxhash.xxh3_128()
-        mv = s.data
-        for i in range(0, len(mv), _CHUNK):
-            chunk = mv[i : i + _CHUNK]
-            h.update(chunk)
-            _write_all(fd, chunk)
-            written += len(chunk)
-            if not mid_called and written * 2 >= total:
-                mid_called = True
-                hook("mid_data_write")
-        raw_digests.append(h.digest())
-        digests[s.name] = h.hexdigest()
-    if not mid_called:
-        hook("mid_data_write")
-    return WrittenFile(size=len(header) + total, digest=tree_digest(header, raw_digests), tensor_digests=digests)
+    try:
+        for s in ordered:
+            if stats_fn is not None:
+                stats[s.name] = stats_fn(s)
+            h = xxhash.xxh3_128()
+            mv = s.data
+            for i in range(0, len(mv), _CHUNK):
+                chunk = mv[i : i + _CHUNK]
+                h.update(chunk)
+                pipe.put(chunk)
+                queued += len(chunk)
+                if not mid_called and queued * 2 >= total:
+                    pipe.drain()
+                    mid_called = True
+                    hook("mid_data_write")
+            raw_digests.append(h.digest())
+            digests[s.name] = h.hexdigest()
+        if not mid_called:
+            pipe.drain()
+            hook("mid_data_write")
+    finally:
+        pipe.close()
+    return WrittenFile(size=len(header) + total, digest=tree_digest(header, raw_digests), tensor_digests=digests, stats=stats)
+
+
+class _WritePipe:
+    """A writer thread fed chunks in order; an error in it is raised in the producer."""
+
+    def __init__(self, fd: int, depth: int = 4):
+        self.fd = fd
+        self.q: "queue.Queue[memoryview | None]" = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.t = threading.Thread(target=self._run, name="dist_guardian-write", daemon=True)
+        self.t.start()
+
+    def _run(self) -> None:
+        while True:
+            mv = self.q.get()
+            try:
+                if mv is None:
+                    return
+                if self.error is None:
+                    _write_all(self.fd, mv)
+            except BaseException as e:  # noqa: B036 - handed to the producer
+                self.error = e
+            finally:
+                self.q.task_done()
+
+    def put(self, mv: memoryview) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(mv)
+
+    def drain(self) -> None:
+        self.q.join()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.t.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _write_all(fd: int, mv: memoryview) -> None:
@@ -233,6 +291,85 @@ def read_payload_into(f: BinaryIO, header: NativeHeader, buf: memoryview, *, nam
         if not n:
             raise CheckpointFormatError(f"{name}: truncated payload ({pos} of {len(buf)} bytes)")
         pos += n
+
+
+def read_and_hash(fd: int, header: NativeHeader, buf: memoryview, *, name: str = "file", threads: int = 2,
+                  chunk: int = 32 * 1024 * 1024) -> tuple[str, dict[str, str]]:
+    """Read the payload into ``buf`` with parallel ``pread`` calls while this thread hashes what has arrived.
+
+    Reading into fresh memory from one thread runs at ~0.6x a raw read here (page faults);
+    two readers hide that, and hashing each chunk right after it lands (hot in cache, on
+    this thread, the GIL released by xxhash) costs no extra pass. Returns the file digest
+    and the per-tensor digests, as :func:`payload_digests` would.
+    """
+    n = header.payload_size
+    if len(buf) != n:
+        raise ValueError("buffer size does not match the payload")
+    start = header.data_start
+    spans = [(o, min(o + chunk, n)) for o in range(0, n, chunk)]
+
+    def read(lo: int, hi: int) -> None:
+        pos = lo
+        while pos < hi:
+            got = os.preadv(fd, [buf[pos:hi]], start + pos)
+            if got <= 0:
+                raise CheckpointFormatError(f"{name}: truncated payload ({pos} of {n} bytes)")
+            pos += got
+
+    hasher = _TensorHasher(header)
+    if not spans:
+        return hasher.finish()
+    with cf.ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="dist_guardian-read") as ex:
+        futs = [ex.submit(read, lo, hi) for lo, hi in spans]
+        try:
+            for (lo, hi), fut in zip(spans, futs):
+                fut.result()
+                hasher.feed(buf, lo, hi)
+        except BaseException:
+            for fut in futs:
+                fut.cancel()
+            raise
+    return hasher.finish()
+
+
+class _TensorHasher:
+    """Per-tensor xxh3-128 over a payload fed in order, in chunks that ignore tensor boundaries."""
+
+    def __init__(self, header: NativeHeader):
+        self.header = header
+        self.entries = [e for e in header.entries]
+        self.i = 0
+        self.h = xxhash.xxh3_128()
+        self.raw: list[bytes] = []
+        self.per: dict[str, str] = {}
+        self._skip_empty()
+
+    def _skip_empty(self) -> None:
+        while self.i < len(self.entries) and self.entries[self.i].end == self.entries[self.i].begin:
+            self._close()
+
+    def _close(self) -> None:
+        e = self.entries[self.i]
+        self.raw.append(self.h.digest())
+        self.per[e.name] = self.h.hexdigest()
+        self.h = xxhash.xxh3_128()
+        self.i += 1
+
+    def feed(self, buf: memoryview, lo: int, hi: int) -> None:
+        pos = lo
+        while pos < hi and self.i < len(self.entries):
+            e = self.entries[self.i]
+            take = min(hi, e.end)
+            self.h.update(buf[pos:take])
+            pos = take
+            if pos == e.end:
+                self._close()
+                self._skip_empty()
+
+    def finish(self) -> tuple[str, dict[str, str]]:
+        while self.i < len(self.entries):
+            self._close()
+        return tree_digest(self.header.header_bytes, self.raw), self.per
 
 
 def payload_digests(header: NativeHeader, buf: memoryview) -> tuple[str, dict[str, str]]:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from . import _faults, coordinator, loading, manifest, saving, statetree, stores
+from . import _faults, coordinator, discovery, loading, manifest, saving, statetree, stores, verify
 from .candidate import Candidate, Loaded, ResumeResult, validate_suspect_policy
 from .comm import Comm
 from .errors import CheckpointFormatError, CommitConflict, ConfigError, DistGuardianError, SaveFailed
@@ -52,6 +52,17 @@ class Guardian:
         extra_safe_globals: classes a foreign ``torch.save`` file may need (F34 opt-in).
         foreign_loader: ``fn(obj, state) -> dict`` mapping a foreign file onto ``state``.
         save_failures: consecutive failed saves tolerated with a warning before one raises.
+        remote_concurrency: connections per remote file read; ``None`` lets the store decide
+            (its ``concurrency`` storage option, else one GET stream for a loopback endpoint
+            and parallel ranged reads for a real one: ``stores.read_concurrency``).
+        mirror_timeout: seconds ``close()`` waits for mirror uploads before it reports
+            what is still unmirrored.
+        repair: re-fetch a damaged local replica from the intact one that was loaded
+            (F05). Off by default: the damaged copy is only reported
+            (``replica_repair_needed``); on, it is replaced in the background and kept
+            aside as ``.quarantine-<dir>-<id>``.
+        progress: a progress line on stderr for remote loads and for ``close()`` waiting on
+            mirrors (rank 0, transfers over about a second). ``None``: only on a TTY.
 
     Example::
 
@@ -78,8 +89,10 @@ class Guardian:
         extra_safe_globals: Iterable[Any] = (),
         foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
         save_failures: int = 2,
-        remote_concurrency: int = 1,
+        remote_concurrency: int | None = None,
         mirror_timeout: float = 600.0,
+        repair: bool = False,
+        progress: bool | None = None,
     ):
         if isinstance(stores, str):
             stores = [stores]
@@ -119,6 +132,10 @@ class Guardian:
         self.save_failures = save_failures
         self.remote_concurrency = remote_concurrency
         self.mirror_timeout = mirror_timeout
+        self.repair = repair
+        self.progress = progress
+        self._verified: set[tuple[str, str, str]] = set()  # (store url, rel, manifest digest) known good
+        self._uploads_checked: set[str] = set()  # remote primaries whose stale multipart uploads were handled
         self.generation = 1
         self._comm: Comm | None = None
         self._stores: list[Store] | None = None
@@ -165,7 +182,8 @@ class Guardian:
         def load(c: Candidate, store: Store) -> Loaded:
             if c.kind == "native":
                 staged = loading.load_native(c, store, rank=comm.rank, world_size=comm.world_size,
-                                             concurrency=self.remote_concurrency)
+                                             concurrency=self.remote_concurrency,
+                                             progress=self.progress if comm.rank == 0 else False)
             elif c.kind == "torch":
                 staged = loading.load_torch_file(c, store, state, extra_safe_globals=self.extra_safe_globals,
                                                  foreign_loader=self.foreign_loader, required=required)
@@ -186,9 +204,12 @@ class Guardian:
             load, self.store_urls, run=self.run, compat=self.compat, suspect=self.suspect,
             on_exhausted=self.on_exhausted, timeout=self.timeout, storage_options=self.storage_options,
             apply_fn=apply, extra_safe_globals=[_qualname(g) for g in self.extra_safe_globals], comm=comm,
+            layout=statetree.layout_fingerprints(state),
         )
         self.generation = result.generation
-        self._quarantined |= {a.path for a in result.attempts if a.outcome == "failed"}
+        self._quarantined |= {a.path for a in result.attempts if a.outcome in ("failed", "deferred")}
+        if comm.rank == 0:
+            self._after_resume(result)
         return result
 
     # ------------------------------------------------------------------ save
@@ -251,7 +272,8 @@ class Guardian:
         if rank == 0:
             entries = [WrittenEntry.from_json(e) for d in docs for e in d["files"]]
             try:
-                outcome = {"path": self._commit(primary, staging, step, entries, metrics, world)}
+                outcome = {"path": self._commit(primary, staging, step, entries, metrics, world,
+                                                statetree.layout_fingerprints(state))}
             except Exception as e:
                 self._discard(primary, staging)
                 reason = str(e) if isinstance(e, CommitConflict) else saving.save_errno_reason(e, primary.root if primary.is_local else ".")
@@ -289,15 +311,18 @@ class Guardian:
         out.append(_write_tree(os.path.join(staging, rank_file_name(rank, world)), per, rank=rank, step=step, file_rank=rank))
         return out
 
-    def _commit(self, primary: Store, staging: str, step: int, entries: list[WrittenEntry], metrics: dict[str, Any], world: int) -> str:
+    def _commit(self, primary: Store, staging: str, step: int, entries: list[WrittenEntry], metrics: dict[str, Any],
+                world: int, layout: dict[str, str]) -> str:
         mbytes = manifest.build(
             run=self.run, step=step, generation=self.generation, world_size=world, created_unix=time.time(),
             compat=self.compat or {}, metrics=metrics, files=[w.entry for w in entries],
             tensors={w.entry.name: w.stats for w in entries}, torch_version=torch.__version__,
-            writer=saving.writer_info(),
+            writer=saving.writer_info(), layout=layout,
         )
         if primary.is_local:
-            return saving.commit_local(primary, self.run, staging, step, self.generation, mbytes)
+            final = saving.commit_local(primary, self.run, staging, step, self.generation, mbytes)
+            self._verified.add((primary.url, f"{self.run}/{os.path.basename(final)}", manifest.digest_bytes(mbytes)))
+            return final
         # Remote primary: upload the finished files from local staging, manifest last (exclusive).
         fd = stores.create_exclusive(os.path.join(staging, manifest.MANIFEST_NAME))
         try:
@@ -307,7 +332,11 @@ class Guardian:
             os.close(fd)
         for name in (stores.step_dir_name(step), stores.step_dir_name(step, self.generation)):
             try:
-                return saving.copy_checkpoint(staging, primary, self.run, name, exclusive=True)
+                loc = saving.copy_checkpoint(staging, primary, self.run, name, exclusive=True,
+                                             abort_stale=primary.url not in self._uploads_checked)
+                self._uploads_checked.add(primary.url)
+                self._verified.add((primary.url, f"{self.run}/{name}", manifest.digest_bytes(mbytes)))
+                return loc
             except FileExistsError:
                 other = _remote_generation(primary, f"{self.run}/{name}")
                 if other == self.generation or other is None:
@@ -315,19 +344,132 @@ class Guardian:
                 log.warning("lineage_fork step=%d: %s holds generation %s", step, primary.uri(self.run, name), other)
         raise CommitConflict(f"commit_conflict: step {step} generation {self.generation} already committed in {primary.url}")
 
+    # ------------------------------------------------------------------ mirrors, retention, repair (rank 0)
+
+    def _worker(self) -> saving.Mirrors:
+        if self._mirrors is None:
+            self._mirrors = saving.Mirrors(on_mirrored=self._on_mirrored, progress=self.progress)
+        return self._mirrors
+
     def _after_commit(self, store_list: list[Store], path: str, staging: str, step: int) -> None:
+        """Rank 0, after the primary commit: queue the mirrors, then retention (never waits on a remote)."""
         primary = store_list[0]
         dirname = os.path.basename(path.rstrip("/"))
         src_dir = path if primary.is_local else staging
-        if self._mirrors is None:
-            self._mirrors = saving.Mirrors()
-        self._mirrors.submit(src_dir, self.run, dirname, step, store_list[1:], cleanup=not primary.is_local)
+        others = store_list[1:]
+        if not others:
+            if not primary.is_local:
+                saving.discard_staging(staging)
+            if self.keep_last is not None:
+                self._retain(primary, [])  # nothing remote to wait for: in line, as before
+            return
+        worker = self._worker()
+        worker.submit(src_dir, self.run, dirname, step, others, cleanup=not primary.is_local)
         if self.keep_last is not None:
-            protected = set()
-            if self._mirrors is not None:
-                for names in self._mirrors.unmirrored(self.run).values():
-                    protected |= names
-            saving.retain(store_list[0], self.run, self.keep_last, protected=protected, quarantined=self._quarantined)
+            worker.submit_task(f"retention {primary.url}", lambda: self._retain(primary, others))
+
+    def _retain(self, store: Store, mirrors: list[Store]) -> list[str]:
+        """Retention of one store. The primary keeps what a mirror does not hold yet (F42) and queues it."""
+        protected: set[str] = set()
+        if self._mirrors is not None and mirrors:
+            for names in self._mirrors.unmirrored(self.run).values():
+                protected |= names
+        primary = self._store_list()[0]
+        return saving.retain(store, self.run, self.keep_last, protected=protected, quarantined=self._quarantined,
+                             mirrors=mirrors, verified=self._verified, journal_store=primary,
+                             on_unmirrored=self._catch_up if mirrors and store.is_local else None)
+
+    def _catch_up(self, c: Candidate, missing: list[Store]) -> None:
+        """A committed local checkpoint that a mirror lacks (deferred, or from an earlier run): mirror it."""
+        primary = self._store_list()[0]
+        name = c.rel.split("/", 1)[1]
+        pending = self._worker().unmirrored(self.run)
+        targets = [m for m in missing if name not in pending.get(m.url, set())]
+        if targets:
+            log.info("mirror catch-up: %s -> %s", c.path, ", ".join(t.url for t in targets))
+            self._worker().submit(primary.join(c.rel), self.run, name, c.step, targets)
+
+    def _on_mirrored(self, target: Store, job: saving.MirrorJob) -> None:
+        """A mirror committed: retention may now run in that store, and may now free the primary (F42)."""
+        if self.keep_last is None:
+            return
+        store_list = self._store_list()
+        worker = self._worker()
+        worker.submit_task(f"retention {target.url}", lambda: self._retain(target, []))
+        worker.submit_task(f"retention {store_list[0].url}", lambda: self._retain(store_list[0], store_list[1:]))
+
+    def _catch_up_on_start(self, store_list: list[Store], down: set[str]) -> None:
+        """Mirror the newest committed local checkpoints that a mirror lacks (a mirror deferred
+        before the last restart, F43; a store added to the list). The newest ``keep_last``
+        (or only the newest without retention): what that mirror would keep anyway."""
+        primary = store_list[0]
+        try:
+            checked = verify.verify_all([s for s in discovery.discover_store(primary, self.run) if s.kind == "native"],
+                                        run=self.run, compat=None).candidates
+        except (OSError, DistGuardianError) as e:
+            log.warning("mirror catch-up skipped: cannot list %s (%s)", primary.url, e)
+            return
+        good = sorted((c for c in checked if c.tier == "V" and c.path not in self._quarantined),
+                      key=lambda c: (c.step, c.generation), reverse=True)[: self.keep_last or 1]
+        for m in store_list[1:]:
+            if m.url in down:
+                continue  # unreachable at start: the next save's retention catches up (close() must not wait on it)
+            view = saving._mirror_view(m, self.run)
+            if view is None:
+                continue
+            missing = [c for c in good if not saving._held_or_not_needed(c, c.rel.split("/", 1)[1], view, len(good))]
+            for c in missing:
+                self._catch_up(c, [m])
+
+    def _clean_uploads(self, s: Store) -> None:
+        saving.clean_stale_uploads(s, self.run)
+        if self._mirrors is not None:
+            self._mirrors.uploads_checked.add(s.url)
+        self._uploads_checked.add(s.url)
+
+    def _after_resume(self, result: ResumeResult) -> None:
+        """Rank 0: report (and with ``repair=True`` re-fetch) damaged replicas of what was loaded (F05);
+        queue the stale-upload cleanup of reachable object stores (F14), in the background."""
+        try:
+            store_list = self._store_list()
+        except DistGuardianError:
+            return
+        down = {u for u, _ in result.unreachable}
+        remote = [s for s in store_list if not s.is_local and s.is_s3 and s.url not in down]
+        for s in remote:
+            self._worker().submit_task(f"clean stale uploads {s.url}", lambda s=s: self._clean_uploads(s))
+        if store_list[0].is_local and len(store_list) > 1:
+            self._worker().submit_task("mirror catch-up", lambda: self._catch_up_on_start(store_list, down))
+        if not result.resumed or result.store is None:
+            return
+        loaded = next((a for a in result.attempts if a.outcome == "loaded"), None)
+        src = next((s for s in store_list if s.url == result.store), None)
+        if loaded is None or src is None:
+            return
+        rel = loaded.candidate_id.split(":", 1)[1]
+        if result.tier == "V" and src.is_local:
+            # Every checksum of this copy was just checked while loading: retention need not read it again.
+            try:
+                mbytes = stores.read_small(src, f"{rel}/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
+                self._verified.add((src.url, rel, manifest.digest_bytes(mbytes)))
+            except OSError:
+                pass
+        bad = {a.path: "; ".join(w for _, w in a.reasons) or a.outcome for a in result.attempts if a.outcome in ("failed", "deferred")}
+        bad.update({p: why for p, why in result.rejected})
+        for s in store_list:
+            if s.url == src.url:
+                continue
+            where = s.uri(rel)
+            if where not in bad:
+                continue
+            log.warning("replica_repair_needed path=%s reason=%s: step %s was loaded from %s instead%s",
+                        where, bad[where][:300], result.step, result.path,
+                        "; re-fetching it in the background" if self.repair and s.is_local else
+                        "; pass repair=True to re-fetch it" if s.is_local else "")
+            if self.repair and s.is_local:
+                dirname = rel.split("/", 1)[1]
+                self._worker().submit_task(f"repair {where}",
+                                           lambda s=s, dirname=dirname: saving.repair_replica(src, rel, s, self.run, dirname))
 
     def _discard(self, primary: Store, staging: str) -> None:
         saving.discard_staging(staging)
@@ -344,18 +486,16 @@ class Guardian:
     # ------------------------------------------------------------------ close
 
     def close(self) -> list[str]:
-        """Collective: call on every rank. Wait for mirrors, destroy the coordination group.
+        """Collective: call on every rank. Destroy the coordination group; rank 0 waits for mirrors.
 
-        Returns what is still unmirrored (empty when everything landed).
+        Rank 0 waits up to ``mirror_timeout`` for background mirror uploads and housekeeping,
+        with a progress line on a terminal, and returns what is still unmirrored (empty when
+        everything landed; also logged). The other ranks return at once.
         """
         if self._closed:
             return []
         self._closed = True
         left: list[str] = []
-        if self._mirrors is not None:
-            left = self._mirrors.wait(self.mirror_timeout)
-            if left:
-                log.warning("unmirrored after close(): %s", "; ".join(left))
         if self._comm is not None:
             if self._comm.distributed and self._comm.broken is None:
                 try:
@@ -363,7 +503,22 @@ class Guardian:
                 except DistGuardianError:
                     pass
             self._comm.close()
+        if self._mirrors is not None:
+            left = self._mirrors.wait(self.mirror_timeout)
+            self._mirrors.stop()
+            if left:
+                log.warning("unmirrored after close(): %s", "; ".join(left))
         return left
+
+    def flush(self, timeout: float | None = None) -> list[str]:
+        """Rank 0: wait for background mirror uploads and housekeeping, without closing.
+
+        Returns what is still unmirrored after ``timeout`` seconds (default ``mirror_timeout``);
+        other ranks return ``[]`` at once. Training never needs this; ``close()`` does it.
+        """
+        if self._mirrors is None:
+            return []
+        return self._mirrors.wait(self.mirror_timeout if timeout is None else timeout)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -387,8 +542,8 @@ def _write_tree(path: str, tree: dict[str, Any], *, rank: int, step: int, file_r
     enc = statetree.Encoder()
     tree_json = json.dumps(enc.encode(tree, ""), separators=(",", ":"), allow_nan=False)
     specs = [statetree.tensor_spec(n, t) for n, t in enc.tensors.items()]
-    stats = {n: statetree.max_abs(t) for n, t in enc.tensors.items()}
-    return saving.write_file(path, tree_json, specs, stats, rank=rank, step=step, file_rank=file_rank)
+    return saving.write_file(path, tree_json, specs, lambda spec: statetree.max_abs(enc.tensors[spec.name]),
+                             rank=rank, step=step, file_rank=file_rank)
 
 
 def _check_state(state: Any) -> None:

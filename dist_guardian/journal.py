@@ -27,7 +27,9 @@ MAX_ENTRY_BYTES = 64 * 1024
 
 
 def _key(c: Candidate) -> str:
-    return xxhash.xxh3_64_hexdigest(f"{c.store}|{c.rel}|{c.replica_key}".encode())
+    # One entry per checkpoint, not per copy: what kills a loader (its size, a poisoned
+    # tensor) kills it from every store, so every replica is demoted together (F23: "B").
+    return xxhash.xxh3_64_hexdigest(f"{c.step}|{c.generation}|{c.replica_key or c.store + '|' + c.rel}".encode())
 
 
 def _rel(run: str, c: Candidate) -> str:

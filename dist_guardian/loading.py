@@ -12,10 +12,12 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
+import xxhash
 
 from . import _faults, formats, manifest, statetree, stores
 from .candidate import Candidate
@@ -53,40 +55,188 @@ def read_manifest(c: Candidate, store: Store) -> Manifest:
     return manifest.parse(data)
 
 
-def read_native_file(store: Store, rel: str, expected_size: int, *, concurrency: int = 1) -> tuple[formats.NativeHeader, torch.Tensor]:
-    """One native file into a fresh uint8 buffer. Local: secure open + readinto; remote: ranged reads."""
-    name = rel.rsplit("/", 1)[-1]
+def read_native_file(store: Store, rel: str, expected_size: int, *, concurrency: int | None = None,
+                     transfer: stores.Transfer | None = None) -> tuple[formats.NativeHeader, torch.Tensor, str, dict[str, str]]:
+    """One native file into a fresh uint8 buffer, with its file and per-tensor digests.
+
+    Local: secure open, parallel ``pread`` into the buffer with hashing overlapped. Remote:
+    straight into the buffer, hashed as bytes arrive (:func:`_read_native_remote`).
+    """
     if store.is_local:
         stores.check_dirs_no_symlink(store.root, rel)
         fd = stores.open_regular(store.join(rel))
-        with os.fdopen(fd, "rb", buffering=0) as f:
+        try:
             size = os.fstat(fd).st_size
             if expected_size and size != expected_size:
                 raise CheckpointFormatError(f"{store.uri(rel)}: size_mismatch expected={expected_size} got={size}")
-            header = formats.parse_header(f, size, name=store.uri(rel))
+            with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+                header = formats.parse_header(f, size, name=store.uri(rel))
             buf = torch.empty(header.payload_size, dtype=torch.uint8)
-            if header.payload_size:
-                formats.read_payload_into(f, header, memoryview(buf.numpy()), name=store.uri(rel))
-        return header, buf
+            digest, per = formats.read_and_hash(fd, header, memoryview(buf.numpy()), name=store.uri(rel))
+        finally:
+            os.close(fd)
+        return header, buf, digest, per
+    return _read_native_remote(store, rel, expected_size, concurrency=concurrency, transfer=transfer)
+
+
+class _StreamDigests:
+    """Per-tensor xxh3-128 digests computed while a payload arrives (DESIGN 4, step 6).
+
+    The downloader reports each piece that landed (``ready(lo, hi)``, any order, any
+    thread); a hasher thread follows the contiguous filled prefix, so hashing overlaps the
+    network and each byte is hashed once, while it is still hot in cache.
+    """
+
+    def __init__(self, header: formats.NativeHeader, mv: memoryview):
+        self.entries = header.entries
+        self.header_bytes = header.header_bytes
+        self.mv = mv
+        self.prefix = 0
+        self.pending: dict[int, int] = {}
+        self.cv = threading.Condition()
+        self.stopped = False
+        self.raw: list[bytes] = []
+        self.per: dict[str, str] = {}
+        self.thread = threading.Thread(target=self._run, name="dist_guardian-hash", daemon=True)
+        self.thread.start()
+
+    def ready(self, lo: int, hi: int) -> None:
+        with self.cv:
+            self.pending[lo] = hi
+            moved = False
+            while self.prefix in self.pending:
+                self.prefix = self.pending.pop(self.prefix)
+                moved = True
+            if moved:
+                self.cv.notify()
+
+    def _run(self) -> None:
+        pos = 0
+        for t in self.entries:
+            h = xxhash.xxh3_128()
+            while pos < t.end:
+                with self.cv:
+                    while self.prefix <= pos and not self.stopped:
+                        self.cv.wait()
+                    if self.stopped and self.prefix <= pos:
+                        return
+                    upto = min(self.prefix, t.end)
+                h.update(self.mv[pos:upto])
+                pos = upto
+            self.raw.append(h.digest())
+            self.per[t.name] = h.hexdigest()
+
+    def finish(self) -> tuple[str, dict[str, str]]:
+        self.thread.join()
+        if len(self.raw) != len(self.entries):
+            raise CheckpointFormatError("payload incomplete: not every tensor was hashed")
+        return formats.tree_digest(self.header_bytes, self.raw), self.per
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopped = True
+            self.cv.notify()
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in writable without touching their contents
+
+
+def _prefault(buf: torch.Tensor) -> threading.Thread | None:
+    """Fault a fresh staging buffer's pages in from another thread, ahead of the download.
+
+    Writing into fresh memory pays a page fault per 4 KiB, inside the thread that copies
+    network bytes (holding the GIL); done ahead, on the other core, the copy runs at memory
+    speed (measured: one moto GET stream into a fresh buffer 0.42 -> 0.70 GB/s). Contents
+    are never written, so racing the download is harmless. A no-op where madvise cannot.
+    """
+    n = buf.numel() * buf.element_size()
+    if n < (8 << 20) or not hasattr(os, "sysconf"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):
+        return None
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = (buf.data_ptr() + page - 1) // page * page
+    end = (buf.data_ptr() + n) // page * page
+
+    def run() -> None:
+        step = 16 << 20
+        for a in range(start, end, step):
+            if madvise(a, min(step, end - a), _MADV_POPULATE_WRITE) != 0:
+                return  # unsupported here: the copy faults them in as before
+
+    t = threading.Thread(target=run, name="dist_guardian-prefault", daemon=True)
+    t.start()
+    return t
+
+
+def _read_native_remote(store: Store, rel: str, expected_size: int, *, concurrency: int | None,
+                        transfer: stores.Transfer | None) -> tuple[formats.NativeHeader, torch.Tensor, str, dict[str, str]]:
+    """A remote native file straight into a fresh buffer, hashed as bytes arrive.
+
+    One connection (a server that copies the object for every GET, like moto): a single
+    GET of the whole file; the header is parsed from the head of the stream and the payload
+    streams on into the buffer. Several (real S3): a small ranged read for the header, then
+    parallel ranged reads of the payload. ``stores.read_concurrency`` decides.
+    """
     size = expected_size or stores.remote_size(store, rel)
+    name = store.uri(rel)
+    conc = stores.read_concurrency(store, concurrency)
+    if conc <= 1:
+        with stores.RemoteReader(store, rel, size, transfer=transfer) as r:
+            header = formats.parse_header(r, size, name=name)
+            buf = torch.empty(header.payload_size, dtype=torch.uint8)
+            _prefault(buf)
+            mv = memoryview(buf.numpy())
+            hasher = _StreamDigests(header, mv)
+            try:
+                if header.payload_size:
+                    r.readinto(mv, on_chunk=hasher.ready)
+            except BaseException:
+                hasher.stop()
+                raise
+        digest, per = hasher.finish()
+        return header, buf, digest, per
     head_len = min(size, 1 << 20)
     head = bytearray(head_len)
-    stores.read_range_into(store, rel, 0, memoryview(head))
+    stores.read_range_into(store, rel, 0, memoryview(head), concurrency=1)
     n = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
     if 8 + n > head_len and 8 + n <= min(size, formats.MAX_HEADER_BYTES + 8):
         head = bytearray(8 + n)
-        stores.read_range_into(store, rel, 0, memoryview(head))
-    header = formats.parse_header(io.BytesIO(bytes(head)), size, name=store.uri(rel))
+        stores.read_range_into(store, rel, 0, memoryview(head), concurrency=conc)
+    header = formats.parse_header(io.BytesIO(bytes(head)), size, name=name)
     buf = torch.empty(header.payload_size, dtype=torch.uint8)
-    if header.payload_size:
-        stores.read_range_into(store, rel, header.data_start, memoryview(buf.numpy()), concurrency=concurrency)
-    return header, buf
+    _prefault(buf)
+    mv = memoryview(buf.numpy())
+    hasher = _StreamDigests(header, mv)
+    try:
+        if header.payload_size:
+            stores.read_range_into(store, rel, header.data_start, mv, concurrency=conc, on_chunk=hasher.ready,
+                                   transfer=transfer)
+    except BaseException:
+        hasher.stop()
+        raise
+    digest, per = hasher.finish()
+    return header, buf, digest, per
 
 
-def load_native(c: Candidate, store: Store, *, rank: int, world_size: int, concurrency: int = 1) -> Staged:
-    """Stage a native checkpoint on this rank: the replicated file and this rank's per-rank file."""
+def load_native(c: Candidate, store: Store, *, rank: int, world_size: int, concurrency: int | None = None,
+                progress: bool | None = False) -> Staged:
+    """Stage a native checkpoint on this rank: the replicated file and this rank's per-rank file.
+
+    ``progress``: a progress line on stderr for a remote load that lasts over a second
+    (``None``: only on a TTY; the caller passes ``False`` on every rank but 0).
+    """
     mf = read_manifest(c, store) if c.tier != "L" else None
     wanted = c.files_for_rank(rank, world_size)
+    transfer = None
+    if not store.is_local:
+        transfer = stores.Transfer(sum(f.size for f in wanted), f"load step {c.step} from {store.url}", show=progress)
     tree: dict[str, Any] = {}
     rng = None
     suspect: list[str] = []
@@ -96,11 +246,11 @@ def load_native(c: Candidate, store: Store, *, rank: int, world_size: int, concu
     saved_ws = c.world_size or world_size
     for f in wanted:
         rel = f"{c.rel}/{f.name}"
-        header, buf = read_native_file(store, rel, f.size, concurrency=concurrency)
+        header, buf, digest, per = read_native_file(store, rel, f.size, concurrency=concurrency, transfer=transfer)
         if _faults.hit("load_file", rank=rank, step=c.step) == "corrupt" and buf.numel():
             buf[buf.numel() // 2] ^= 0x10
-        if f.digest:
             digest, per = formats.payload_digests(header, memoryview(buf.numpy()))
+        if f.digest:
             if digest != f.digest:
                 expected = mf.tensors.get(f.name, {}) if mf else {}
                 damaged = [t for t, d in per.items() if t in expected and expected[t].digest != d]
@@ -127,6 +277,8 @@ def load_native(c: Candidate, store: Store, *, rank: int, world_size: int, concu
                 warnings.append(f"world_size_changed from={saved_ws} to={world_size}: rank {rank} took per-rank state of rank {f.rank}"
                                 + (" with a re-derived RNG" if rank >= saved_ws else ""))
         tree.update(sub)
+    if transfer is not None:
+        transfer.close()
     return Staged(tree=tree, rng=rng, step=c.step, suspect=suspect, warnings=warnings, stats=stats, names=names)
 
 

@@ -74,6 +74,7 @@ class Manifest:
     torch: str = ""
     writer: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
+    layout: dict[str, str] = field(default_factory=dict)  # state key -> fingerprint of its (name, shape, dtype) list
 
 
 def check_file_name(name: object) -> str:
@@ -112,6 +113,7 @@ def build(
     tensors: dict[str, dict[str, TensorStat]],
     torch_version: str,
     writer: dict[str, Any],
+    layout: dict[str, str] | None = None,
 ) -> bytes:
     """The manifest bytes (canonical JSON). Validated by parsing it back, so we never commit one we would reject."""
     doc = {
@@ -137,6 +139,7 @@ def build(
         },
         "torch": torch_version,
         "writer": writer,
+        "layout": layout or {},
     }
     data = json.dumps(doc, separators=(",", ":"), allow_nan=False, default=str).encode()
     parse(data)
@@ -241,6 +244,9 @@ def parse(data: bytes) -> Manifest:
             per[tname] = TensorStat(digest=s["xxh3_128"], max_abs=m, finite=bool(s.get("finite", True)))
         tensors[fname] = per
     writer = doc.get("writer", {})
+    layout = doc.get("layout", {})
+    if not isinstance(layout, dict) or not all(isinstance(k, str) and isinstance(v, str) and len(v) <= 128 for k, v in layout.items()):
+        raise ManifestError("bad_field", "layout must map state keys to short fingerprints")
     return Manifest(
         run=run,
         step=step,
@@ -255,6 +261,7 @@ def parse(data: bytes) -> Manifest:
         torch=str(doc.get("torch", "")),
         writer=writer if isinstance(writer, dict) else {},
         format=fmt,
+        layout=layout,
     )
 
 

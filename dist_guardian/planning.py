@@ -13,6 +13,7 @@ from typing import Any, Iterable, Sequence
 from . import discovery, journal, stores, verify
 from .candidate import Candidate, order
 from .errors import ConfigError, StoreError
+from .discovery import Sighting
 from .stores import Store
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class Plan:
     sightings: int
     demoted: tuple[str, ...] = ()
     error: str | None = None
+    more: bool = False  # rank 0 has more pages (older steps) to verify if this one is exhausted
     listing: tuple[Candidate, ...] = ()  # every candidate, R included (for `ls`; not broadcast)
 
     def to_json(self) -> dict[str, Any]:
@@ -42,6 +44,7 @@ class Plan:
             "sightings": self.sightings,
             "demoted": list(self.demoted),
             "error": self.error,
+            "more": self.more,
         }
 
     @classmethod
@@ -55,6 +58,7 @@ class Plan:
             sightings=int(d["sightings"]),
             demoted=tuple(d.get("demoted", ())),
             error=d.get("error"),
+            more=bool(d.get("more", False)),
         )
 
 
@@ -74,6 +78,110 @@ def resolve_stores(urls: Sequence[str], storage_options: dict | None) -> tuple[l
     return out, bad
 
 
+PAGE_STEPS = 8  # distinct steps whose manifests rank 0 reads before the first attempt
+
+
+class PlanCursor:
+    """Rank 0's plan, one page at a time: one listing per store, then manifests newest first.
+
+    Discovery over 10,000 checkpoints must not read 10,000 manifests before the first
+    attempt (DESIGN section 7): a page holds the newest ``page_steps`` steps (every replica
+    of them, in every store) plus every foreign file (their step may only be known inside
+    them). Suspects under ``last_resort`` and crash-loop demotions are held back and come
+    in a final page, so the policy holds across pages.
+    """
+
+    def __init__(self, store_list: Sequence[Store], *, run: str, compat: dict[str, Any] | None, suspect: str,
+                 extra_safe_globals: Iterable[str] = (), refused: Sequence[tuple[str, str]] = (),
+                 use_journal: bool = True, layout: dict[str, str] | None = None, page_steps: int | None = PAGE_STEPS):
+        self.store_list, self.run, self.compat, self.suspect = list(store_list), run, compat, suspect
+        self.extra_safe_globals, self.use_journal, self.layout = list(extra_safe_globals), use_journal, layout
+        self.page_steps = page_steps
+        self.found = discovery.discover(self.store_list, run)
+        self.refused = tuple(refused)
+        native = sorted((s for s in self.found.sightings if s.kind == "native"),
+                        key=lambda s: (-(s.step if s.step is not None else -1), -(s.generation_hint or 0), s.store.index))
+        self._foreign = [s for s in self.found.sightings if s.kind != "native"]
+        self._native = native
+        self._pos = 0
+        self._held: list[Candidate] = []  # last_resort suspects and demoted candidates, for the final page
+        self._final_sent = False
+        hints = [s.generation_hint or 0 for s in native]
+        self.max_generation = max(hints, default=0)
+        self.pages = 0
+        self.all_candidates: list[Candidate] = []
+
+    def _take(self) -> list[Sighting]:
+        out = list(self._foreign) if self.pages == 0 else []
+        steps: set[int | None] = set()
+        while self._pos < len(self._native):
+            s = self._native[self._pos]
+            if s.step not in steps and self.page_steps is not None and len(steps) >= self.page_steps:
+                break
+            steps.add(s.step)
+            out.append(s)
+            self._pos += 1
+        return out
+
+    @property
+    def exhausted(self) -> bool:
+        return self._pos >= len(self._native) and (self._final_sent or not self._held) and self.pages > 0
+
+    def next_page(self) -> Plan:
+        first = self.pages == 0
+        sightings = self._take()
+        self.pages += 1
+        checked = verify.verify_all(sightings, run=self.run, compat=self.compat,
+                                    extra_safe_globals=self.extra_safe_globals, layout=self.layout)
+        self.all_candidates += checked.candidates
+        self.max_generation = max(self.max_generation, checked.max_generation)
+        ordered = order(checked.candidates, self.suspect)
+        if self.suspect == "last_resort":
+            self._held += [c for c in ordered if c.tier == "S"]
+            ordered = [c for c in ordered if c.tier != "S"]
+        warnings = list(checked.warnings) + _lineage_warnings(ordered)
+        demoted: list[str] = []
+        if self.use_journal and self.store_list and ordered:
+            keep = []
+            for c in ordered:
+                n = journal.unfinished(self.store_list[0], self.run, c)
+                if n >= journal.UNFINISHED_LIMIT:
+                    self._held.append(c.with_verdict(c.tier, f"crash_loop: {n} attempts never finished; demoted to the end"))
+                    demoted.append(c.path)
+                    log.warning("crash_loop_demoted %s: %d attempts killed the job; tried last", c.path, n)
+                else:
+                    keep.append(c)
+            ordered = keep
+        if self._pos >= len(self._native) and self._held and not self._final_sent:
+            # Last page of the listing: append what the policy holds back until the very end.
+            ordered += self._held
+            self._final_sent = True
+        return Plan(
+            candidates=tuple(ordered),
+            rejected=tuple((c.path, "; ".join(c.reasons)) for c in checked.candidates if c.tier == "R"),
+            unreachable=(tuple(self.found.unreachable) + self.refused) if first else (),
+            warnings=tuple(warnings) + (self.found.notes if first else ()),
+            generation=self.max_generation + 1,
+            sightings=len(self.found.sightings),
+            demoted=tuple(demoted),
+            more=not self.exhausted,
+        )
+
+
+def _lineage_warnings(ordered: Sequence[Candidate]) -> list[str]:
+    out = []
+    gens: dict[int, set[int]] = {}
+    for c in ordered:
+        if c.kind == "native":
+            gens.setdefault(c.step, set()).add(c.generation)
+    for step, g in sorted(gens.items(), reverse=True):
+        if len(g) > 1:  # F36: two lineages committed the same step (a rollback, a zombie writer)
+            msg = f"lineage_fork step={step} generations={sorted(g, reverse=True)}: the newest lineage is tried first; all are kept"
+            log.warning("%s", msg)
+            out.append(msg)
+    return out
+
+
 def make_plan(
     store_list: Sequence[Store],
     *,
@@ -84,32 +192,23 @@ def make_plan(
     refused: Sequence[tuple[str, str]] = (),
     use_journal: bool = True,
     include_rejected: bool = False,
+    layout: dict[str, str] | None = None,
 ) -> Plan:
-    """Rank 0 only: discover, verify and order. Never raises for a bad store or candidate."""
-    found = discovery.discover(store_list, run)
-    checked = verify.verify_all(found.sightings, run=run, compat=compat, extra_safe_globals=extra_safe_globals)
-    ordered = order(checked.candidates, suspect)
-    demoted: list[str] = []
-    if use_journal and store_list and ordered:
-        primary = store_list[0]
-        keep, tail = [], []
-        for c in ordered:
-            n = journal.unfinished(primary, run, c)
-            if n >= journal.UNFINISHED_LIMIT:
-                tail.append(c.with_verdict(c.tier, f"crash_loop: {n} attempts never finished; demoted to the end"))
-                demoted.append(c.path)
-                log.warning("crash_loop_demoted %s: %d attempts killed the job; tried last", c.path, n)
-            else:
-                keep.append(c)
-        ordered = keep + tail
+    """The whole plan at once (every manifest read): what ``dist-guardian plan`` prints. Rank 0 only; never raises for a bad store or candidate."""
+    cur = PlanCursor(store_list, run=run, compat=compat, suspect=suspect, extra_safe_globals=extra_safe_globals,
+                     refused=refused, use_journal=use_journal, layout=layout, page_steps=None)
+    pages = [cur.next_page()]
+    while not cur.exhausted:
+        pages.append(cur.next_page())
+    first = pages[0]
     return Plan(
-        candidates=tuple(ordered),
-        rejected=tuple((c.path, "; ".join(c.reasons)) for c in checked.candidates if c.tier == "R"),
-        unreachable=tuple(found.unreachable) + tuple(refused),
-        warnings=checked.warnings + found.notes,
-        generation=checked.max_generation + 1,
-        sightings=len(found.sightings),
-        demoted=tuple(demoted),
-        listing=tuple(sorted(checked.candidates, key=lambda c: (-c.step, -c.generation, c.store_index, c.path)))
+        candidates=tuple(c for p in pages for c in p.candidates),
+        rejected=tuple(r for p in pages for r in p.rejected),
+        unreachable=first.unreachable,
+        warnings=tuple(w for p in pages for w in p.warnings),
+        generation=cur.max_generation + 1,
+        sightings=first.sightings,
+        demoted=tuple(d for p in pages for d in p.demoted),
+        listing=tuple(sorted(cur.all_candidates, key=lambda c: (-c.step, -c.generation, c.store_index, c.path)))
         if include_rejected else (),
     )

@@ -135,7 +135,7 @@ def tensor_spec(name: str, t: torch.Tensor) -> TensorSpec:
     c = c.contiguous()
     shape = tuple(c.shape)
     flat = c.reshape(-1)
-    raw = flat.view(torch.uint8) if flat.element_size() == 1 or flat.numel() == 0 else flat.view(torch.uint8)
+    raw = flat.view(torch.uint8)
     data = memoryview(raw.numpy()) if raw.numel() else memoryview(b"")
     return TensorSpec(name=name, dtype=TO_ST[t.dtype], shape=shape, data=data)
 
@@ -145,9 +145,10 @@ def max_abs(t: torch.Tensor) -> tuple[float | None, bool]:
     if TO_ST.get(t.dtype) not in FLOAT_DTYPES or t.numel() == 0:
         return None, True
     x = t.detach()
-    if x.dtype in (torch.float16, torch.bfloat16) or x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
-    m = float(x.abs().max())
+    if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        x = x.float()  # float8: small tensors in practice
+    lo, hi = torch.aminmax(x.reshape(-1))  # one pass, no |x| temporary
+    m = max(-float(lo), float(hi))
     return (m if math.isfinite(m) else None), math.isfinite(m)
 
 
@@ -164,6 +165,19 @@ def tensors_from_buffer(entries, buf: torch.Tensor) -> dict[str, torch.Tensor]:
                 piece = piece.clone()
             piece = piece.view(dt)
         out[e.name] = piece.view(e.shape)
+    return out
+
+
+def layout_fingerprints(state: dict[str, Any]) -> dict[str, str]:
+    """Per module key, a hash of its sorted (name, shape, dtype) list: a changed architecture is found before any read (F31)."""
+    import hashlib
+    import json
+
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, torch.nn.Module):
+            items = sorted((n, list(t.shape), str(t.dtype)) for n, t in v.state_dict().items() if isinstance(t, torch.Tensor))
+            out[k] = hashlib.sha256(json.dumps(items).encode()).hexdigest()[:32]
     return out
 
 

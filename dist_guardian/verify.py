@@ -27,6 +27,8 @@ from .manifest import Manifest, ManifestError
 log = logging.getLogger(__name__)
 
 CLOCK_SKEW_S = 300.0
+# Manifest rejections after which the directory's data files are not tried as a legacy candidate.
+NO_LEGACY_FALLBACK = frozenset({"unsupported_schema", "path_escape"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,6 +45,7 @@ def verify_all(
     compat: dict[str, Any] | None,
     extra_safe_globals: Iterable[str] = (),
     now: float | None = None,
+    layout: dict[str, str] | None = None,
 ) -> Verified:
     """Verify every sighting (rank 0). R candidates stay in the result, with their reasons, for the record."""
     now = time.time() if now is None else now
@@ -51,7 +54,8 @@ def verify_all(
     max_gen = 0
     for s in sightings:
         try:
-            c, gen, warns = verify_sighting(s, run=run, compat=compat, extra_safe_globals=extra_safe_globals, now=now)
+            c, gen, warns = verify_sighting(s, run=run, compat=compat, extra_safe_globals=extra_safe_globals, now=now,
+                                            layout=layout)
         except Exception as e:  # never let one candidate break discovery
             log.exception("verification of %s crashed", s.rel)
             c = _base(s).with_verdict("R", f"verification_error: {type(e).__name__}: {e}")
@@ -78,7 +82,8 @@ def _base(s: Sighting, **kw: Any) -> Candidate:
 
 
 def verify_sighting(
-    s: Sighting, *, run: str, compat: dict[str, Any] | None, extra_safe_globals: Iterable[str] = (), now: float
+    s: Sighting, *, run: str, compat: dict[str, Any] | None, extra_safe_globals: Iterable[str] = (), now: float,
+    layout: dict[str, str] | None = None,
 ) -> tuple[Candidate, int, tuple[str, ...]]:
     """One sighting's verdict, the lineage generation it shows, and warnings worth logging."""
     if s.entry_kind == "symlink":
@@ -86,13 +91,17 @@ def verify_sighting(
     if s.entry_kind == "other":
         return _base(s).with_verdict("R", f"not_regular: {s.store.uri(s.rel)} is not a regular file or directory"), 0, ()
     if s.kind == "native":
-        return _verify_native(s, run=run, compat=compat, now=now)
+        if s.step is not None and s.step > manifest.MAX_STEP:
+            # F49: a planted step-<2**64> would otherwise be "newest" forever.
+            return _base(s).with_verdict("R", f"bad_step: step {s.step} in the name is beyond the cap of {manifest.MAX_STEP}"), 0, ()
+        return _verify_native(s, run=run, compat=compat, now=now, layout=layout)
     if s.kind == "torch":
         return _verify_torch(s, extra_safe_globals), 0, ()
     return _verify_dcp(s), 0, ()
 
 
-def _verify_native(s: Sighting, *, run: str, compat: dict[str, Any] | None, now: float) -> tuple[Candidate, int, tuple[str, ...]]:
+def _verify_native(s: Sighting, *, run: str, compat: dict[str, Any] | None, now: float,
+                   layout: dict[str, str] | None = None) -> tuple[Candidate, int, tuple[str, ...]]:
     mf_entry = s.child(manifest.MANIFEST_NAME)
     if mf_entry is None:
         if not s.store.is_local:
@@ -101,12 +110,15 @@ def _verify_native(s: Sighting, *, run: str, compat: dict[str, Any] | None, now:
     try:
         if mf_entry.kind != "file":
             raise ManifestError("not_regular", f"manifest.json is a {mf_entry.kind}")
+        if mf_entry.size > manifest.MAX_MANIFEST_BYTES:  # F49: refused by its listed size, never read
+            raise ManifestError("manifest_too_large", f"{mf_entry.size} bytes > cap {manifest.MAX_MANIFEST_BYTES}")
         data = stores.read_small(s.store, f"{s.rel}/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
         mf = manifest.parse(data)
     except ManifestError as e:
         reason = f"manifest_rejected: {e.reason}: {e.detail}"
-        # F06: data files whose names match may still be a legacy candidate.
-        if s.store.is_local:
+        # F06: data files whose names match may still be a legacy candidate; not when the
+        # manifest is from an unknown format (F32) or tries to escape the directory (F47).
+        if s.store.is_local and e.reason not in NO_LEGACY_FALLBACK:
             legacy = _verify_native_legacy(s)
             if legacy.tier != "R":
                 return legacy.with_verdict(legacy.tier, reason), 0, ()
@@ -138,6 +150,11 @@ def _verify_native(s: Sighting, *, run: str, compat: dict[str, Any] | None, now:
         warnings.append(f"clock_skew_detected: {c.path} was created {mf.created_unix - now:.0f}s in the future (ignored for ordering)")
     if compat is not None and mf.compat_fingerprint != manifest.compat_fingerprint(compat):
         return c.with_verdict("R", "incompatible: " + describe_compat_diff(mf.compat, compat)), mf.generation, tuple(warnings)
+    differs = sorted(k for k, fp in (layout or {}).items() if k in mf.layout and mf.layout[k] != fp)
+    if differs:
+        # F31: the (name, shape, dtype) fingerprint of each module, compared before any data is read.
+        return c.with_verdict("R", "incompatible: layout of " + ", ".join(repr(k) for k in differs)
+                              + " differs from the live state (parameter names, shapes or dtypes)"), mf.generation, tuple(warnings)
     problems = []
     for f in mf.files:
         e = s.child(f.name)

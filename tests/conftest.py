@@ -51,5 +51,13 @@ def s3_server():
 
 @pytest.fixture
 def s3(s3_server):
-    """A fresh bucket per test, with the storage_options that reach it (also from spawned ranks)."""
-    return s3_server.new_bucket()
+    """A fresh bucket per test, with the storage_options that reach it (also from spawned ranks).
+
+    Reset after the test: every object, open multipart upload and the bucket itself are removed.
+    """
+    bucket = s3_server.new_bucket()
+    yield bucket
+    try:
+        bucket.destroy()
+    except Exception as e:  # a test that broke the bucket on purpose must not fail in teardown
+        logging.getLogger(__name__).warning("could not reset bucket %s: %s", bucket.name, e)

@@ -24,7 +24,10 @@ def ctx():
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "torch.distributed", "numpy", "dist_guardian.guardian", "dg_harness"])
+        # The first optimizer step imports torch._dynamo (~3 s per rank here): preload it too,
+        # so each 2-rank run costs ~0.3 s instead of 2-4 s.
+        _CTX.set_forkserver_preload(["torch", "torch.distributed", "numpy", "torch._dynamo", "torch.optim",
+                                     "dist_guardian.guardian", "dg_harness", "helpers"])
     return _CTX
 
 

@@ -25,10 +25,11 @@ def make_state(seed: int = 0, hidden: int = 16) -> dict[str, Any]:
     return state
 
 
-def train(state: dict[str, Any], steps: int) -> None:
+def train(state: dict[str, Any], steps: int, generator: torch.Generator | None = None) -> None:
+    """A few optimizer steps; pass the same ``generator`` on every rank for replicated (DDP-like) training."""
     model, opt, sched = state["model"], state["optim"], state["sched"]
     for _ in range(steps):
-        x = torch.randn(4, 8)
+        x = torch.randn(4, 8, generator=generator)
         loss = model(x).pow(2).mean()
         loss.backward()
         opt.step()

@@ -21,8 +21,9 @@ def save_steps(rank: int, world: int, *, stores: list[str], run: str, steps: lis
     g = Guardian(stores=stores, run=run, timeout=timeout, per_rank=per_rank or ("data",),
                  storage_options=storage_options, keep_last=keep_last)
     out = []
+    data = torch.Generator().manual_seed(seed)  # the same inputs on every rank: replicas stay identical
     for s in steps:
-        helpers.train(state, 1)
+        helpers.train(state, 1, data)
         state["data"]["position"] += 1
         out.append(g.save(state, step=s).committed)
     left = g.close()

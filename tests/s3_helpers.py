@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 import uuid
 
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
@@ -55,6 +58,30 @@ class Bucket:
     def storage_options(self, endpoint: str | None = None, **extra) -> dict:
         return {f"s3://{self.name}": self.server.options(endpoint, **extra)}
 
+    def uploads(self, prefix: str = "") -> list[dict]:
+        """Open multipart uploads (invisible to list_objects_v2)."""
+        r = self.server.client().list_multipart_uploads(Bucket=self.name, Prefix=prefix)
+        return list(r.get("Uploads", []))
+
+    def put(self, key: str, body: bytes) -> None:
+        self.server.client().put_object(Bucket=self.name, Key=key, Body=body)
+
+    def get(self, key: str) -> bytes:
+        return self.server.client().get_object(Bucket=self.name, Key=key)["Body"].read()
+
+    def delete(self, key: str) -> None:
+        self.server.client().delete_object(Bucket=self.name, Key=key)
+
+    def destroy(self) -> None:
+        """Remove every object, open upload and the bucket itself (the per-test reset)."""
+        c = self.server.client()
+        for u in self.uploads():
+            c.abort_multipart_upload(Bucket=self.name, Key=u["Key"], UploadId=u["UploadId"])
+        keys = self.keys()
+        for i in range(0, len(keys), 1000):
+            c.delete_objects(Bucket=self.name, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True})
+        c.delete_bucket(Bucket=self.name)
+
     def keys(self, prefix: str = "") -> list[str]:
         c = self.server.client()
         out, token = [], None
@@ -67,6 +94,38 @@ class Bucket:
             if not r.get("IsTruncated"):
                 return out
             token = r["NextContinuationToken"]
+
+
+class MotoProcess(MotoServer):
+    """A moto server in its own process: settings that are process-wide in moto (authentication)
+    can be switched there without touching the session server."""
+
+    def __init__(self) -> None:
+        code = ("import sys, logging\nlogging.getLogger('werkzeug').setLevel(logging.ERROR)\n"
+                "from moto.server import ThreadedMotoServer\n"
+                "s = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False); s.start()\n"
+                "print(s.get_host_and_port()[1], flush=True); sys.stdin.read(); s.stop()\n")
+        self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self._proc.stdout.readline()
+        if not line.strip().isdigit():
+            self._proc.kill()
+            raise RuntimeError(f"moto server process did not start: {line!r}")
+        self.host, self.port = "127.0.0.1", int(line)
+        self.endpoint = f"http://{self.host}:{self.port}"
+
+    def enable_auth(self) -> None:
+        """From now on every request needs IAM credentials that this server knows (real 403s)."""
+        req = urllib.request.Request(self.endpoint + "/moto-api/reset-auth", data=b"0", method="POST",
+                                     headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(req, timeout=10).read()
+
+    def stop(self) -> None:
+        try:
+            self._proc.stdin.close()
+            self._proc.wait(timeout=10)
+        except Exception:
+            self._proc.kill()
+            self._proc.wait()
 
 
 class ChaosProxy:
@@ -83,6 +142,7 @@ class ChaosProxy:
         self.throttle = 0
         self.cut_after = 0
         self.requests = 0
+        self.lines: list[str] = []  # request lines ("PUT /bucket/key HTTP/1.1") in arrival order
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
@@ -122,6 +182,7 @@ class ChaosProxy:
         self._pipe(c, up, True)
 
     def _pipe(self, src: socket.socket, dst: socket.socket, client_side: bool) -> None:
+        # The mode is checked at every request, also on kept-alive connections opened earlier.
         sent = 0
         try:
             while True:
@@ -130,6 +191,14 @@ class ChaosProxy:
                     break
                 if client_side and data[:4] in (b"GET ", b"PUT ", b"POST", b"HEAD", b"DELE"):
                     self.requests += 1
+                    self.lines.append(data.split(b"\r\n", 1)[0].decode("latin-1"))
+                    sent = 0
+                    if self.mode == "refuse":
+                        break
+                    if self.mode == "hang":
+                        while not self._stop.is_set() and self.mode == "hang":
+                            time.sleep(0.1)
+                        break
                     if self.mode == "slowdown" and self.throttle > 0:
                         self.throttle -= 1
                         body = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>'

@@ -18,7 +18,7 @@ LAYERS = [
     {"comm"},
     {"statetree", "loading", "coordinator", "saving"},
     {"guardian"},
-    {"cli", "__init__"},
+    {"cli", "bench", "__init__"},
 ]
 TORCH_FREE = set().union(*LAYERS[:7]) | {"saving", "cli", "__init__"}
 
