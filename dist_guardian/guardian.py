@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 import os
 import threading
 import time
@@ -143,6 +144,9 @@ class Guardian:
         self._failed_saves = 0
         self._quarantined: set[str] = set()
         self._closed = False
+        self._pool: ThreadPoolExecutor | None = None  # one background save at a time (blocking=False)
+        self._pending: Future | None = None
+        self._buffers = statetree.SnapshotBuffers()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -175,6 +179,7 @@ class Guardian:
         untouched (a fresh start, FAULTS.md F33).
         """
         self._check_open()
+        self.wait()
         _check_state(state)
         comm = self.comm
         required = self._required(state)
@@ -214,15 +219,22 @@ class Guardian:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, state: dict[str, Any], step: int, metrics: dict[str, Any] | None = None) -> SaveResult:
+    def save(self, state: dict[str, Any], step: int, metrics: dict[str, Any] | None = None, *,
+             blocking: bool = True) -> SaveResult | "Future[SaveResult]":
         """Collective: call on every rank. Write and commit a checkpoint of ``state`` at ``step``.
 
         Replicated state is written once by rank 0, per-rank state (RNG, ``per_rank`` keys)
         by each rank. Any rank that fails makes every rank abandon this save, leaving the
         previous checkpoints untouched (F11, F12). Returns a :class:`SaveResult` identical
         on every rank; raises :class:`SaveFailed` after ``save_failures`` failures in a row.
+
+        With ``blocking=False`` training waits only for a copy of the state into reusable
+        buffers (pinned when CUDA is present); writing, hashing and the commit run in a
+        background thread, and a ``Future[SaveResult]`` is returned. The next ``save``,
+        ``resume`` or ``close`` waits for it first, so collectives never interleave.
         """
         self._check_open()
+        self.wait()
         _check_state(state)
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= manifest.MAX_STEP:
             raise ConfigError(f"step={step!r} must be an integer in [0, {manifest.MAX_STEP}]")
@@ -230,6 +242,30 @@ class Guardian:
         for k, v in list(metrics.items()):
             if isinstance(v, torch.Tensor):
                 metrics[k] = v.item()
+        comm = self.comm
+        layout = statetree.layout_fingerprints(state)
+        if blocking:
+            return self._save(statetree.capture(state), self._rng_now(), layout, step, metrics)
+        t0 = time.monotonic()
+        captured = self._buffers.snapshot(statetree.capture(state))
+        self._buffers.synchronize()  # device-to-host copies done before training touches the tensors again
+        rng = self._rng_now()
+        log.debug("async save of step %d: snapshot took %.3fs", step, time.monotonic() - t0)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist_guardian-save")
+        self._pending = self._pool.submit(self._save, captured, rng, layout, step, metrics)
+        return self._pending
+
+    def wait(self) -> SaveResult | None:
+        """Wait for the pending background save (if any) and return its result (raising its error)."""
+        fut, self._pending = self._pending, None
+        return fut.result() if fut is not None else None
+
+    def _rng_now(self) -> dict[str, Any] | None:
+        return statetree.rng_state() if self.rng else None
+
+    def _save(self, captured: dict[str, Any], rng: dict[str, Any] | None, layout: dict[str, str], step: int,
+              metrics: dict[str, Any]) -> SaveResult:
         comm = self.comm
         rank, world = comm.rank, comm.world_size
         store_list = self._store_list()
@@ -254,7 +290,7 @@ class Guardian:
         try:
             if not os.path.isdir(staging):
                 raise SaveFailed(f"staging dir {staging} is not visible on this rank: the primary store must be shared by every rank")
-            mine = [w.to_json() for w in self._write_rank_files(state, staging, step, rank, world)]
+            mine = [w.to_json() for w in self._write_rank_files(captured, rng, staging, step, rank, world)]
         except Exception as e:
             err = saving.save_errno_reason(e, staging if os.path.isdir(staging) else ".")
             log.warning("[rank=%d] %s", rank, err)
@@ -272,8 +308,7 @@ class Guardian:
         if rank == 0:
             entries = [WrittenEntry.from_json(e) for d in docs for e in d["files"]]
             try:
-                outcome = {"path": self._commit(primary, staging, step, entries, metrics, world,
-                                                statetree.layout_fingerprints(state))}
+                outcome = {"path": self._commit(primary, staging, step, entries, metrics, world, layout)}
             except Exception as e:
                 self._discard(primary, staging)
                 reason = str(e) if isinstance(e, CommitConflict) else saving.save_errno_reason(e, primary.root if primary.is_local else ".")
@@ -299,15 +334,15 @@ class Guardian:
             return path
         return saving.local_temp_staging(step)
 
-    def _write_rank_files(self, state: dict[str, Any], staging: str, step: int, rank: int, world: int) -> list[WrittenEntry]:
-        captured = statetree.capture(state)
+    def _write_rank_files(self, captured: dict[str, Any], rng: dict[str, Any] | None, staging: str, step: int,
+                          rank: int, world: int) -> list[WrittenEntry]:
         out = []
         if rank == 0:
             replicated = {k: v for k, v in captured.items() if k not in self.per_rank}
             out.append(_write_tree(os.path.join(staging, REPLICATED_FILE), replicated, rank=rank, step=step, file_rank=None))
         per = {k: v for k, v in captured.items() if k in self.per_rank}
-        if self.rng:
-            per[statetree.RNG_KEY] = statetree.rng_state()
+        if rng is not None:
+            per[statetree.RNG_KEY] = rng
         out.append(_write_tree(os.path.join(staging, rank_file_name(rank, world)), per, rank=rank, step=step, file_rank=rank))
         return out
 
@@ -494,6 +529,13 @@ class Guardian:
         """
         if self._closed:
             return []
+        try:
+            self.wait()
+        except DistGuardianError as e:
+            log.error("the last background save failed: %s", e)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
         self._closed = True
         left: list[str] = []
         if self._comm is not None:

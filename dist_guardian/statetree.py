@@ -181,6 +181,39 @@ def layout_fingerprints(state: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+class SnapshotBuffers:
+    """Reusable host buffers for async saves: training waits only for one copy into them.
+
+    A buffer is kept per tensor path and reused while its shape and dtype stay the same;
+    it is pinned when CUDA is present, so device-to-host copies run at DMA speed.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def snapshot(self, tree: Any, path: str = "") -> Any:
+        if isinstance(tree, torch.Tensor):
+            src = tree.detach()
+            buf = self._bufs.get(path)
+            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+                pin = torch.cuda.is_available()
+                buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
+                self._bufs[path] = buf
+            buf.copy_(src, non_blocking=src.device.type == "cuda")
+            return buf
+        if isinstance(tree, dict):
+            return {k: self.snapshot(v, f"{path}/{k}") for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [self.snapshot(v, f"{path}/{i}") for i, v in enumerate(tree)]
+        if isinstance(tree, tuple):
+            return tuple(self.snapshot(v, f"{path}/{i}") for i, v in enumerate(tree))
+        return tree  # immutable scalars and strings
+
+    def synchronize(self) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+
 # ----------------------------------------------------------------------------- RNG
 
 
