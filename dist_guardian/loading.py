@@ -46,6 +46,13 @@ class Staged:
 # ----------------------------------------------------------------------------- native
 
 
+def staging_buffer(nbytes: int) -> torch.Tensor:
+    """A fresh buffer for one file's payload: pinned when CUDA is present, so applying it to
+    device parameters is a DMA copy (set DIST_GUARDIAN_PIN_MEMORY=0 to turn that off)."""
+    pin = torch.cuda.is_available() and os.environ.get("DIST_GUARDIAN_PIN_MEMORY", "1") != "0"
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+
 def read_manifest(c: Candidate, store: Store) -> Manifest:
     data = stores.read_small(store, f"{c.rel}/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
     from .manifest import digest_bytes
@@ -71,7 +78,7 @@ def read_native_file(store: Store, rel: str, expected_size: int, *, concurrency:
                 raise CheckpointFormatError(f"{store.uri(rel)}: size_mismatch expected={expected_size} got={size}")
             with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
                 header = formats.parse_header(f, size, name=store.uri(rel))
-            buf = torch.empty(header.payload_size, dtype=torch.uint8)
+            buf = staging_buffer(header.payload_size)
             digest, per = formats.read_and_hash(fd, header, memoryview(buf.numpy()), name=store.uri(rel))
         finally:
             os.close(fd)
@@ -190,7 +197,7 @@ def _read_native_remote(store: Store, rel: str, expected_size: int, *, concurren
     if conc <= 1:
         with stores.RemoteReader(store, rel, size, transfer=transfer) as r:
             header = formats.parse_header(r, size, name=name)
-            buf = torch.empty(header.payload_size, dtype=torch.uint8)
+            buf = staging_buffer(header.payload_size)
             _prefault(buf)
             mv = memoryview(buf.numpy())
             hasher = _StreamDigests(header, mv)
@@ -210,7 +217,7 @@ def _read_native_remote(store: Store, rel: str, expected_size: int, *, concurren
         head = bytearray(8 + n)
         stores.read_range_into(store, rel, 0, memoryview(head), concurrency=conc)
     header = formats.parse_header(io.BytesIO(bytes(head)), size, name=name)
-    buf = torch.empty(header.payload_size, dtype=torch.uint8)
+    buf = staging_buffer(header.payload_size)
     _prefault(buf)
     mv = memoryview(buf.numpy())
     hasher = _StreamDigests(header, mv)
