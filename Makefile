@@ -1,8 +1,8 @@
 # The two set-up commands:  make demo   |   make test
 # Both create .venv when it is missing. torch is installed first, on its own and only when it
-# is not importable, so the project's `torch>=2.4` is already satisfied and pip never picks a
+# is not importable, so the project's `torch>=2.6` is already satisfied and pip never picks a
 # multi-GB CUDA build by itself. Override per platform, e.g.
-#   make test TORCH_SPEC="torch==2.5.1" TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+#   make test TORCH_SPEC="torch==2.6.0" TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 PYTHON         ?= python3
 VENV           ?= .venv
 PY             := $(VENV)/bin/python

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, PlanFormatError
 
 Tier = Literal["V", "L", "S", "R"]
 SuspectPolicy = Literal["after_same_step", "last_resort", "reject"]
@@ -78,13 +78,93 @@ class Candidate:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Candidate":
+        """A candidate from its JSON record; :class:`PlanFormatError` names the first bad field.
+
+        Every rank turns ``rel`` and file names into local paths, so they are checked here as
+        strictly as a manifest's file names: relative, no ``..``, no NUL, no separators in a file name.
+        """
+        if not isinstance(d, dict):
+            raise PlanFormatError(f"malformed plan: a candidate is a {type(d).__name__}, not an object")
+        cid = d.get("id", "?")
+        unknown = sorted(map(str, set(d) - _CANDIDATE_FIELDS))
+        if unknown:
+            raise PlanFormatError(f"malformed plan: candidate {cid!r} has unknown fields {unknown[:5]}")
+        missing = [k for k in ("id", "store", "store_index", "rel", "path", "kind", "step") if k not in d]
+        if missing:
+            raise PlanFormatError(f"malformed plan: candidate {cid!r} lacks {missing}")
+
+        def bad(field: str, why: str) -> PlanFormatError:
+            return PlanFormatError(f"malformed plan: candidate {str(cid)[:200]!r}: {field} {why} (got {str(d.get(field))[:80]!r})")
+
+        for k in ("id", "store", "path", "replica_key"):
+            if k in d and not isinstance(d[k], str):
+                raise bad(k, "must be a string")
+        for k in ("run", "manifest_digest", "compat_fingerprint"):
+            if d.get(k) is not None and not isinstance(d[k], str):
+                raise bad(k, "must be a string or null")
+        if not _is_int(d["store_index"], 0, 1 << 20):
+            raise bad("store_index", "must be a store position")
+        if not _is_int(d["step"], -1, 10**20):
+            raise bad("step", "must be an integer step (-1: unknown)")
+        if "generation" in d and not _is_int(d["generation"], 0, 1 << 62):
+            raise bad("generation", "must be a non-negative integer")
+        if d.get("world_size") is not None and not _is_int(d["world_size"], 1, 1 << 20):
+            raise bad("world_size", "must be a positive integer or null")
+        if d["kind"] not in ("native", "torch", "dcp"):
+            raise bad("kind", "must be native, torch or dcp")
+        if not isinstance(d.get("tier", "V"), str) or d.get("tier", "V") not in TIER_RANK:
+            raise bad("tier", "must be V, L, S or R")
+        cu = d.get("created_unix")
+        if cu is not None and (isinstance(cu, bool) or not isinstance(cu, (int, float)) or not _finite(cu)):
+            raise bad("created_unix", "must be a finite number or null")
+        if not _safe_rel(d["rel"]):
+            raise bad("rel", "must be a relative path inside the store (no '..', no NUL, not absolute)")
+        reasons = d.get("reasons", ())
+        if not isinstance(reasons, (list, tuple)) or not all(isinstance(r, str) for r in reasons):
+            raise bad("reasons", "must be a list of strings")
+        files = d.get("files", ())
+        if not isinstance(files, (list, tuple)):
+            raise bad("files", "must be a list")
+        refs = []
+        for f in files:
+            if not isinstance(f, dict) or set(f) - _FILEREF_FIELDS or "name" not in f or "size" not in f:
+                raise bad("files", "entries must be objects with name and size")
+            name, size, digest, rank = f["name"], f["size"], f.get("digest"), f.get("rank")
+            if not isinstance(name, str) or name in (".", "..") or "/" in name or "\x00" in name:
+                raise bad("files", f"name {str(name)[:80]!r} is not a plain file name")
+            if not _is_int(size, 0, 1 << 62) or (digest is not None and not isinstance(digest, str)) or (
+                    rank is not None and not _is_int(rank, 0, 1 << 20)):
+                raise bad("files", f"entry {name!r} has a bad size, digest or rank")
+            refs.append(FileRef(name=name, size=size, digest=digest, rank=rank))
         d = dict(d)
-        d["reasons"] = tuple(d.get("reasons", ()))
-        d["files"] = tuple(FileRef(**f) for f in d.get("files", ()))
+        d["reasons"] = tuple(reasons)
+        d["files"] = tuple(refs)
         return cls(**d)
 
     def describe(self) -> str:
         return f"step {self.step} ({self.kind}, tier {self.tier}) in {self.store} at {self.path}"
+
+
+_CANDIDATE_FIELDS = frozenset(f.name for f in dataclasses.fields(Candidate))
+_FILEREF_FIELDS = frozenset(f.name for f in dataclasses.fields(FileRef))
+
+
+def _is_int(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _finite(v: float) -> bool:
+    try:
+        return float(v) - float(v) == 0.0
+    except OverflowError:
+        return False
+
+
+def _safe_rel(rel: Any) -> bool:
+    """A location relative to a store root that cannot leave it (what each rank joins to its own root)."""
+    if not isinstance(rel, str) or not rel or len(rel) > 4096 or "\x00" in rel or rel.startswith("/"):
+        return False
+    return all(p not in ("", ".", "..") for p in rel.split("/"))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -129,9 +129,21 @@ def _ls_plan(args: argparse.Namespace, opts: Any, compat: Any) -> int:
 
 def _verify(args: argparse.Namespace, opts: Any) -> int:
     from . import stores, verify
+    from .errors import ConfigError, StoreError
 
     path = args.path.rstrip("/")
-    if "://" in path and not path.startswith(("file://", "tmp://")):
+    if path.startswith("tmp://"):
+        # tmp://NAME/<run>/<dir>: the node-local store NAME (its root is resolved and checked, F48).
+        name, _, rel = path[len("tmp://"):].partition("/")
+        parts = rel.split("/")
+        if len(parts) != 2 or any(p in ("", ".", "..") for p in parts):
+            raise ConfigError(f"{args.path}: give tmp://NAME/<run>/<checkpoint dir>")
+        try:
+            store = stores.resolve(f"tmp://{name}", 0, opts)
+        except StoreError as e:  # an insecure node-local root (F48): refused, not followed
+            print(f"dist-guardian: {e}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+    elif "://" in path and not path.startswith("file://"):
         proto, _, rest = path.partition("://")
         parent, _, name = rest.rpartition("/")
         parent, _, run = parent.rpartition("/")

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from . import _faults, journal, stores
+from . import _faults, journal, stores, verify
 from .candidate import Attempt, Candidate, Loaded, ResumeResult, defer_suspect, validate_suspect_policy
 from .comm import Comm
 from .planning import Plan, PlanCursor, resolve_stores
@@ -37,6 +37,12 @@ def available_locally(c: Candidate, store_list: Sequence[Store], rank: int, worl
         return f"store {c.store} is not usable on this rank"
     wanted = c.files_for_rank(rank, world_size)
     if store.is_local:
+        if store.kind == "tmp":
+            # F37 on every rank: each node has its own node-local root, which rank 0 never verified.
+            planted = verify.foreign_owner(store, [c.rel] + [f"{c.rel}/{f.name}" for f in wanted if f.name])
+            if planted:
+                log.warning("security_event: %s; never opened", planted)
+                return planted
         for f in wanted:
             path = store.join(c.rel, f.name) if f.name else store.join(c.rel)
             try:

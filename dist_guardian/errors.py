@@ -21,6 +21,10 @@ class CheckpointFormatError(DistGuardianError, ValueError):
     """A file or manifest is not what it claims to be (names the file and what is wrong)."""
 
 
+class PlanFormatError(DistGuardianError, ValueError):
+    """A resume plan or candidate record (JSON from rank 0) is malformed: names the field and what is wrong."""
+
+
 class StoreError(DistGuardianError, OSError):
     """A store could not be used (unreachable, insecure, refused)."""
 

@@ -557,7 +557,10 @@ class Guardian:
 
         Returns what is still unmirrored after ``timeout`` seconds (default ``mirror_timeout``);
         other ranks return ``[]`` at once. Training never needs this; ``close()`` does it.
+        A pending background save is waited for first (its mirror is queued by its commit).
         """
+        if not self._closed:
+            self.wait()
         if self._mirrors is None:
             return []
         return self._mirrors.wait(self.mirror_timeout if timeout is None else timeout)

@@ -9,14 +9,17 @@ The journal is advisory: failing to write it is logged, never fatal.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import stat
 
 import xxhash
 
 from . import stores
 from .candidate import Candidate
+from .errors import InsecurePathError
 from .stores import Store
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,19 @@ def unfinished(store: Store, run: str, c: Candidate) -> int:
     return max(0, doc["started"] - doc["finished"])
 
 
+def _refuse_symlinks(root: str, rel_dir: str) -> None:
+    """Raise InsecurePathError when an existing component of ``root/rel_dir`` is a symlink."""
+    cur = root
+    for part in rel_dir.split("/"):
+        cur = os.path.join(cur, part)
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            return  # what is missing, makedirs creates as real directories
+        if stat.S_ISLNK(st.st_mode):
+            raise InsecurePathError(errno.ELOOP, f"{cur} is a symlink; the journal is not written through it")
+
+
 def record(store: Store, run: str, c: Candidate, *, started: int = 0, finished: int = 0, outcome: str | None = None) -> None:
     """Add to a candidate's counters (rank 0 only). Atomic replace on local stores."""
     try:
@@ -67,7 +83,11 @@ def record(store: Store, run: str, c: Candidate, *, started: int = 0, finished: 
         rel = _rel(run, c)
         if store.is_local:
             d = store.join(run, JOURNAL_DIR)
+            # A planted symlink (<run> or <run>/.journal -> elsewhere) must not make us create or write
+            # anything outside the store: checked before makedirs (which would follow it) and after.
+            _refuse_symlinks(store.root, f"{run}/{JOURNAL_DIR}")
             os.makedirs(d, mode=0o700, exist_ok=True)
+            stores.check_dirs_no_symlink(store.root, rel)
             tmp = store.join(rel + f".{os.getpid()}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             try:

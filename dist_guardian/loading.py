@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pickle
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -384,16 +385,81 @@ def match_foreign(obj: Any, state: dict[str, Any], *, path: str, foreign_loader=
 # ----------------------------------------------------------------------------- DCP directories
 
 
-def load_dcp(c: Candidate, store: Store, state: dict[str, Any]) -> Staged:
-    """Stage a PyTorch DCP directory through ``torch.distributed.checkpoint`` (which reshards)."""
+def load_dcp(c: Candidate, store: Store, state: dict[str, Any], *, extra_safe_globals: Iterable[str] = ()) -> Staged:
+    """Stage a PyTorch DCP directory through ``torch.distributed.checkpoint`` (which reshards).
+
+    torch's ``FileSystemReader`` unpickles ``.metadata`` with plain ``pickle.load``: a planted
+    DCP directory would run code. The reader used here unpickles it with an allowlist
+    (:data:`formats.DCP_SAFE_GLOBALS`) and checks that every file it names lies in the directory.
+    """
     import torch.distributed.checkpoint as dcp
 
     if not store.is_local:
         raise CheckpointFormatError(f"{c.path}: DCP directories are loaded from local stores only")
+    stores.check_dirs_no_symlink(store.root, f"{c.rel}/{_DCP_METADATA}")
+    read_dcp_metadata(os.path.join(store.join(c.rel), _DCP_METADATA), extra_safe_globals)  # a clear error first
     captured = statetree.capture(state)
     target = _empty_like_tree(captured)
-    dcp.load(target, checkpoint_id=store.join(c.rel))
+    dcp.load(target, storage_reader=_safe_dcp_reader(store.join(c.rel), extra_safe_globals))
     return Staged(tree=target, rng=None, step=c.step)
+
+
+_DCP_METADATA = ".metadata"
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """Resolves only allowlisted globals; anything else (``posix.system``...) is refused before it is imported."""
+
+    def __init__(self, f: Any, extra: frozenset[str]):
+        super().__init__(f)
+        self._extra = extra
+
+    def find_class(self, module: str, name: str) -> Any:
+        qual = f"{module}.{name}"
+        if not formats.is_safe_global(qual, self._extra):
+            raise pickle.UnpicklingError(f"unsafe_global {qual}")
+        return super().find_class(module, name)
+
+
+def read_dcp_metadata(path: str, extra_safe_globals: Iterable[str] = ()) -> Any:
+    """A DCP ``.metadata`` file, unpickled with the allowlist; every file it names must be a plain name."""
+    fd = stores.open_regular(path)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            md = _DCPMetadataUnpickler(f, formats.DCP_SAFE_GLOBALS | frozenset(extra_safe_globals)).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
+            KeyError, RecursionError) as e:
+        raise CheckpointFormatError(f"{path}: DCP metadata refused: {type(e).__name__}: {str(e)[:200]}") from None
+    data = getattr(md, "storage_data", None)
+    if not isinstance(data, dict):
+        raise CheckpointFormatError(f"{path}: DCP metadata without a storage_data mapping")
+    for info in data.values():
+        rp = getattr(info, "relative_path", None)
+        if not isinstance(rp, str) or not rp or rp in (".", "..") or "/" in rp or "\\" in rp or "\x00" in rp:
+            raise CheckpointFormatError(f"{path}: DCP metadata names a file outside its directory: {str(rp)[:100]!r}")
+    return md
+
+
+def _safe_dcp_reader(path: str, extra_safe_globals: Iterable[str]) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    extra = tuple(extra_safe_globals)
+
+    class _SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            rank = kwargs.get("rank")
+            name = _DCP_METADATA if rank is None else f"__{rank}{_DCP_METADATA}"
+            md = read_dcp_metadata(os.path.join(path, name), extra)
+            if hasattr(md, "storage_meta"):
+                from torch.distributed.checkpoint.metadata import StorageMeta
+
+                if md.storage_meta is None:
+                    md.storage_meta = StorageMeta()
+                if hasattr(self, "load_id"):
+                    md.storage_meta.load_id = self.load_id
+            return md
+
+    return _SafeReader(path)
 
 
 def _empty_like_tree(v: Any) -> Any:

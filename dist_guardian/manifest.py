@@ -198,8 +198,8 @@ def parse(data: bytes) -> Manifest:
     generation = _int(doc, "generation", 0, MAX_GENERATION)
     world_size = _int(doc, "world_size", 1, MAX_WORLD_SIZE)
     created = doc.get("created_unix", 0.0)
-    if not isinstance(created, (int, float)) or isinstance(created, bool):
-        raise ManifestError("bad_field", "created_unix must be a number")
+    if not _finite_number(created):
+        raise ManifestError("bad_field", "created_unix must be a finite number")
     compat = doc.get("compat", {})
     metrics = doc.get("metrics", {})
     if not isinstance(compat, dict) or not isinstance(metrics, dict):
@@ -239,8 +239,8 @@ def parse(data: bytes) -> Manifest:
             if not isinstance(s, dict) or not isinstance(s.get("xxh3_128"), str):
                 raise ManifestError("bad_field", f"tensors[{fname!r}][{tname!r}] is malformed")
             m = s.get("max_abs")
-            if m is not None and (not isinstance(m, (int, float)) or isinstance(m, bool)):
-                raise ManifestError("bad_field", f"tensors[{fname!r}][{tname!r}].max_abs is not a number")
+            if m is not None and not _finite_number(m):
+                raise ManifestError("bad_field", f"tensors[{fname!r}][{tname!r}].max_abs is not a finite number")
             per[tname] = TensorStat(digest=s["xxh3_128"], max_abs=m, finite=bool(s.get("finite", True)))
         tensors[fname] = per
     writer = doc.get("writer", {})
@@ -263,6 +263,16 @@ def parse(data: bytes) -> Manifest:
         format=fmt,
         layout=layout,
     )
+
+
+def _finite_number(v: object) -> bool:
+    """A JSON number usable as a float: 10**400 would raise OverflowError in float(), 1e400 parses as inf."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def _reject_constant(name: str) -> Any:

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 
 from . import discovery, journal, stores, verify
 from .candidate import Candidate, order
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, PlanFormatError, StoreError
 from .discovery import Sighting
 from .stores import Store
 
@@ -49,17 +49,50 @@ class Plan:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Plan":
+        """The plan rank 0 broadcast. A malformed one raises :class:`PlanFormatError` naming the field."""
+        if not isinstance(d, dict):
+            raise PlanFormatError(f"malformed plan: a {type(d).__name__}, not an object")
+        unknown = sorted(map(str, set(d) - _PLAN_KEYS))
+        missing = [k for k in ("candidates", "rejected", "unreachable", "warnings", "generation", "sightings") if k not in d]
+        if unknown or missing:
+            raise PlanFormatError(f"malformed plan: unknown fields {unknown[:5]}, missing fields {missing}")
+
+        def pairs(key: str) -> tuple[tuple[str, str], ...]:
+            v = d[key]
+            if not isinstance(v, list) or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in v):
+                raise PlanFormatError(f"malformed plan: {key} must be a list of [text, text] pairs")
+            return tuple((p[0], p[1]) for p in v)
+
+        def strings(key: str) -> tuple[str, ...]:
+            v = d.get(key, [])
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise PlanFormatError(f"malformed plan: {key} must be a list of strings")
+            return tuple(v)
+
+        for key in ("generation", "sightings"):
+            v = d[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise PlanFormatError(f"malformed plan: {key} must be a non-negative integer (got {str(v)[:40]!r})")
+        if not isinstance(d["candidates"], list):
+            raise PlanFormatError("malformed plan: candidates must be a list")
+        if d.get("error") is not None and not isinstance(d["error"], str):
+            raise PlanFormatError("malformed plan: error must be a string or null")
+        if not isinstance(d.get("more", False), bool):
+            raise PlanFormatError("malformed plan: more must be true or false")
         return cls(
             candidates=tuple(Candidate.from_json(c) for c in d["candidates"]),
-            rejected=tuple(tuple(r) for r in d["rejected"]),  # type: ignore[misc]
-            unreachable=tuple(tuple(u) for u in d["unreachable"]),  # type: ignore[misc]
-            warnings=tuple(d["warnings"]),
-            generation=int(d["generation"]),
-            sightings=int(d["sightings"]),
-            demoted=tuple(d.get("demoted", ())),
+            rejected=pairs("rejected"),
+            unreachable=pairs("unreachable"),
+            warnings=strings("warnings"),
+            generation=d["generation"],
+            sightings=d["sightings"],
+            demoted=strings("demoted"),
             error=d.get("error"),
-            more=bool(d.get("more", False)),
+            more=d.get("more", False),
         )
+
+
+_PLAN_KEYS = frozenset({"candidates", "rejected", "unreachable", "warnings", "generation", "sightings", "demoted", "error", "more"})
 
 
 def resolve_stores(urls: Sequence[str], storage_options: dict | None) -> tuple[list[Store], list[tuple[str, str]]]:

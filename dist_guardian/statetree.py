@@ -110,7 +110,9 @@ def decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
         if tag == "__size__":
             return torch.Size(inner)
         if tag == "__dtype__":
-            dt = getattr(torch, str(inner), None)
+            # vars(), not getattr(): torch's module __getattr__ imports submodules by name (torch._inductor,
+            # torch.onnx...), and this name comes from the file.
+            dt = vars(torch).get(str(inner))
             if not isinstance(dt, torch.dtype):
                 raise CheckpointFormatError(f"unknown dtype {inner!r} in the state tree")
             return dt

@@ -294,6 +294,20 @@ _auth_failed: dict[tuple, tuple[float, str]] = {}
 _tuned: dict[tuple, int] = {}
 
 
+def _after_fork_in_child() -> None:
+    """A forked child cannot use its parent's filesystems (their event loop and connections stay
+    behind) nor its pool threads: start from scratch."""
+    global _pool, _fs_lock
+    _fs_cache.clear()
+    _auth_failed.clear()
+    _fs_lock = threading.Lock()
+    _pool = cf.ThreadPoolExecutor(max_workers=64, thread_name_prefix="dist_guardian-io")
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def filesystem(store: Store):
     """The fsspec filesystem of a remote store (one per endpoint and credentials, never fsspec's instance cache)."""
     if store.is_local:
@@ -874,7 +888,7 @@ def _direct_get_ok(store: Store, fs: Any) -> bool:
     """Whether a presigned plain-HTTP GET is equivalent to botocore's own for this store: no proxy,
     no custom TLS verification, no extra request parameters (requester pays, SSE-C, ...)."""
     ck = dict(store.storage_options.get("client_kwargs") or {})
-    if ck.get("verify") not in (None, True) or store.storage_options.get("use_ssl") is False:
+    if ck.get("verify") is False or store.storage_options.get("use_ssl") is False:
         return False
     if getattr(fs, "req_kw", None) or getattr(fs, "s3_additional_kwargs", None) or getattr(fs, "version_aware", False):
         return False
@@ -884,12 +898,28 @@ def _direct_get_ok(store: Store, fs: Any) -> bool:
     return True
 
 
+def _ssl_context(store: Store) -> Any:
+    """The TLS context botocore would use: the store's ``verify`` CA path, ``AWS_CA_BUNDLE``, or its bundle."""
+    import ssl
+
+    verify = (store.storage_options.get("client_kwargs") or {}).get("verify")
+    cafile = verify if isinstance(verify, str) else os.environ.get("AWS_CA_BUNDLE") or None
+    if cafile is None:
+        try:
+            from botocore.httpsession import get_cert_path
+
+            cafile = get_cert_path(True)
+        except Exception:  # no bundle: the system's
+            cafile = None
+    return ssl.create_default_context(cafile=cafile)
+
+
 class _DirectGet:
     """One GET of a presigned URL with ``http.client``, read with ``readinto`` straight into the caller's
     buffer: the kernel copies socket bytes into staging once, outside the GIL (page faults too), where
     botocore copies each piece twice while holding it. Used for a whole-object stream on S3."""
 
-    def __init__(self, url: str, size: int, timeout: float):
+    def __init__(self, url: str, size: int, timeout: float, store: Store):
         import http.client
         import ssl
         import urllib.request
@@ -900,19 +930,17 @@ class _DirectGet:
         if urllib.request.getproxies() and not urllib.request.proxy_bypass(host):
             raise _NoDirect("a proxy is configured")
         if u.scheme == "https":
-            try:
-                from botocore.httpsession import get_cert_path
-
-                ctx = ssl.create_default_context(cafile=get_cert_path(True))
-            except Exception:  # no bundle: the system's
-                ctx = ssl.create_default_context()
-            self.conn: Any = http.client.HTTPSConnection(host, u.port, timeout=timeout, context=ctx)
+            self.conn: Any = http.client.HTTPSConnection(host, u.port, timeout=timeout, context=_ssl_context(store))
         elif u.scheme == "http":
             self.conn = http.client.HTTPConnection(host, u.port, timeout=timeout)
         else:
             raise _NoDirect(f"scheme {u.scheme}")
-        self.conn.request("GET", u.path + ("?" + u.query if u.query else ""))
-        self.resp = self.conn.getresponse()
+        try:
+            self.conn.request("GET", u.path + ("?" + u.query if u.query else ""))
+            self.resp = self.conn.getresponse()
+        except ssl.SSLError as e:  # a TLS setup botocore would have made differently: its path decides
+            self.close()
+            raise _NoDirect(f"TLS: {e}") from e
         status = self.resp.status
         if status != 200:
             body = self.resp.read(4096).decode("utf-8", "replace")
@@ -978,7 +1006,7 @@ class RemoteReader:
 
         try:
             url = acall(self.store, self._what, presign)
-            self._direct = call(self.store, self._what, lambda: _DirectGet(url, self.size, self.store.deadline_s),
+            self._direct = call(self.store, self._what, lambda: _DirectGet(url, self.size, self.store.deadline_s, self.store),
                                 transfer=self.transfer)
             return True
         except _NoDirect as e:
@@ -1312,19 +1340,13 @@ def _direct_put(store: Store, fs: Any, path: str, local_path: str, size: int, tr
 
     url = acall(store, what, presign)
 
+    import ssl
+
     def run() -> None:
         u = urlsplit(url)
         if u.scheme == "https":
-            import ssl
-
-            try:
-                from botocore.httpsession import get_cert_path
-
-                ctx = ssl.create_default_context(cafile=get_cert_path(True))
-            except Exception:
-                ctx = ssl.create_default_context()
-            conn: Any = http.client.HTTPSConnection(u.hostname, u.port, timeout=store.deadline_s, context=ctx,
-                                                    blocksize=1 << 20)
+            conn: Any = http.client.HTTPSConnection(u.hostname, u.port, timeout=store.deadline_s,
+                                                    context=_ssl_context(store), blocksize=1 << 20)
         elif u.scheme == "http":
             conn = http.client.HTTPConnection(u.hostname, u.port, timeout=store.deadline_s, blocksize=1 << 20)
         else:
@@ -1335,9 +1357,12 @@ def _direct_put(store: Store, fs: Any, path: str, local_path: str, size: int, tr
             raise _NoDirect("a proxy is configured")
         try:
             with open(local_path, "rb") as f:
-                conn.request("PUT", u.path + ("?" + u.query if u.query else ""), body=_CountingFile(f, transfer),
-                             headers={"Content-Length": str(size)})
-                resp = conn.getresponse()
+                try:
+                    conn.request("PUT", u.path + ("?" + u.query if u.query else ""), body=_CountingFile(f, transfer),
+                                 headers={"Content-Length": str(size)})
+                    resp = conn.getresponse()
+                except ssl.SSLError as e:
+                    raise _NoDirect(f"TLS: {e}") from e
                 body = resp.read(4096)
             if resp.status != 200:
                 code = re.search(rb"<Code>([^<]+)</Code>", body)

@@ -9,6 +9,7 @@ the bytes stream by anyway. ``verify_full`` is the exception, for ``dist-guardia
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -90,6 +91,11 @@ def verify_sighting(
         return _base(s).with_verdict("R", f"insecure: {s.store.uri(s.rel)} is a symlink; refusing to follow it"), 0, ()
     if s.entry_kind == "other":
         return _base(s).with_verdict("R", f"not_regular: {s.store.uri(s.rel)} is not a regular file or directory"), 0, ()
+    planted = foreign_owner(s.store, [s.rel] + [f"{s.rel}/{e.rel}" for e in s.children])
+    if planted:
+        # F37: decided from lstat alone, before anything of the candidate is opened.
+        log.warning("security_event: %s; never opened", planted)
+        return _base(s).with_verdict("R", planted), 0, ()
     if s.kind == "native":
         if s.step is not None and s.step > manifest.MAX_STEP:
             # F49: a planted step-<2**64> would otherwise be "newest" forever.
@@ -97,7 +103,30 @@ def verify_sighting(
         return _verify_native(s, run=run, compat=compat, now=now, layout=layout)
     if s.kind == "torch":
         return _verify_torch(s, extra_safe_globals), 0, ()
-    return _verify_dcp(s), 0, ()
+    return _verify_dcp(s, extra_safe_globals), 0, ()
+
+
+def foreign_owner(store: stores.Store, rels: Iterable[str]) -> str | None:
+    """Why a candidate in a node-local (``tmp://``) store is not ours, or None (F37).
+
+    The node-local root is private (0700, ours, checked when the store is resolved, F48), so
+    everything under it must belong to our uid; anything else was planted by a privileged
+    process or survives from another account, and is never opened. Other local stores may
+    legitimately hold files of other uids (a shared checkpoint dir), so only ``tmp://`` is checked.
+    """
+    if store.kind != "tmp":
+        return None
+    me = os.geteuid()
+    for rel in rels:
+        try:
+            st = os.lstat(store.join(rel))
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            return f"unreadable: {store.uri(rel)}: {e}"
+        if st.st_uid != me:
+            return f"insecure: {store.uri(rel)} is owned by uid {st.st_uid}, not by us (uid {me}); a node-local candidate must be ours"
+    return None
 
 
 def _verify_native(s: Sighting, *, run: str, compat: dict[str, Any] | None, now: float,
@@ -237,17 +266,20 @@ def _verify_torch(s: Sighting, extra_safe: Iterable[str]) -> Candidate:
     if not rep.ok:
         return c.with_verdict("R", *(f"unloadable: {p}" for p in rep.problems))
     if s.step is None:
-        if rep.step_key is None:
+        if rep.step_key is None or not 0 <= rep.step_key <= manifest.MAX_STEP:
             c = c.with_verdict(c.tier, "step_unknown: no step in the name or the file; ordered last")
         else:
-            c = Candidate.from_json(c.to_json() | {"step": rep.step_key})
+            c = dataclasses.replace(c, step=rep.step_key)
     if rep.crc == "mismatch":
         return c.with_verdict("S", *(f"checksum_mismatch: {p}" for p in rep.problems))
     note = "legacy_unverified: torch.save file, zip CRCs clean" if rep.crc == "ok" else "legacy_unverified: torch.save file written without CRCs"
     return c.with_verdict("L", note, *rep.problems)
 
 
-def _verify_dcp(s: Sighting) -> Candidate:
+MAX_DCP_METADATA_BYTES = 256 * 1024 * 1024
+
+
+def _verify_dcp(s: Sighting, extra_safe: Iterable[str] = ()) -> Candidate:
     md = s.child(DCP_METADATA)
     files = tuple(FileRef(name=e.rel, size=e.size) for e in s.children if e.kind == "file")
     c = _base(s, files=files, replica_key=f"dcp:{s.id}")
@@ -256,6 +288,22 @@ def _verify_dcp(s: Sighting) -> Candidate:
     bad = [e.rel for e in s.children if e.kind != "file"]
     if bad:
         return c.with_verdict("R", f"not_regular: {', '.join(bad[:5])}")
+    if s.store.is_local:
+        # .metadata is a pickle that torch's DCP reader would unpickle with plain pickle.load: its
+        # globals are checked here, without executing anything, as for a torch.save file (F44).
+        try:
+            data = stores.read_small(s.store, f"{s.rel}/{DCP_METADATA}", MAX_DCP_METADATA_BYTES)
+        except InsecurePathError as e:
+            return c.with_verdict("R", f"insecure: {e}")
+        except OSError as e:
+            return c.with_verdict("R", f"unreadable: {s.rel}/{DCP_METADATA}: {e}")
+        unsafe, _step, problem = formats.scan_pickle(data, formats.DCP_SAFE_GLOBALS | set(extra_safe))
+        if unsafe:
+            log.warning("security_event: %s needs unsafe_globals=%s; never loaded", s.store.uri(s.rel, DCP_METADATA),
+                        list(unsafe))
+            return c.with_verdict("R", f"unsafe_globals={list(unsafe)}")
+        if problem:
+            return c.with_verdict("R", f"unloadable: {DCP_METADATA}: {problem}")
     if s.step is None:
         c = c.with_verdict("L", "step_unknown: no step in the directory name; ordered last")
     return c.with_verdict("L", "legacy_unverified: PyTorch DCP directory")
