@@ -233,17 +233,35 @@ def _claim_rel(run: str, dirname: str) -> str:
     return f"{run}/{CLAIMS_DIR}/{dirname}.json"
 
 
-def _read_claim(dst: Store, run: str, dirname: str) -> tuple[str, float] | None:
-    """(writer token, age in seconds by the store's clock) of a step's claim, or None."""
+def _read_claim(dst: Store, run: str, dirname: str) -> tuple[str, float, bool] | None:
+    """(writer token, age in seconds by the store's clock, writer known dead) of a step's claim, or None.
+
+    "Known dead": the claim names this host and a pid that no longer exists (a writer killed
+    mid-upload, then restarted here), so the next incarnation need not wait ``stale_s``.
+    """
+    dead = False
     try:
         st = stores.stat_object(dst, _claim_rel(run, dirname))
         doc = json.loads(stores.read_small(dst, _claim_rel(run, dirname), 64 * 1024))
         token = str(doc.get("token", "")) if isinstance(doc, dict) else ""
+        w = doc.get("writer") if isinstance(doc, dict) else None
+        if isinstance(w, dict) and w.get("host") == socket.gethostname() and isinstance(w.get("pid"), int) and w["pid"] > 0:
+            dead = w["pid"] != os.getpid() and not _pid_alive(w["pid"])
     except FileNotFoundError:
         return None
     except ValueError:
         token = ""
-    return token, (time.time() - st.mtime if st.mtime is not None else float("inf"))
+    return token, (time.time() - st.mtime if st.mtime is not None else float("inf")), dead
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _copy_remote(src_dir: str, mbytes: bytes, mf: manifest.Manifest, dst: Store, run: str, dirname: str, *,
@@ -270,11 +288,11 @@ def _copy_remote(src_dir: str, mbytes: bytes, mf: manifest.Manifest, dst: Store,
             claim = _read_claim(dst, run, dirname)
         if claim is None:
             continue  # released meanwhile: try once more
-        other, age = claim
+        other, age, dead = claim
         if other == token:
             resumed = True  # our own claim: a retry of this job resumes where it stopped
             break
-        if age < dst.stale_s:
+        if age < dst.stale_s and not dead:
             raise FileExistsError(errno.EEXIST, f"commit_conflict: {uri} is being written by another writer "
                                                 f"(claimed {age:.0f}s ago); ours is discarded")
         _remove_stale(dst, run, dirname, f"claim of a writer that stopped {age:.0f}s ago")

@@ -385,7 +385,7 @@ NAMES = st.one_of(st.text(max_size=30), st.sampled_from(["..", ".", "", ".stagin
 
 @profile(300)
 @given(entries=st.lists(st.tuples(NAMES, st.sampled_from(["file", "dir", "symlink", "other"]), st.integers(0, 2**63)), max_size=12))
-def test_discovery_from_arbitrary_listing_never_raises(entries, tmp_path_factory):
+def test_discovery_from_arbitrary_listing_never_raises(entries):
     store = stores.Store(url="/fuzz", index=0, kind="local", root="/fuzz")
     listed = [stores.Entry(rel, kind, size) for rel, kind, size in entries]
     for ours in (True, False):

@@ -27,7 +27,6 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch

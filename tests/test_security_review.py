@@ -36,14 +36,13 @@ import pickle
 import re
 import shutil
 import struct
-import sys
 import zipfile
 
 import pytest
 import torch
 
 import helpers
-from dist_guardian import Guardian, cli, formats, loading, manifest, statetree, stores
+from dist_guardian import Guardian, cli, formats, loading, statetree, stores
 from dist_guardian.candidate import Candidate
 from dist_guardian.errors import CheckpointFormatError, PlanFormatError
 from dist_guardian.planning import Plan
