@@ -359,12 +359,7 @@ class Guardian:
             self._verified.add((primary.url, f"{self.run}/{os.path.basename(final)}", manifest.digest_bytes(mbytes)))
             return final
         # Remote primary: upload the finished files from local staging, manifest last (exclusive).
-        fd = stores.create_exclusive(os.path.join(staging, manifest.MANIFEST_NAME))
-        try:
-            os.write(fd, mbytes)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        stores.write_new_file(os.path.join(staging, manifest.MANIFEST_NAME), mbytes)
         for name in (stores.step_dir_name(step), stores.step_dir_name(step, self.generation)):
             try:
                 loc = saving.copy_checkpoint(staging, primary, self.run, name, exclusive=True,

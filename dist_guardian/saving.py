@@ -110,12 +110,7 @@ def commit_local(store: Store, run: str, staging: str, step: int, generation: in
     committed beside it as ``step-N-gG`` (F36).
     """
     _faults.hit("before_manifest", rank=rank, step=step)
-    fd = stores.create_exclusive(os.path.join(staging, manifest.MANIFEST_NAME))
-    try:
-        formats._write_all(fd, memoryview(manifest_bytes))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    stores.write_new_file(os.path.join(staging, manifest.MANIFEST_NAME), manifest_bytes)
     stores.fsync_dir(staging)
     _faults.hit("after_manifest_before_rename", rank=rank, step=step)
     for name in (stores.step_dir_name(step), stores.step_dir_name(step, generation)):
@@ -211,12 +206,7 @@ def _copy_local(src_dir: str, mbytes: bytes, mf: manifest.Manifest, dst: Store, 
     try:
         for f in mf.files:
             _copy_local_file(os.path.join(src_dir, f.name), os.path.join(staging, f.name), f.size)
-        fd = stores.create_exclusive(os.path.join(staging, manifest.MANIFEST_NAME))
-        try:
-            formats._write_all(fd, memoryview(mbytes))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        stores.write_new_file(os.path.join(staging, manifest.MANIFEST_NAME), mbytes)
         stores.rename_commit(staging, final)
     except FileExistsError:
         discard_staging(staging)
@@ -447,12 +437,7 @@ def repair_replica(src: Store, src_rel: str, dst: Store, run: str, dirname: str)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        fd = stores.create_exclusive(os.path.join(staging, manifest.MANIFEST_NAME))
-        try:
-            formats._write_all(fd, memoryview(mbytes))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        stores.write_new_file(os.path.join(staging, manifest.MANIFEST_NAME), mbytes)
         stores.fsync_dir(staging)
         tmp = Store(url=staging, index=0, kind="local", root=os.path.dirname(staging))
         tier, reasons = verify.verify_full(tmp, os.path.basename(staging))

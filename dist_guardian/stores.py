@@ -1145,6 +1145,18 @@ def create_exclusive(path: str) -> int:
     return os.open(path, _CREATE_FLAGS, 0o600)
 
 
+def write_new_file(path: str, data: bytes) -> None:
+    """Write ``data`` to a new file (``create_exclusive``) and fsync it: a manifest, a small record."""
+    fd = create_exclusive(path)
+    try:
+        mv = memoryview(data)
+        while mv:
+            mv = mv[os.write(fd, mv) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
     try:
@@ -1388,14 +1400,7 @@ def put_bytes_exclusive(store: Store, rel: str, data: bytes) -> None:
     if store.is_local:
         path = store.join(rel)
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        fd = create_exclusive(path)
-        try:
-            mv = memoryview(data)
-            while mv:
-                mv = mv[os.write(fd, mv) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_new_file(path, data)
         fsync_dir(os.path.dirname(path))
         return
     fs = filesystem(store)
