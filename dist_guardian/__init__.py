@@ -21,6 +21,7 @@ from .errors import (
     DistGuardianError,
     InsecurePathError,
     NoReachableCheckpoint,
+    PlanFormatError,
     ResumeFailed,
     SaveFailed,
     StoreError,
@@ -51,6 +52,7 @@ __all__ = [
     "CandidateListMismatch",
     "ResumeFailed",
     "NoReachableCheckpoint",
+    "PlanFormatError",
 ]
 
 if TYPE_CHECKING:
