@@ -89,14 +89,17 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
+NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="mounts, loop devices and chattr need root (CI runs as root)")
+
+
 def _try(cmd: list[str], what: str) -> subprocess.CompletedProcess:
-    """Run a setup command; skip the test (naming the reason) when this machine refuses it."""
+    """Run a setup command as root; a refusal fails the test, naming the reason (never a silent skip)."""
     try:
         p = _run(cmd)
     except FileNotFoundError as e:
-        pytest.skip(f"{what}: {cmd[0]} is not installed ({e})")
+        pytest.fail(f"{what}: {cmd[0]} is not installed ({e})")
     if p.returncode != 0:
-        pytest.skip(f"{what}: `{' '.join(cmd)}` failed with {p.returncode}: {p.stderr.strip()[:300]}")
+        pytest.fail(f"{what}: `{' '.join(cmd)}` failed with {p.returncode}: {p.stderr.strip()[:300]}")
     return p
 
 
@@ -195,6 +198,7 @@ def test_F11_rlimit_fsize_save_fails_cleanly_and_B_loads(tmp_path):
 # ----------------------------------------------------------------------------- F11: tmpfs ENOSPC
 
 
+@NEEDS_ROOT
 def test_F11_tmpfs_disk_full_real_enospc_save_fails_cleanly(tmpfs):
     d = tmpfs(8)
     root = os.path.join(d, "ck")
@@ -217,6 +221,7 @@ def test_F11_tmpfs_disk_full_real_enospc_save_fails_cleanly(tmpfs):
     _assert_a_b_intact_and_b_loads(root, fx)
 
 
+@NEEDS_ROOT
 def test_F11_F12_thin_provisioned_disk_full_error_surfaces_at_fsync(tmp_path, tmpfs, loop_ext4):
     """ext4 on a loop device whose sparse 64 MiB image sits on a 12 MiB tmpfs: C's writes succeed into the
     page cache, then the kernel's writeback finds no room behind the device and ``fsync`` fails (ENOSPC,
@@ -276,6 +281,7 @@ class _patched_fsync:
         os.fsync = self.real
 
 
+@NEEDS_ROOT
 def test_F12_fsync_eio_from_a_failing_device_abandons_C_never_renamed(tmp_path, loop_ext4):
     img = str(tmp_path / "disk.img")
     mnt = loop_ext4(img, 48)
