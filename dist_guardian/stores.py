@@ -971,6 +971,20 @@ class _NoDirect(Exception):
     """The direct GET does not apply (or the server wants botocore's retries): use the aiobotocore stream."""
 
 
+def _fill_from(read_at: Callable[[int], int | None], want: int, on_chunk: "OnChunk | None", t: "Transfer") -> int:
+    """Call ``read_at(offset)`` until ``want`` bytes arrived or the stream ended; report each piece."""
+    got = 0
+    while got < want:
+        k = read_at(got)
+        if not k:
+            break
+        if on_chunk is not None:
+            on_chunk(got, got + k)
+        got += k
+        t.add(k)
+    return got
+
+
 class RemoteReader:
     """A sequential reader over one remote file: one GET stream on S3 (a server that copies the
     object per request pays once), an fsspec file elsewhere. ``read``/``readinto`` fill their
@@ -1048,20 +1062,9 @@ class RemoteReader:
         t = self.transfer
         if self._direct is not None:
             direct = self._direct
-
-            def fill_direct() -> int:
-                got = 0
-                while got < want:
-                    k = direct.readinto(mv[got : min(want, got + (8 << 20))])
-                    if not k:
-                        break
-                    if on_chunk is not None:
-                        on_chunk(got, got + k)
-                    got += k
-                    t.add(k)
-                return got
-
-            got = call(self.store, self._what, fill_direct, transfer=t)
+            got = call(self.store, self._what,
+                       lambda: _fill_from(lambda lo: direct.readinto(mv[lo : min(want, lo + (8 << 20))]), want, on_chunk, t),
+                       transfer=t)
         elif self._body is not None:
             pull = self._pull
 
@@ -1089,20 +1092,8 @@ class RemoteReader:
             got = acall(self.store, self._what, fill, transfer=t)
         else:
             f = self._f
-
-            def fill_sync() -> int:
-                got = 0
-                while got < want:
-                    k = f.readinto(mv[got:want])
-                    if not k:
-                        break
-                    if on_chunk is not None:
-                        on_chunk(got, got + k)
-                    got += k
-                    t.add(k)
-                return got
-
-            got = call(self.store, self._what, fill_sync, transfer=t)
+            got = call(self.store, self._what,
+                       lambda: _fill_from(lambda lo: f.readinto(mv[lo:want]), want, on_chunk, t), transfer=t)
         if got < want:
             raise OSError(errno.EIO, f"{self.store.uri(self.rel)}: short read ({self.pos + got} of {self.size} bytes)")
         self.pos += got
