@@ -7,6 +7,7 @@ and owns the per-rank RNG state, mirrors and retention.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -238,7 +239,7 @@ class Guardian:
         _check_state(state)
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= manifest.MAX_STEP:
             raise ConfigError(f"step={step!r} must be an integer in [0, {manifest.MAX_STEP}]")
-        metrics = dict(metrics or {})
+        metrics = copy.deepcopy(dict(metrics or {}))  # a snapshot, like the state (T06)
         for k, v in list(metrics.items()):
             if isinstance(v, torch.Tensor):
                 metrics[k] = v.item()

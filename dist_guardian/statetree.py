@@ -194,6 +194,17 @@ class SnapshotBuffers:
         self._bufs: dict[str, torch.Tensor] = {}
 
     def snapshot(self, tree: Any, path: str = "") -> Any:
+        """A copy of every mutable leaf (tensors, numpy arrays) and container, made before ``save`` returns.
+
+        Containers are rebuilt and arrays copied: the background writer must see the values of the
+        moment ``save(blocking=False)`` was called, whatever training changes afterwards (T06).
+        """
+        if isinstance(tree, np.ndarray):
+            try:
+                as_tensor = torch.from_numpy(np.ascontiguousarray(tree))
+            except TypeError:  # a dtype torch lacks: a plain copy; the encoder refuses it with its path later
+                return tree.copy()
+            return self.snapshot(as_tensor, path)
         if isinstance(tree, torch.Tensor):
             src = tree.detach()
             buf = self._bufs.get(path)
@@ -209,7 +220,7 @@ class SnapshotBuffers:
             return [self.snapshot(v, f"{path}/{i}") for i, v in enumerate(tree)]
         if isinstance(tree, tuple):
             return tuple(self.snapshot(v, f"{path}/{i}") for i, v in enumerate(tree))
-        return tree  # immutable scalars and strings
+        return tree  # immutable scalars and strings (anything else the encoder refuses)
 
     def synchronize(self) -> None:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
