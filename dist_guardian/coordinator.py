@@ -148,6 +148,8 @@ def resume(
         raise ConfigError(f"on_exhausted={on_exhausted!r}: use 'fresh' or 'raise'")
     if not isinstance(run, str) or not stores.NAME_RE.match(run):
         raise ConfigError(f"run={run!r} is not a plain name (letters, digits, '.', '_', '-')")
+    for url in [stores_] if isinstance(stores_, str) else stores_:
+        stores.check_url(url)
     t0 = time.monotonic()
     own_comm = comm is None
     comm = comm or Comm(timeout)

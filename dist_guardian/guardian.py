@@ -23,7 +23,7 @@ from .candidate import Candidate, Loaded, ResumeResult, validate_suspect_policy
 from .comm import Comm
 from .errors import CheckpointFormatError, CommitConflict, ConfigError, DistGuardianError, SaveFailed
 from .saving import SaveResult, WrittenEntry
-from .stores import Store
+from .stores import Store, check_url
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,8 @@ class Guardian:
             raise ConfigError("stores is empty: give at least one store, e.g. stores=['checkpoints/']")
         if not isinstance(run, str) or not manifest.RUN_NAME_RE.match(run):
             raise ConfigError(f"run={run!r} is not a plain name (letters, digits, '.', '_', '-')")
+        for url in stores:
+            check_url(url)
         validate_suspect_policy(suspect)
         if on_exhausted not in coordinator.ON_EXHAUSTED:
             raise ConfigError(f"on_exhausted={on_exhausted!r}: use 'fresh' or 'raise'")

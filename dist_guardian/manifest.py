@@ -30,9 +30,9 @@ MAX_FILES = 1 << 20
 MAX_FILE_SIZE = 1 << 50
 MAX_GENERATION = 1 << 40
 # A file name inside a checkpoint: one path component, no leading dot, no separators.
-FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
-RUN_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
-DIGEST_RE = re.compile(r"^[0-9a-f]{32}$")
+FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}\Z")
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}\Z")
+DIGEST_RE = re.compile(r"^[0-9a-f]{32}\Z")
 
 
 class ManifestError(CheckpointFormatError):

@@ -56,9 +56,9 @@ T = TypeVar("T")
 NODE_LOCAL_ENV = "DIST_GUARDIAN_NODE_LOCAL_ROOT"
 PROGRESS_ENV = "DIST_GUARDIAN_PROGRESS"
 STAGING_PREFIX = ".staging-"
-STAGING_RE = re.compile(r"^\.staging-step-(\d{1,20})-([0-9a-f]{8,32})$")
+STAGING_RE = re.compile(r"^\.staging-step-(\d{1,20})-([0-9a-f]{8,32})\Z")
 STEP_DIR_RE = re.compile(r"^step-(\d{1,20})(?:-g(\d{1,12}))?$")
-NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}\Z")
 DEFAULT_DEADLINE_S = 30.0
 DEFAULT_STALE_S = 3600.0
 DEFAULT_PART_SIZE = 16 << 20
@@ -161,16 +161,41 @@ def _knobs(url: str, opts: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_url(url: Any) -> None:
+    """Raise :class:`ConfigError` for a store URL that can never work (a typo is not an outage).
+
+    Pure and the same on every rank, so it runs before any collective: an unknown scheme raised
+    deep inside planning would be a retryable ``ResumeFailed``, and a launcher would restart
+    forever on a typo (T07).
+    """
+    if not isinstance(url, str) or not url or "\x00" in url:
+        raise ConfigError(f"store {url!r} is not a URL or path")
+    if url.startswith("tmp://"):
+        if not NAME_RE.match(url[len("tmp://") :].strip("/")):
+            raise ConfigError(f"store {url!r}: tmp:// takes one plain name, like tmp://run-42")
+        return
+    if url.startswith("file://") or "://" not in url:
+        return
+    import fsspec
+
+    protocol = url.partition("://")[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise ConfigError(f"store {url!r}: unknown URL scheme {protocol!r}; use a local path, file://, "
+                          "tmp://NAME or an fsspec protocol such as s3://") from None
+    except ImportError as e:
+        raise ConfigError(f"store {url!r}: the {protocol}:// filesystem needs a package that is not installed "
+                          f"({e})") from None
+
+
 def resolve(url: str, index: int = 0, storage_options: dict[str, dict[str, Any]] | None = None) -> Store:
     """Turn a user's store URL into a :class:`Store`. Raises :class:`InsecurePathError` for an unsafe ``tmp://`` root."""
-    if not isinstance(url, str) or not url:
-        raise ConfigError(f"store {url!r} is not a URL or path")
+    check_url(url)
     opts = storage_options_for(url, storage_options)
     knobs = _knobs(url, opts)
     if url.startswith("tmp://"):
         name = url[len("tmp://") :].strip("/")
-        if not NAME_RE.match(name):
-            raise ConfigError(f"store {url!r}: tmp:// takes one plain name, like tmp://run-42")
         base = node_local_base()
         root = os.path.join(base, name)
         _ensure_private_dir(root, what=f"node-local store {url}")

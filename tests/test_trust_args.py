@@ -37,3 +37,57 @@ def test_T06_async_save_snapshots_numpy_arrays_nested_lists_and_metrics(tmp_path
 
     mf_path = next((tmp_path / "ck" / "r").glob("step-*")) / manifest.MANIFEST_NAME
     assert manifest.parse(mf_path.read_bytes()).metrics == {"losses": [0.5, 0.25]}
+
+
+CLI_COMMANDS = (["ls"], ["plan"], ["prune", "--keep-last", "2"], ["bench", "--size-mb", "1", "--runs", "1"])
+
+
+def _cli(*argv: str, cwd: str) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "dist_guardian.cli", *argv], cwd=cwd, capture_output=True, text=True,
+                       timeout=60)
+    return p.returncode, p.stdout + p.stderr
+
+
+def test_T07_unknown_scheme_is_a_clear_usage_error_in_every_cli_command(tmp_path):
+    from dist_guardian.cli import EXIT_USAGE
+
+    for cmd in CLI_COMMANDS:
+        rc, out = _cli(*cmd, "bogus://bucket/runs", cwd=str(tmp_path))
+        assert rc == EXIT_USAGE, (cmd, out)
+        assert "Traceback" not in out and "unknown URL scheme 'bogus'" in out, (cmd, out)
+    rc, out = _cli("verify", "bogus://bucket/runs/r/step-000000000001", cwd=str(tmp_path))
+    assert rc == EXIT_USAGE and "Traceback" not in out and "unknown URL scheme 'bogus'" in out, out
+
+
+def test_T07_unknown_scheme_is_a_config_error_before_any_collective(tmp_path):
+    """As a secondary store it used to make resume raise ResumeFailed, which launchers retry forever."""
+    import pytest
+
+    import dist_guardian
+    from dist_guardian import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown URL scheme 'bogus'"):
+        Guardian(stores=[str(tmp_path / "ck"), "bogus://bucket/runs"], run="r")
+    with pytest.raises(ConfigError, match="unknown URL scheme 'bogus'"):
+        dist_guardian.resume(lambda c, s: None, [str(tmp_path / "ck"), "bogus://x"], run="r")
+    assert not (tmp_path / "ck").exists()  # nothing was created before the error
+
+
+def test_T07_names_ending_in_a_newline_are_not_plain_names(tmp_path):
+    import pytest
+
+    from dist_guardian import ConfigError, manifest, stores
+
+    for bad in ("r\n", "run-1\n", "tmp\n"):
+        with pytest.raises(ConfigError, match="not a plain name"):
+            Guardian(stores=[str(tmp_path / "ck")], run=bad)
+        with pytest.raises(ConfigError):
+            stores.resolve(f"tmp://{bad}")
+        assert manifest.RUN_NAME_RE.match(bad) is None and manifest.FILE_NAME_RE.match(bad) is None
+        assert stores.STAGING_RE.match(".staging-step-1-0123abcd\n") is None
+    rc, out = _cli("ls", str(tmp_path / "ck"), "--run", "r\n", cwd=str(tmp_path))
+    assert rc == 2 and "not a plain name" in out
+    assert not any(p.name.endswith("\n") for p in tmp_path.rglob("*"))
