@@ -330,7 +330,7 @@ class Guardian:
 
     def _open_staging(self, primary: Store, step: int) -> str:
         if primary.is_local:
-            stores.makedirs_local(primary.join(self.run))
+            stores.make_run_dir(primary, self.run)
             stores.clean_stale_staging(primary, self.run)
             path = primary.join(self.run, stores.new_staging_name(step))
             os.mkdir(path, 0o700)

@@ -200,7 +200,7 @@ def _copy_local(src_dir: str, mbytes: bytes, mf: manifest.Manifest, dst: Store, 
         if exclusive:
             raise FileExistsError(errno.EEXIST, f"{final} already exists", final)
         return final
-    stores.makedirs_local(dst.join(run))
+    stores.make_run_dir(dst, run)
     staging = dst.join(run, stores.new_staging_name(mf.step))
     os.mkdir(staging, 0o700)
     try:
@@ -418,7 +418,7 @@ def repair_replica(src: Store, src_rel: str, dst: Store, run: str, dirname: str)
         raise ConfigError(f"repair re-fetches into local stores only; {dst.url} is remote")
     mbytes = stores.read_small(src, f"{src_rel}/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
     mf = manifest.parse(mbytes)
-    stores.makedirs_local(dst.join(run))
+    stores.make_run_dir(dst, run)
     staging = dst.join(run, stores.new_staging_name(mf.step))
     os.mkdir(staging, 0o700)
     try:

@@ -592,6 +592,32 @@ def check_dirs_no_symlink(root: str, rel: str) -> None:
             raise InsecurePathError(errno.ELOOP, f"{cur} is a symlink; refusing to follow it")
 
 
+def make_run_dir(store: Store, run: str) -> str:
+    """Create ``<store>/<run>`` (local) and check it as resume will: save refuses what resume would refuse.
+
+    Resume never follows a symlink below a store's root (F45), so a save through a symlinked
+    run dir would commit checkpoints that no resume can load (T09).
+    """
+    path = store.join(run)
+    makedirs_local(path)
+    check_run_dir(store, run)
+    return path
+
+
+def check_run_dir(store: Store, run: str) -> None:
+    """Raise :class:`InsecurePathError` when ``<store>/<run>`` of a local store exists and is a symlink."""
+    path = store.join(run)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise InsecurePathError(
+            errno.ELOOP,
+            f"run_dir_symlink: {path} is a symlink, and resume never follows one below a store's root; "
+            f"make the store root the link instead, or give a store whose {run!r} is a real directory")
+
+
 # ----------------------------------------------------------------------------- listing
 
 

@@ -91,3 +91,28 @@ def test_T07_names_ending_in_a_newline_are_not_plain_names(tmp_path):
     rc, out = _cli("ls", str(tmp_path / "ck"), "--run", "r\n", cwd=str(tmp_path))
     assert rc == 2 and "not a plain name" in out
     assert not any(p.name.endswith("\n") for p in tmp_path.rglob("*"))
+
+
+def test_T09_save_refuses_a_symlinked_run_dir_that_resume_would_refuse(tmp_path):
+    """``ln -s /big/disk/run run``: save used to commit through the link and every resume refused it."""
+    import os
+
+    target = tmp_path / "big" / "r"
+    target.mkdir(parents=True)
+    store = tmp_path / "ck"
+    store.mkdir()
+    os.symlink(str(target), str(store / "r"))
+    state = helpers.make_state(seed=1)
+    g = Guardian(stores=[str(store)], run="r")
+    res = g.save(state, step=1)
+    g.close()
+    assert not res.committed and "run_dir_symlink" in (res.reason or ""), res
+    assert os.listdir(target) == []  # nothing committed that no resume could load
+    # A symlinked store root is followed, so linking the store instead works end to end.
+    os.symlink(str(tmp_path / "big"), str(tmp_path / "linked"))
+    g = Guardian(stores=[str(tmp_path / "linked")], run="r")
+    assert g.save(state, step=2).committed
+    g.close()
+    fresh = helpers.make_state(seed=5)
+    r = Guardian(stores=[str(tmp_path / "linked")], run="r").resume(fresh)
+    assert r.resumed and r.step == 2
