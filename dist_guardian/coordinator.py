@@ -150,6 +150,7 @@ def resume(
         raise ConfigError(f"run={run!r} is not a plain name (letters, digits, '.', '_', '-')")
     for url in [stores_] if isinstance(stores_, str) else stores_:
         stores.check_url(url)
+    _faults.check()
     t0 = time.monotonic()
     own_comm = comm is None
     comm = comm or Comm(timeout)

@@ -104,6 +104,7 @@ class Guardian:
             raise ConfigError(f"run={run!r} is not a plain name (letters, digits, '.', '_', '-')")
         for url in stores:
             check_url(url)
+        _faults.check()
         validate_suspect_policy(suspect)
         if on_exhausted not in coordinator.ON_EXHAUSTED:
             raise ConfigError(f"on_exhausted={on_exhausted!r}: use 'fresh' or 'raise'")
