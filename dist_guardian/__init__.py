@@ -27,6 +27,7 @@ from .errors import (
     StoreError,
     StoreUnavailable,
 )
+from .stores import Store
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ __all__ = [
     "Attempt",
     "Candidate",
     "Loaded",
+    "Store",
     "order",
     "DistGuardianError",
     "ConfigError",

@@ -21,7 +21,7 @@ from .candidate import Attempt, Candidate, Loaded, ResumeResult, defer_suspect, 
 from .comm import Comm
 from .planning import Plan, PlanCursor, resolve_stores
 from .errors import AgreementTimeout, ConfigError, CoordinationError, DistGuardianError, NoReachableCheckpoint, ResumeFailed, StoreError
-from .stores import Store
+from .stores import NAME_RE, Store, check_url
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _is_fatal(e: BaseException) -> bool:
 
 def resume(
     load_fn: Callable[[Candidate, Store], Any],
-    stores_: Sequence[str],
+    stores: Sequence[str],
     *,
     run: str = "default",
     compat: dict[str, Any] | None = None,
@@ -134,29 +134,40 @@ def resume(
 ) -> ResumeResult:
     """Collective: call on every rank. Bring every rank to the newest candidate that loads everywhere.
 
-    ``load_fn(candidate, store)`` loads one candidate on this rank into staging and returns
-    it (or a :class:`~dist_guardian.candidate.Loaded`), or raises. ``apply_fn(candidate,
+    ``stores`` are URLs as for :class:`~dist_guardian.Guardian` (the first is the primary, where the
+    journal lives). ``load_fn(candidate, store)`` loads one candidate on this rank into staging and
+    returns it (or a :class:`~dist_guardian.candidate.Loaded`), or raises; ``store`` is the resolved
+    :class:`~dist_guardian.Store` that holds it, so ``store.join(candidate.rel)`` is the candidate's
+    local path (``store.is_local``) or its fsspec path, and ``candidate.path`` a readable location.
+    ``apply_fn(candidate,
     staged)`` runs on every rank only after a unanimous vote, so no rank ever holds a mix of
     two checkpoints (F29). Without a process group this is the same loop at world size 1.
 
     Example::
 
-        result = dist_guardian.resume(lambda c, s: torch.load(...), ["ckpts/"], run="r1")
+        def load(c, store):
+            with open(store.join(c.rel), "rb") as f:
+                return torch.load(f, weights_only=True)
+
+        result = dist_guardian.resume(load, stores=["ckpts/"], run="r1",
+                                      apply_fn=lambda c, sd: model.load_state_dict(sd))
     """
     validate_suspect_policy(suspect)
     if on_exhausted not in ON_EXHAUSTED:
         raise ConfigError(f"on_exhausted={on_exhausted!r}: use 'fresh' or 'raise'")
-    if not isinstance(run, str) or not stores.NAME_RE.match(run):
+    if not isinstance(run, str) or not NAME_RE.match(run):
         raise ConfigError(f"run={run!r} is not a plain name (letters, digits, '.', '_', '-')")
-    for url in [stores_] if isinstance(stores_, str) else stores_:
-        stores.check_url(url)
+    if isinstance(stores, str):
+        stores = [stores]
+    for url in stores:
+        check_url(url)
     _faults.check()
     t0 = time.monotonic()
     own_comm = comm is None
     comm = comm or Comm(timeout)
     try:
         return _resume(
-            load_fn, stores_, comm=comm, run=run, compat=compat, layout=layout, suspect=suspect, on_exhausted=on_exhausted,
+            load_fn, stores, comm=comm, run=run, compat=compat, layout=layout, suspect=suspect, on_exhausted=on_exhausted,
             # The rank's own deadline fires before its peers' vote timeout, so a slow load is a failed
             # attempt (all move on) rather than a dead coordination group.
             attempt_timeout=attempt_timeout if attempt_timeout is not None else 0.8 * timeout,

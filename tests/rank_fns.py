@@ -47,3 +47,27 @@ def resume_state(rank: int, world: int, *, stores: list[str], run: str, timeout:
     return {"resumed": r.resumed, "step": r.step, "path": r.path, "store": r.store, "tier": r.tier,
             "record": r.to_json(), "weights": weights, "data": state["data"], "next": helpers.next_randoms(),
             "optim_steps": [float(s["step"]) for s in state["optim"].state_dict()["state"].values()]}
+
+
+def lower_layer_resume(rank: int, world: int, *, store: str, run: str, fail_step_on_rank1: int | None = None,
+                       timeout: float = 20.0) -> dict[str, Any]:
+    """``dist_guardian.resume`` driven directly with a ``torch.load`` load_fn, as a user of another library would."""
+    import dist_guardian
+
+    model = torch.nn.Linear(4, 2)
+    applied: list[int] = []
+
+    def load(c: Any, st: Any) -> dict[str, Any]:
+        assert isinstance(st, dist_guardian.Store) and st.is_local
+        if rank == 1 and c.step == fail_step_on_rank1:
+            raise RuntimeError(f"rank 1 cannot load step {c.step}")
+        with open(st.join(c.rel), "rb") as f:
+            return torch.load(f, weights_only=True, map_location="cpu")
+
+    def apply(c: Any, sd: dict[str, Any]) -> None:
+        model.load_state_dict(sd["model"])
+        applied.append(c.step)
+
+    r = dist_guardian.resume(load, stores=[store], run=run, apply_fn=apply, timeout=timeout)
+    return {"resumed": r.resumed, "step": r.step, "applied": applied, "weight_sum": float(model.weight.detach().sum()),
+            "attempts": [(a.step, a.outcome) for a in r.attempts]}
