@@ -21,7 +21,7 @@ from .candidate import Attempt, Candidate, Loaded, ResumeResult, defer_suspect, 
 from .comm import Comm
 from .planning import Plan, PlanCursor, resolve_stores
 from .errors import AgreementTimeout, ConfigError, CoordinationError, DistGuardianError, NoReachableCheckpoint, ResumeFailed, StoreError
-from .stores import NAME_RE, Store, check_url
+from .stores import NAME_RE, Store, check_storage_options, check_url
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ def resume(
         stores = [stores]
     for url in stores:
         check_url(url)
+    check_storage_options(storage_options, stores)
     _faults.check()
     t0 = time.monotonic()
     own_comm = comm is None

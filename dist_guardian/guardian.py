@@ -23,7 +23,7 @@ from .candidate import Candidate, Loaded, ResumeResult, validate_suspect_policy
 from .comm import Comm
 from .errors import CheckpointFormatError, CommitConflict, ConfigError, DistGuardianError, SaveFailed
 from .saving import SaveResult, WrittenEntry
-from .stores import Store, check_url
+from .stores import Store, check_storage_options, check_url
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class Guardian:
             raise ConfigError(f"run={run!r} is not a plain name (letters, digits, '.', '_', '-')")
         for url in stores:
             check_url(url)
+        check_storage_options(storage_options, stores)
         _faults.check()
         validate_suspect_policy(suspect)
         if on_exhausted not in coordinator.ON_EXHAUSTED:

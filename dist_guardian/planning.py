@@ -99,6 +99,7 @@ def resolve_stores(urls: Sequence[str], storage_options: dict | None) -> tuple[l
     """Resolve every store URL on this rank; an insecure or broken one is reported, not fatal (F48)."""
     if not urls:
         raise ConfigError("stores is empty: give at least one store, e.g. stores=['checkpoints/']")
+    stores.check_storage_options(storage_options, urls)
     out, bad = [], []
     for i, url in enumerate(urls):
         try:

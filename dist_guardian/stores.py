@@ -45,7 +45,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterator, Literal, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, Literal, Sequence, TypeVar
 from urllib.parse import urlparse
 
 from .errors import ConfigError, InsecurePathError, StoreError, StoreUnavailable
@@ -128,6 +128,28 @@ class Entry:
 
 
 # ----------------------------------------------------------------------------- resolving
+
+
+def check_storage_options(options: Any, urls: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` for ``storage_options`` that would be silently dropped.
+
+    They are keyed by URL prefix (``{"s3://bucket": {"anon": True}}``); a flat fsspec dict
+    (``{"anon": True}``) or a key that prefixes none of the stores would otherwise be ignored
+    without a word, and the store used with the wrong credentials or endpoint.
+    """
+    if options is None:
+        return
+    example = '{"s3://bucket": {"client_kwargs": {"endpoint_url": "..."}}}'
+    if not isinstance(options, dict):
+        raise ConfigError(f"storage_options must be a dict keyed by URL prefix, like {example}; "
+                          f"got a {type(options).__name__}")
+    for key, value in options.items():
+        if not isinstance(key, str) or not isinstance(value, dict):
+            raise ConfigError(f"storage_options must be keyed by URL prefix, like {example}; the entry {key!r} "
+                              f"holds a {type(value).__name__}, so this looks like a flat fsspec dict")
+        if "://" not in key and "/" not in key and not any(isinstance(u, str) and u.startswith(key) for u in urls):
+            raise ConfigError(f"storage_options key {key!r} is neither a URL prefix nor a prefix of a store "
+                              f"({list(urls)}): this looks like a flat fsspec dict; key it like {example}")
 
 
 def storage_options_for(url: str, options: dict[str, dict[str, Any]] | None) -> dict[str, Any]:

@@ -116,3 +116,18 @@ def test_T09_save_refuses_a_symlinked_run_dir_that_resume_would_refuse(tmp_path)
     fresh = helpers.make_state(seed=5)
     r = Guardian(stores=[str(tmp_path / "linked")], run="r").resume(fresh)
     assert r.resumed and r.step == 2
+
+
+def test_flat_storage_options_are_a_clear_error_not_silently_dropped(tmp_path):
+    import pytest
+
+    from dist_guardian import ConfigError
+    from dist_guardian.cli import main
+
+    ck = str(tmp_path / "ck")
+    for flat in ({"anon": True, "client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}},
+                 {"client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}}, ["s3://b"]):
+        with pytest.raises(ConfigError, match="storage_options"):
+            Guardian(stores=[ck, "s3://bucket/runs"], run="r", storage_options=flat)  # type: ignore[arg-type]
+    Guardian(stores=[ck, "s3://bucket/runs"], run="r", storage_options={"s3://bucket": {"anon": True}})
+    assert main(["ls", ck, "--storage-options", '{"anon": true}']) == 2
