@@ -90,6 +90,16 @@ def test_T02_prune_keeps_a_local_step_that_no_mirror_holds(tmp_path, capsys):
     assert set(committed(mirror, RUN)) == {name(s) for s in (200, 500)}
 
 
+
+def test_T02_newer_foreign_checkpoints_in_the_mirror_do_not_free_an_unmirrored_one(tmp_path, capsys):
+    """The mirror holds two newer checkpoints of another compat, none of ours: it would keep our 100 (F42)."""
+    primary, mirror = str(tmp_path / "local"), str(tmp_path / "mirror")
+    save_steps(primary, [100, 200, 300], compat={"model": "a"})
+    save_steps(mirror, [400, 500], compat={"model": "b"})
+    assert cli.main(["prune", primary, mirror, "--run", RUN, "--keep-last", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["deleted"] == {primary: [], mirror: []}
+    assert set(committed(primary, RUN)) == {name(s) for s in (100, 200, 300)}
+
 # ----------------------------------------------------------------------------- T03 generations and number bounds
 
 
