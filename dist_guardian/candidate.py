@@ -55,6 +55,7 @@ class Candidate:
     replica_key: str = ""
     manifest_digest: str | None = None
     compat_fingerprint: str | None = None
+    layout_fingerprint: str | None = None  # of the manifest's whole layout: retention groups by (compat, layout)
     created_unix: float | None = None
 
     def with_verdict(self, tier: Tier, *reasons: str) -> "Candidate":
@@ -99,7 +100,7 @@ class Candidate:
         for k in ("id", "store", "path", "replica_key"):
             if k in d and not isinstance(d[k], str):
                 raise bad(k, "must be a string")
-        for k in ("run", "manifest_digest", "compat_fingerprint"):
+        for k in ("run", "manifest_digest", "compat_fingerprint", "layout_fingerprint"):
             if d.get(k) is not None and not isinstance(d[k], str):
                 raise bad(k, "must be a string or null")
         if not _is_int(d["store_index"], 0, 1 << 20):

@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import bench
 
             return bench.main(args)
-        return _prune(args, opts)
+        return _prune(args, opts, compat)
     except ConfigError as e:
         print(f"dist-guardian: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -164,13 +164,18 @@ def _verify(args: argparse.Namespace, opts: Any) -> int:
     return {"V": EXIT_OK, "S": EXIT_SUSPECT}.get(tier, EXIT_NOTHING)
 
 
-def _prune(args: argparse.Namespace, opts: Any) -> int:
+def _prune(args: argparse.Namespace, opts: Any, compat: Any) -> int:
+    """Retention as the library runs it: the first store is the primary, the others its mirrors (F42).
+
+    Without live state, every (compat, layout) group is pruned on its own; ``--compat`` restricts to that compat.
+    """
     from . import planning, saving
 
     store_list, refused = planning.resolve_stores(args.stores, opts)
     out: dict[str, Any] = {}
-    for s in store_list:
-        out[s.url] = saving.retain(s, args.run, args.keep_last, dry_run=args.dry_run)
+    for i, s in enumerate(store_list):
+        out[s.url] = saving.retain(s, args.run, args.keep_last, dry_run=args.dry_run, compat=compat,
+                                   mirrors=store_list[1:] if i == 0 else [])
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, "deleted": out, "refused": refused}, indent=2))
     else:

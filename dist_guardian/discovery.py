@@ -20,7 +20,7 @@ from .stores import Entry, Store
 
 log = logging.getLogger(__name__)
 
-RANK_FILE_RE = re.compile(r"^rank-(\d{5})-of-(\d{5})\.dgt\Z")
+RANK_FILE_RE = re.compile(r"^rank-(\d{5,7})-of-(\d{5,7})\.dgt\Z")  # 7 digits: manifest.MAX_WORLD_SIZE = 2**20
 REPLICATED_FILE = "replicated.dgt"
 DCP_METADATA = ".metadata"
 MAX_SIGHTINGS_PER_STORE = 100_000

@@ -148,6 +148,7 @@ class Guardian:
         self._mirrors: saving.Mirrors | None = None
         self._failed_saves = 0
         self._quarantined: set[str] = set()
+        self._layout: dict[str, str] | None = None  # of the state last saved: retention keeps to its group (T02)
         self._closed = False
         self._pool: ThreadPoolExecutor | None = None  # one background save at a time (blocking=False)
         self._pending: Future | None = None
@@ -359,6 +360,7 @@ class Guardian:
             tensors={w.entry.name: w.stats for w in entries}, torch_version=torch.__version__,
             writer=saving.writer_info(), layout=layout,
         )
+        self._layout = layout
         if primary.is_local:
             final = saving.commit_local(primary, self.run, staging, step, self.generation, mbytes)
             self._verified.add((primary.url, f"{self.run}/{os.path.basename(final)}", manifest.digest_bytes(mbytes)))
@@ -412,7 +414,8 @@ class Guardian:
         primary = self._store_list()[0]
         return saving.retain(store, self.run, self.keep_last, protected=protected, quarantined=self._quarantined,
                              mirrors=mirrors, verified=self._verified, journal_store=primary,
-                             on_unmirrored=self._catch_up if mirrors and store.is_local else None)
+                             on_unmirrored=self._catch_up if mirrors and store.is_local else None,
+                             compat=self.compat or {}, layout=self._layout)
 
     def _catch_up(self, c: Candidate, missing: list[Store]) -> None:
         """A committed local checkpoint that a mirror lacks (deferred, or from an earlier run): mirror it."""
@@ -452,7 +455,7 @@ class Guardian:
             view = saving._mirror_view(m, self.run)
             if view is None:
                 continue
-            missing = [c for c in good if not saving._held_or_not_needed(c, c.rel.split("/", 1)[1], view, len(good))]
+            missing = [c for c in good if not saving._held_or_not_needed(c, view, len(good), good)]
             for c in missing:
                 self._catch_up(c, [m])
 

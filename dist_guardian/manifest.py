@@ -94,6 +94,11 @@ def compat_fingerprint(compat: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
+def layout_fingerprint(layout: dict[str, str]) -> str:
+    """A stable hash of a whole layout (state key -> module fingerprint): equal only for the same state structure."""
+    return compat_fingerprint(layout)
+
+
 def _finite_float(x: float) -> float | str:
     if math.isfinite(x):
         return x

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 from typing import Any, Iterable, Sequence
 
-from . import discovery, journal, stores, verify
+from . import discovery, journal, manifest, stores, verify
 from .candidate import Candidate, order
 from .errors import ConfigError, PlanFormatError, StoreError
 from .discovery import Sighting
@@ -27,7 +27,7 @@ class Plan:
     rejected: tuple[tuple[str, str], ...]
     unreachable: tuple[tuple[str, str], ...]
     warnings: tuple[str, ...]
-    generation: int  # the lineage of this incarnation: newest seen + 1 (F36, F39)
+    generation: int  # the lineage of this incarnation: newest seen + 1, at most manifest.MAX_GENERATION (F36, F39)
     sightings: int
     demoted: tuple[str, ...] = ()
     error: str | None = None
@@ -140,8 +140,9 @@ class PlanCursor:
         self._pos = 0
         self._held: list[Candidate] = []  # last_resort suspects and demoted candidates, for the final page
         self._final_sent = False
-        hints = [s.generation_hint or 0 for s in native]
-        self.max_generation = max(hints, default=0)
+        self.max_generation, self._max_generation_from, self._capped = 0, "", False
+        for s in native:
+            self._saw_generation(s.generation_hint or 0, s.store.uri(s.rel))
         self.pages = 0
         self.all_candidates: list[Candidate] = []
 
@@ -157,6 +158,25 @@ class PlanCursor:
             self._pos += 1
         return out
 
+    def _saw_generation(self, generation: int, where: str) -> None:
+        if generation > self.max_generation:
+            self.max_generation, self._max_generation_from = generation, where
+
+    @property
+    def next_generation(self) -> int:
+        """This incarnation's lineage: the newest seen + 1, capped at ``MAX_GENERATION`` so that one
+        planted or foreign manifest never makes every later save fail (T03)."""
+        return min(self.max_generation + 1, manifest.MAX_GENERATION)
+
+    def _generation_warnings(self) -> list[str]:
+        if self._capped or self.max_generation < manifest.MAX_GENERATION:
+            return []
+        self._capped = True
+        msg = (f"generation_capped: {self._max_generation_from} carries generation {self.max_generation}; "
+               f"this incarnation saves at the cap {manifest.MAX_GENERATION}")
+        log.warning("%s", msg)
+        return [msg]
+
     @property
     def exhausted(self) -> bool:
         return self._pos >= len(self._native) and (self._final_sent or not self._held) and self.pages > 0
@@ -168,12 +188,13 @@ class PlanCursor:
         checked = verify.verify_all(sightings, run=self.run, compat=self.compat,
                                     extra_safe_globals=self.extra_safe_globals, layout=self.layout)
         self.all_candidates += checked.candidates
-        self.max_generation = max(self.max_generation, checked.max_generation)
+        self._saw_generation(checked.max_generation, next(
+            (c.path for c in checked.candidates if c.generation == checked.max_generation), "a manifest"))
         ordered = order(checked.candidates, self.suspect)
         if self.suspect == "last_resort":
             self._held += [c for c in ordered if c.tier == "S"]
             ordered = [c for c in ordered if c.tier != "S"]
-        warnings = list(checked.warnings) + _lineage_warnings(ordered)
+        warnings = list(checked.warnings) + _lineage_warnings(ordered) + self._generation_warnings()
         demoted: list[str] = []
         if self.use_journal and self.store_list and ordered:
             keep = []
@@ -195,7 +216,7 @@ class PlanCursor:
             rejected=tuple((c.path, "; ".join(c.reasons)) for c in checked.candidates if c.tier == "R"),
             unreachable=(tuple(self.found.unreachable) + self.refused) if first else (),
             warnings=tuple(warnings) + (self.found.notes if first else ()),
-            generation=self.max_generation + 1,
+            generation=self.next_generation,
             sightings=len(self.found.sightings),
             demoted=tuple(demoted),
             more=not self.exhausted,
@@ -240,7 +261,7 @@ def make_plan(
         rejected=tuple(r for p in pages for r in p.rejected),
         unreachable=first.unreachable,
         warnings=tuple(w for p in pages for w in p.warnings),
-        generation=cur.max_generation + 1,
+        generation=cur.next_generation,
         sightings=first.sightings,
         demoted=tuple(d for p in pages for d in p.demoted),
         listing=tuple(sorted(cur.all_candidates, key=lambda c: (-c.step, -c.generation, c.store_index, c.path)))

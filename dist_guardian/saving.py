@@ -673,21 +673,27 @@ def retain(store: Store, run: str, keep_last: int, *, protected: set[str] | froz
            quarantined: set[str] | frozenset[str] = frozenset(), dry_run: bool = False,
            mirrors: Sequence[Store] = (), full_verify: bool | None = None, verified: set[tuple[str, str, str]] | None = None,
            journal_store: Store | None = None,
-           on_unmirrored: Callable[[Any, list[Store]], None] | None = None) -> list[str]:
+           on_unmirrored: Callable[[Any, list[Store]], None] | None = None,
+           compat: dict[str, Any] | None = None, layout: dict[str, str] | None = None) -> list[str]:
     """Delete old verified checkpoints beyond ``keep_last`` in one store. Returns what was deleted.
 
     The rules (F40-F42):
 
+    - Counts and deletes within one group of checkpoints only: the same compat fingerprint
+      and the same layout fingerprint (another job's, or another model's, checkpoints in the
+      run dir never push out ours). With ``compat`` (and ``layout``, the job's own: what it
+      just saved) only that group is touched; without, every group is pruned on its own.
     - Counts only committed and verified checkpoints, newest first. On a local store a
       counted checkpoint is verified fully (every checksum) once per process
       (``verified`` caches it; the caller adds what it just wrote); a remote one by its
       manifest and listed sizes. One that fails is kept and not counted.
-    - Always keeps the newest verified (``keep_last`` below 2 is raised to 2).
+    - Always keeps the newest verified of each group (``keep_last`` below 2 is raised to 2).
     - Never deletes what is not verified (L, S and R are kept), anything in ``protected``
       (a mirror upload in flight, F42), anything ``quarantined`` (failed at resume, here or
       in the journal), or a checkpoint that one of ``mirrors`` does not hold yet while that
-      mirror would keep it (``retention_blocked_unmirrored``; ``on_unmirrored`` may queue
-      the upload). A mirror that cannot be listed holds nothing, as far as we know.
+      mirror would keep it, i.e. holds fewer than ``keep_last`` newer copies of its group
+      (``retention_blocked_unmirrored``; ``on_unmirrored`` may queue the upload). A mirror
+      that cannot be listed holds nothing, as far as we know.
     - Never touches a store it could not list fully.
     - Deletes the commit marker first: locally the directory is renamed to a trash name
       (atomic), remotely the claim and then the manifest go first; a half-deleted
@@ -711,27 +717,35 @@ def retain(store: Store, run: str, keep_last: int, *, protected: set[str] | froz
         return []
     full = store.is_local if full_verify is None else full_verify
     bad = set(quarantined) | _journal_quarantined(journal_store, run, checked)
-    good = sorted((c for c in checked if c.tier == "V"), key=lambda c: (c.step, c.generation), reverse=True)
-    counted, doomed = [], []
-    for c in good:
-        if c.path in bad:
-            continue  # quarantine: neither counted nor deleted
-        if len(counted) < keep_last:
-            key = (store.url, c.rel, c.manifest_digest or "")
-            if full and (verified is None or key not in verified):
-                tier, reasons = verify.verify_full(store, c.rel)
-                if tier != "V":
-                    log.warning("retention_not_counted %s: tier %s (%s); kept, and not counted as verified",
-                                c.path, tier, "; ".join(reasons))
-                    continue
-                if verified is not None:
-                    verified.add(key)
-            counted.append(c)
-        else:
-            doomed.append(c)
+    want = (None if compat is None else manifest.compat_fingerprint(compat),
+            None if layout is None else manifest.layout_fingerprint(layout))
+    groups: dict[tuple[str | None, str | None], list[Any]] = {}
+    for c in sorted((c for c in checked if c.tier == "V"), key=lambda c: (c.step, c.generation), reverse=True):
+        key = (c.compat_fingerprint, c.layout_fingerprint)
+        if all(w is None or w == k for w, k in zip(want, key)):
+            groups.setdefault(key, []).append(c)
+    doomed: list[tuple[Any, list[Any]]] = []
+    for members in groups.values():
+        counted = 0
+        for c in members:
+            if c.path in bad:
+                continue  # quarantine: neither counted nor deleted
+            if counted < keep_last:
+                vkey = (store.url, c.rel, c.manifest_digest or "")
+                if full and (verified is None or vkey not in verified):
+                    tier, reasons = verify.verify_full(store, c.rel)
+                    if tier != "V":
+                        log.warning("retention_not_counted %s: tier %s (%s); kept, and not counted as verified",
+                                    c.path, tier, "; ".join(reasons))
+                        continue
+                    if verified is not None:
+                        verified.add(vkey)
+                counted += 1
+            else:
+                doomed.append((c, members))
     deleted: list[str] = []
     views: dict[str, dict[str, Any] | None] = {}
-    for c in doomed:
+    for c, members in doomed:
         name = c.rel.split("/", 1)[1]
         if name in protected:
             log.warning("retention_blocked_unmirrored: keeping %s until its mirror upload is committed", c.path)
@@ -740,7 +754,7 @@ def retain(store: Store, run: str, keep_last: int, *, protected: set[str] | froz
         for m in mirrors:
             if m.url not in views:
                 views[m.url] = _mirror_view(m, run)
-            if not _held_or_not_needed(c, name, views[m.url], keep_last):
+            if not _held_or_not_needed(c, views[m.url], keep_last, members):
                 missing.append(m)
         if missing:
             log.warning("retention_blocked_unmirrored: keeping %s: not committed in %s yet",
@@ -798,19 +812,19 @@ def _mirror_view(m: Store, run: str) -> dict[str, Any] | None:
     return {d: files for d, files in dirs.items() if manifest.MANIFEST_NAME in files}
 
 
-def _held_or_not_needed(c: Any, name: str, view: dict[str, Any] | None, keep_last: int) -> bool:
+def _held_or_not_needed(c: Any, view: dict[str, Any] | None, keep_last: int, group: Sequence[Any]) -> bool:
+    """Whether the mirror ``view`` holds ``c``, or holds ``keep_last`` newer copies of ``group`` (the checkpoints
+    of ``c``'s store with its compat and layout): then its own retention would not keep ``c`` either."""
     if view is None:
         return False
-    files = view.get(name)
-    if files is not None and all(files.get(f.name) == f.size for f in c.files):
+    if _holds(view, c):
         return True
-    # The mirror holds keep_last newer committed checkpoints: its own retention would not keep this one.
-    newer = 0
-    for d in view:
-        m = stores.STEP_DIR_RE.match(d)
-        if m and int(m.group(1)) > c.step:
-            newer += 1
-    return newer >= keep_last
+    return sum(1 for p in group if p.step > c.step and _holds(view, p)) >= keep_last
+
+
+def _holds(view: dict[str, Any], c: Any) -> bool:
+    files = view.get(c.rel.split("/", 1)[1])
+    return files is not None and all(files.get(f.name) == f.size for f in c.files)
 
 
 def _delete_checkpoint(store: Store, run: str, name: str) -> None:

@@ -57,7 +57,7 @@ NODE_LOCAL_ENV = "DIST_GUARDIAN_NODE_LOCAL_ROOT"
 PROGRESS_ENV = "DIST_GUARDIAN_PROGRESS"
 STAGING_PREFIX = ".staging-"
 STAGING_RE = re.compile(r"^\.staging-step-(\d{1,20})-([0-9a-f]{8,32})\Z")
-STEP_DIR_RE = re.compile(r"^step-(\d{1,20})(?:-g(\d{1,12}))?$")
+STEP_DIR_RE = re.compile(r"^step-(\d{1,20})(?:-g(\d{1,13}))?\Z")  # 13 digits: manifest.MAX_GENERATION = 2**40
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}\Z")
 DEFAULT_DEADLINE_S = 30.0
 DEFAULT_STALE_S = 3600.0

@@ -168,6 +168,7 @@ def _verify_native(s: Sighting, *, run: str, compat: dict[str, Any] | None, now:
         replica_key=replica_key,
         manifest_digest=digest,
         compat_fingerprint=mf.compat_fingerprint,
+        layout_fingerprint=manifest.layout_fingerprint(mf.layout),
         created_unix=mf.created_unix,
     )
     if s.step is not None and mf.step != s.step:
