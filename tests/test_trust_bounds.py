@@ -51,6 +51,84 @@ def _journal_path(root: str, step: int) -> str:
     return os.path.join(root, journal._rel(RUN, c))
 
 
+# ----------------------------------------------------------------------------- (a) FIFOs where we write
+
+
+def test_T04_fifo_at_the_journal_entry_is_left_untouched_and_resume_is_prompt(tmp_path, caplog):
+    root = str(tmp_path / "ck")
+    snap = _save_b(root)
+    entry = _journal_path(root, 200)
+    os.makedirs(os.path.dirname(entry))
+    os.mkfifo(entry)
+    caplog.set_level(logging.WARNING, logger="dist_guardian")
+    t0 = time.monotonic()
+    r, state = _resume(root, timeout=30.0)
+    assert time.monotonic() - t0 < 10.0
+    assert r.resumed and r.step == 200 and same(snapshot(state), snap)
+    assert stat.S_ISFIFO(os.lstat(entry).st_mode)  # never replaced, never opened for writing
+    assert os.listdir(os.path.dirname(entry)) == [os.path.basename(entry)]  # no temporary left behind
+    writes = [rec.getMessage() for rec in caplog.records if "could not write the resume journal" in rec.getMessage()]
+    assert writes and all(f"{entry} is not a regular file (mode prw" in m and "left as it is" in m for m in writes)
+
+
+def test_T04_fifo_at_the_old_journal_temporary_name_does_not_hang_resume(tmp_path):
+    # The journal used to write "<entry>.<pid>.tmp" with O_TRUNC and no O_NONBLOCK: a FIFO there blocked forever.
+    root = str(tmp_path / "ck")
+    _save_b(root)
+    entry = _journal_path(root, 200)
+    os.makedirs(os.path.dirname(entry))
+    fifo = f"{entry}.{os.getpid()}.tmp"
+    os.mkfifo(fifo)
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(r=_resume(root, timeout=30.0)[0]), daemon=True)
+    t.start()
+    t.join(15.0)
+    hung = t.is_alive()
+    if hung:  # release the blocked writer so the thread ends
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        t.join(15.0)
+    assert not hung, "resume blocked on a FIFO in the journal directory"
+    assert out["r"].step == 200
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+@pytest.mark.parametrize("write", ["create_exclusive", "write_new_file", "replace_file", "put_bytes_exclusive"])
+def test_T04_every_local_write_refuses_a_fifo_without_blocking(tmp_path, write):
+    (tmp_path / "d").mkdir()
+    path = str(tmp_path / "d" / "x.json")
+    os.mkfifo(path)
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as ei:
+        if write == "create_exclusive":
+            os.close(stores.create_exclusive(path))
+        elif write == "put_bytes_exclusive":
+            stores.put_bytes_exclusive(stores.resolve(str(tmp_path)), "d/x.json", b"{}")
+        else:
+            getattr(stores, write)(path, b"{}")
+    assert time.monotonic() - t0 < 2.0
+    assert isinstance(ei.value, FileExistsError if write != "replace_file" else InsecurePathError)
+    assert stat.S_ISFIFO(os.lstat(path).st_mode) and os.listdir(tmp_path / "d") == ["x.json"]
+
+
+def test_T04_every_open_in_the_package_goes_through_the_safe_helpers():
+    """No builtin open() and no os.open() outside the two checked helpers of ``stores`` (a sweep of the source)."""
+    found = []
+    for path in sorted(PKG.glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if not isinstance(node, ast.Call):
+                    continue
+                f = node.func
+                if isinstance(f, ast.Name) and f.id == "open":
+                    found.append((path.stem, fn.name, "open"))
+                elif isinstance(f, ast.Attribute) and f.attr == "open" and ast.unparse(f.value) == "os":
+                    found.append((path.stem, fn.name, "os.open"))
+    assert sorted(set(found)) == [("stores", "_open_checked", "os.open"), ("stores", "fsync_dir", "os.open")]
+
+
 # ----------------------------------------------------------------------------- (d) one manifest, many files
 
 
