@@ -129,6 +129,37 @@ def test_T04_every_open_in_the_package_goes_through_the_safe_helpers():
     assert sorted(set(found)) == [("stores", "_open_checked", "os.open"), ("stores", "fsync_dir", "os.open")]
 
 
+# ----------------------------------------------------------------------------- (b) foreign files are paged
+
+
+def test_T04_foreign_files_are_verified_a_page_at_a_time(tmp_path, caplog):
+    root = str(tmp_path / "ck")
+    snap = _save_b(root)
+    n = 400
+    for i in range(n):  # not zips: each is opened and sniffed, then rejected
+        with open(os.path.join(root, RUN, f"dump-{1000 + i}.pt"), "wb") as f:
+            f.write(b"not a torch file")
+    for i in range(n // 4):  # no step in the name: after the named ones
+        with open(os.path.join(root, RUN, f"junk-{chr(97 + i // 26)}{chr(97 + i % 26)}.pt"), "wb") as f:
+            f.write(b"not a torch file")
+    store_list, _ = planning.resolve_stores([root], None)
+    cur = planning.PlanCursor(store_list, run=RUN, compat=None, suspect="after_same_step", use_journal=False)
+    first = cur.next_page()
+    assert len(first.rejected) == planning.PAGE_FOREIGN and first.more
+    assert [c.step for c in first.candidates] == [200]
+    assert sorted(p.rsplit("-", 1)[1] for p, _ in first.rejected)[-1] == f"{1000 + n - 1}.pt"  # newest names first
+    caplog.set_level(logging.INFO, logger="dist_guardian")
+    r, state = _resume(root)
+    assert r.step == 200 and same(snapshot(state), snap)
+    assert len(r.rejected) == planning.PAGE_FOREIGN
+    sniffed = [rec for rec in caplog.records if rec.getMessage().startswith("candidate_rejected")]
+    assert len(sniffed) == planning.PAGE_FOREIGN
+    # `ls` still shows everything.
+    full = planning.make_plan(store_list, run=RUN, compat=None, suspect="after_same_step", use_journal=False,
+                              include_rejected=True)
+    assert len(full.listing) == 1 + n + n // 4
+
+
 # ----------------------------------------------------------------------------- (d) one manifest, many files
 
 
