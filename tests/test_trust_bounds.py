@@ -19,7 +19,7 @@ import torch
 
 import helpers
 from dist_guardian import Guardian, cli, coordinator, journal, manifest, planning, stores
-from dist_guardian.errors import InsecurePathError
+from dist_guardian.errors import AttemptCapReached, InsecurePathError
 from helpers import make_state, same, snapshot
 
 RUN = "r"
@@ -158,6 +158,26 @@ def test_T04_foreign_files_are_verified_a_page_at_a_time(tmp_path, caplog):
     full = planning.make_plan(store_list, run=RUN, compat=None, suspect="after_same_step", use_journal=False,
                               include_rejected=True)
     assert len(full.listing) == 1 + n + n // 4
+
+
+# ----------------------------------------------------------------------------- (c) attempts are capped
+
+
+def test_T04_attempts_are_capped_and_never_start_fresh_with_candidates_left(tmp_path):
+    root = str(tmp_path / "ck")
+    os.makedirs(os.path.join(root, RUN))
+    src = str(tmp_path / "one.bin")
+    torch.save({"not_the_model": torch.zeros(2)}, src)  # sniffs clean (tier L), fails to map onto the state
+    data = pathlib.Path(src).read_bytes()
+    n = coordinator.MAX_ATTEMPTS + 16
+    for i in range(n):
+        pathlib.Path(root, RUN, f"dump_{i:04d}.bin").write_bytes(data)
+    with pytest.raises(AttemptCapReached) as ei:
+        _resume(root, timeout=60.0)
+    assert ei.value.tried == coordinator.MAX_ATTEMPTS and ei.value.untried >= 1
+    assert str(ei.value).startswith(f"attempt_cap_reached: {coordinator.MAX_ATTEMPTS} candidates failed to load")
+    assert len(os.listdir(os.path.join(root, RUN, journal.JOURNAL_DIR))) == coordinator.MAX_ATTEMPTS
+    assert len(os.listdir(os.path.join(root, RUN))) == n + 1  # nothing deleted
 
 
 # ----------------------------------------------------------------------------- (d) one manifest, many files
