@@ -180,6 +180,23 @@ def test_T04_attempts_are_capped_and_never_start_fresh_with_candidates_left(tmp_
     assert len(os.listdir(os.path.join(root, RUN))) == n + 1  # nothing deleted
 
 
+def test_T04_attempt_cap_stops_every_rank_together(tmp_path):
+    from dg_harness import run_ranks
+    from rank_fns import resume_state
+
+    root = str(tmp_path / "ck")
+    os.makedirs(os.path.join(root, RUN))
+    src = str(tmp_path / "one.bin")
+    torch.save({"not_the_model": torch.zeros(2)}, src)
+    data = pathlib.Path(src).read_bytes()
+    for i in range(coordinator.MAX_ATTEMPTS + 1):
+        pathlib.Path(root, RUN, f"dump_{i:04d}.bin").write_bytes(data)
+    out = run_ranks(resume_state, 2, timeout=90, stores=[root], run=RUN)
+    for r in range(2):
+        assert out.error_type(r) == "AttemptCapReached", out.errors
+        assert "at least 1 remain untried; not starting fresh" in out.errors[r], out.errors[r]
+
+
 # ----------------------------------------------------------------------------- (d) one manifest, many files
 
 
