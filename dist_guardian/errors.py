@@ -62,7 +62,7 @@ class ResumeFailed(DistGuardianError, RuntimeError):
 
 
 class AttemptCapReached(ResumeFailed):
-    """``tried`` candidates failed to load and ``untried`` more remain: resume stops there, never starting fresh (T04)."""
+    """``tried`` candidates failed to load and ``untried`` more remain: resume stops, never starting fresh (T04)."""
 
     def __init__(self, message: str, *, tried: int, untried: int):
         super().__init__(message)
