@@ -48,7 +48,7 @@ def run_bench(store_url: str, *, size_mb: int = 256, runs: int = 3, storage_opti
             t0 = time.perf_counter()
             if store.is_local:
                 os.makedirs(store.join(run), exist_ok=True)
-                fd = os.open(store.join(rel), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = stores.create_exclusive(store.join(rel))
                 try:
                     pos = 0
                     while pos < len(mv):
@@ -64,7 +64,7 @@ def run_bench(store_url: str, *, size_mb: int = 256, runs: int = 3, storage_opti
             buf.fill_(0)
             t0 = time.perf_counter()
             if store.is_local:
-                with open(store.join(rel), "rb", buffering=0) as f:
+                with os.fdopen(stores.open_regular(store.join(rel)), "rb", buffering=0) as f:
                     out = memoryview(buf.numpy())
                     pos = 0
                     while pos < nbytes:

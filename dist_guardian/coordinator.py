@@ -20,7 +20,8 @@ from . import _faults, journal, stores, verify
 from .candidate import Attempt, Candidate, Loaded, ResumeResult, defer_suspect, validate_suspect_policy
 from .comm import Comm
 from .planning import Plan, PlanCursor, resolve_stores
-from .errors import AgreementTimeout, ConfigError, CoordinationError, DistGuardianError, NoReachableCheckpoint, ResumeFailed, StoreError
+from .errors import (AgreementTimeout, AttemptCapReached, ConfigError, CoordinationError, DistGuardianError,
+                     NoReachableCheckpoint, ResumeFailed, StoreError)
 from .stores import NAME_RE, Store, check_storage_options, check_url
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 VOTE_FAIL, VOTE_SUSPECT, VOTE_OK = 0, 1, 2
 TIMEOUT_PREFIX = "TimeoutError: timeout:"
 ON_EXHAUSTED = ("fresh", "raise")
+# Loads one resume tries before it stops (T04): 2,000 foreign files that sniff clean and fail to load cost
+# 2,000 attempts and journal entries. Reaching it with candidates left raises AttemptCapReached (never fresh).
+MAX_ATTEMPTS = 64
 
 
 def available_locally(c: Candidate, store_list: Sequence[Store], rank: int, world_size: int, listings: dict[int, Any]) -> str | None:
@@ -142,6 +146,9 @@ def resume(
     ``apply_fn(candidate,
     staged)`` runs on every rank only after a unanimous vote, so no rank ever holds a mix of
     two checkpoints (F29). Without a process group this is the same loop at world size 1.
+    After ``MAX_ATTEMPTS`` failed loads with candidates still untried it raises
+    :class:`~dist_guardian.errors.AttemptCapReached` (a ``ResumeFailed``), whatever
+    ``on_exhausted`` says: untried candidates are never given up for a fresh start (F33).
 
     Example::
 
@@ -277,12 +284,23 @@ def _attempt_loop(remaining: list[Candidate], load_fn, *, comm: Comm, run: str, 
     """Collective: every rank tries the same entry, one vote, all move on together.
 
     Returns the loaded candidate (already applied on every rank) or None, and whether a
-    failure may have been transient (an attempt timed out).
+    failure may have been transient (an attempt timed out). Raises :class:`AttemptCapReached`
+    when ``MAX_ATTEMPTS`` loads have failed and candidates remain.
     """
     rank = comm.rank
     transient = False
     idx = 0
     while idx < len(remaining):
+        tried = sum(a.outcome != "unavailable" for a in attempts)
+        if tried >= MAX_ATTEMPTS:
+            # Same attempts on every rank (lockstep), so every rank raises here together.
+            untried = len(remaining) - idx
+            msg = (f"attempt_cap_reached: {tried} candidates failed to load (cap MAX_ATTEMPTS={MAX_ATTEMPTS}) and "
+                   f"at least {untried} remain untried; not starting fresh. Move files that are not checkpoints "
+                   "(see the attempts) out of the stores, then restart")
+            if rank == 0:
+                log.error("%s", msg)
+            raise AttemptCapReached(msg, tried=tried, untried=untried)
         c = remaining[idx]
         store = next((s for s in store_list if s.index == c.store_index), None)
         if rank == 0 and use_journal and primary is not None:

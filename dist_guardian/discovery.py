@@ -38,16 +38,18 @@ class Sighting:
     entry_kind: str = "dir"  # what the listing says the path itself is (file, dir, symlink, other)
     size: int = 0
     children: tuple[Entry, ...] = ()  # for directories: their files (names relative to the dir)
+    # children by name: verification looks up every file a manifest names (a scan each was O(files^2), T04)
+    _by_name: dict[str, Entry] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {e.rel: e for e in reversed(self.children)})
 
     @property
     def id(self) -> str:
         return f"{self.store.index}:{self.rel}"
 
     def child(self, name: str) -> Entry | None:
-        for e in self.children:
-            if e.rel == name:
-                return e
-        return None
+        return self._by_name.get(name)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -61,5 +61,14 @@ class ResumeFailed(DistGuardianError, RuntimeError):
     """No candidate loaded and starting fresh would risk losing progress (F33)."""
 
 
+class AttemptCapReached(ResumeFailed):
+    """``tried`` candidates failed to load and ``untried`` more remain: resume stops, never starting fresh (T04)."""
+
+    def __init__(self, message: str, *, tried: int, untried: int):
+        super().__init__(message)
+        self.tried = tried
+        self.untried = untried
+
+
 class NoReachableCheckpoint(ResumeFailed):
     """No candidate could be reached while a store was down (F16 variant): never start fresh then."""

@@ -88,15 +88,7 @@ def record(store: Store, run: str, c: Candidate, *, started: int = 0, finished: 
             _refuse_symlinks(store.root, f"{run}/{JOURNAL_DIR}")
             os.makedirs(d, mode=0o700, exist_ok=True)
             stores.check_dirs_no_symlink(store.root, rel)
-            tmp = store.join(rel + f".{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, store.join(rel))
-            stores.fsync_dir(d)
+            stores.replace_file(store.join(rel), data)
         else:
             fs = stores.filesystem(store)
             stores.call(store, f"journal {rel}", lambda: fs.pipe_file(store.join(rel), data))

@@ -113,6 +113,7 @@ def resolve_stores(urls: Sequence[str], storage_options: dict | None) -> tuple[l
 
 
 PAGE_STEPS = 8  # distinct steps whose manifests rank 0 reads before the first attempt
+PAGE_FOREIGN = 16  # foreign files and directories rank 0 verifies per page
 
 
 class PlanCursor:
@@ -120,9 +121,11 @@ class PlanCursor:
 
     Discovery over 10,000 checkpoints must not read 10,000 manifests before the first
     attempt (DESIGN section 7): a page holds the newest ``page_steps`` steps (every replica
-    of them, in every store) plus every foreign file (their step may only be known inside
-    them). Suspects under ``last_resort`` and crash-loop demotions are held back and come
-    in a final page, so the policy holds across pages.
+    of them, in every store) plus the next ``PAGE_FOREIGN`` foreign sightings, those with
+    the newest step in their name first and those without one last (sniffing one costs
+    milliseconds: 20,000 of them cost minutes before the first attempt, T04). Suspects under
+    ``last_resort`` and crash-loop demotions are held back and come in a final page, so the
+    policy holds across pages.
     """
 
     def __init__(self, store_list: Sequence[Store], *, run: str, compat: dict[str, Any] | None, suspect: str,
@@ -135,9 +138,11 @@ class PlanCursor:
         self.refused = tuple(refused)
         native = sorted((s for s in self.found.sightings if s.kind == "native"),
                         key=lambda s: (-(s.step if s.step is not None else -1), -(s.generation_hint or 0), s.store.index))
-        self._foreign = [s for s in self.found.sightings if s.kind != "native"]
+        self._foreign = sorted((s for s in self.found.sightings if s.kind != "native"),
+                               key=lambda s: (s.step is None, -(s.step or 0), s.store.index, s.rel))
         self._native = native
         self._pos = 0
+        self._foreign_pos = 0
         self._held: list[Candidate] = []  # last_resort suspects and demoted candidates, for the final page
         self._final_sent = False
         self.max_generation, self._max_generation_from, self._capped = 0, "", False
@@ -147,7 +152,9 @@ class PlanCursor:
         self.all_candidates: list[Candidate] = []
 
     def _take(self) -> list[Sighting]:
-        out = list(self._foreign) if self.pages == 0 else []
+        end = len(self._foreign) if self.page_steps is None else self._foreign_pos + PAGE_FOREIGN
+        out = self._foreign[self._foreign_pos : end]
+        self._foreign_pos += len(out)
         steps: set[int | None] = set()
         while self._pos < len(self._native):
             s = self._native[self._pos]
@@ -178,8 +185,12 @@ class PlanCursor:
         return [msg]
 
     @property
+    def _listed_all(self) -> bool:
+        return self._pos >= len(self._native) and self._foreign_pos >= len(self._foreign)
+
+    @property
     def exhausted(self) -> bool:
-        return self._pos >= len(self._native) and (self._final_sent or not self._held) and self.pages > 0
+        return self._listed_all and (self._final_sent or not self._held) and self.pages > 0
 
     def next_page(self) -> Plan:
         first = self.pages == 0
@@ -207,7 +218,7 @@ class PlanCursor:
                 else:
                     keep.append(c)
             ordered = keep
-        if self._pos >= len(self._native) and self._held and not self._final_sent:
+        if self._listed_all and self._held and not self._final_sent:
             # Last page of the listing: append what the policy holds back until the very end.
             ordered += self._held
             self._final_sent = True

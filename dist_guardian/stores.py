@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import errno
 import fcntl
 import ipaddress
@@ -73,7 +74,8 @@ _STORE_KEYS = ("deadline_s", "stale_s", "concurrency", "part_size", "upload_part
 _AUTH_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
                "Forbidden", "403", "AuthFailure", "UnrecognizedClient")
 _OPEN_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -584,8 +586,17 @@ def open_regular(path: str) -> int:
 
     Returns an fd positioned at 0, or raises ``OSError`` naming the path and what it is.
     """
+    return _open_checked(path, _OPEN_READ_FLAGS)
+
+
+def _open_checked(path: str, flags: int, mode: int = 0o600) -> int:
+    """``os.open`` with no-follow, non-blocking ``flags``, then refuse anything but a regular file (T04).
+
+    Every open of a local file in the package comes through here, reads and writes alike: a
+    FIFO planted where we read or write must never block the resume.
+    """
     try:
-        fd = os.open(path, _OPEN_READ_FLAGS)
+        fd = os.open(path, flags, mode)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise InsecurePathError(errno.ELOOP, f"{path} is a symlink; refusing to follow it") from e
@@ -594,7 +605,7 @@ def open_regular(path: str) -> int:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise InsecurePathError(errno.EINVAL, f"{path} is not a regular file (mode {stat.filemode(st.st_mode)})")
-        # O_NONBLOCK only guarded the open against a FIFO; reads of a regular file block as usual.
+        # O_NONBLOCK only guarded the open against a FIFO; I/O on a regular file blocks as usual.
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         return fd
     except BaseException:
@@ -1205,8 +1216,8 @@ class RemoteReader:
 
 
 def create_exclusive(path: str) -> int:
-    """A new file, 0600, never replacing anything and never through a symlink."""
-    return os.open(path, _CREATE_FLAGS, 0o600)
+    """A new file, 0600, never replacing anything, never through a symlink, never blocking on a FIFO."""
+    return _open_checked(path, _CREATE_FLAGS)
 
 
 def write_new_file(path: str, data: bytes) -> None:
@@ -1221,8 +1232,34 @@ def write_new_file(path: str, data: bytes) -> None:
         os.close(fd)
 
 
+def replace_file(path: str, data: bytes) -> None:
+    """Atomically replace the small local file ``path`` (a journal entry) with ``data``, fsynced with its directory.
+
+    Refuses (``InsecurePathError``) when ``path`` exists and is not a regular file (a planted
+    FIFO, symlink or directory stays untouched, T04). ``data`` goes to a new file of a unique
+    name first (:func:`write_new_file`), so nothing already there is ever opened.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            raise InsecurePathError(errno.EINVAL, f"{path} is not a regular file (mode {stat.filemode(st.st_mode)}); "
+                                    "left as it is")
+    tmp = f"{path}.{uuid.uuid4().hex[:16]}.tmp"
+    try:
+        write_new_file(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the error that got us here is the one to report
+            os.unlink(tmp)
+        raise
+    fsync_dir(os.path.dirname(path))
+
+
 def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    fd = os.open(path, _DIR_FLAGS)
     try:
         os.fsync(fd)
     finally:
@@ -1350,7 +1387,11 @@ def put_file(store: Store, local_path: str, rel: str, *, transfer: Transfer | No
     bytes)`` runs after each part (tests stop a process there). The deadline counts from
     the last part acknowledged, so a big upload is not cut while it moves.
     """
-    size = os.path.getsize(local_path)
+    fd = open_regular(local_path)  # refuses a symlink or FIFO before fsspec opens the path by name
+    try:
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
     transfer = transfer if transfer is not None else Transfer(size, f"upload {store.uri(rel)}", show=False)
     if store.is_local:
         raise ConfigError(f"put_file is for remote stores; {store.url} commits through a staging dir")
@@ -1432,7 +1473,7 @@ def _direct_put(store: Store, fs: Any, path: str, local_path: str, size: int, tr
         if urllib.request.getproxies() and not urllib.request.proxy_bypass(u.hostname or ""):
             raise _NoDirect("a proxy is configured")
         try:
-            with open(local_path, "rb") as f:
+            with os.fdopen(open_regular(local_path), "rb") as f:
                 try:
                     conn.request("PUT", u.path + ("?" + u.query if u.query else ""), body=_CountingFile(f, transfer),
                                  headers={"Content-Length": str(size)})
