@@ -1,0 +1,142 @@
+"""T01: no byte of a DCP directory (or a torch.save file) reaches an unpickler without an allowlist.
+
+torch's DCP planner loads every non-tensor item with ``torch.load(weights_only=False)``, and an
+allowlisted global can still be mutated through ``BUILD``: both are planted here for real.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import zipfile
+
+import torch
+
+import helpers
+from dist_guardian import Guardian
+
+
+class Payload:
+    """A non-tensor DCP value whose pickle runs ``touch MARKER`` when unpickled without an allowlist."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class Note:
+    """A user class a run opts in to with ``extra_safe_globals``."""
+
+    def __init__(self, text: str = ""):
+        self.text = text
+
+
+def _dcp_save(tree: dict, path: str) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(tree, checkpoint_id=path)
+
+
+def _model_tree(seed: int, trainer: dict) -> tuple[dict, dict]:
+    state = helpers.make_state(seed=seed)
+    return {"model": state["model"], "trainer": trainer}, {"model": state["model"].state_dict(), "trainer": trainer}
+
+
+def _save_native(root: str, run: str, seed: int, step: int) -> dict:
+    state = helpers.make_state(seed=seed)
+    g = Guardian(stores=[root], run=run)
+    g.save({"model": state["model"], "trainer": state["trainer"]}, step=step)
+    g.close()
+    return helpers.model_tensors(state)
+
+
+def _fresh() -> dict:
+    s = helpers.make_state(seed=9)
+    return {"model": s["model"], "trainer": {"epoch": 0, "seen": 0}}
+
+
+def _failed(r, step: int) -> str:
+    got = [a for a in r.attempts if a.step == step]
+    assert got and got[0].outcome == "failed", r.to_json()
+    return " ".join(why for _rank, why in got[0].reasons)
+
+
+def _prefix_metadata(path: str, prefix: bytes) -> None:
+    """Run ``prefix`` (opcodes leaving nothing on the stack) before the genuine ``.metadata`` pickle."""
+    md = os.path.join(path, ".metadata")
+    data = open(md, "rb").read()
+    with open(md, "wb") as f:
+        f.write(prefix + data)
+
+
+def _u(s: str) -> bytes:
+    b = s.encode()
+    return b"X" + len(b).to_bytes(4, "little") + b
+
+
+def test_T01_dcp_bytes_item_pickle_never_runs(tmp_path):
+    root, marker = str(tmp_path / "ck"), tmp_path / "MARKER"
+    want = _save_native(root, "r", seed=3, step=100)
+    _dcp_save(_model_tree(4, {"epoch": Payload(str(marker)), "seen": 0})[1], os.path.join(root, "r", "dcp-step-300"))
+    fresh = _fresh()
+    r = Guardian(stores=[root], run="r").resume(fresh)
+    assert not marker.exists()
+    assert r.resumed and r.step == 100 and r.tier == "V", r.to_json()
+    assert helpers.same(helpers.model_tensors(fresh), want)
+    why = _failed(r, 300)
+    assert "DCP item 'trainer.epoch': unsafe_globals=['posix.system']; loading it would run code" in why, why
+
+
+def test_T01_top_level_planted_dcp_never_runs_at_an_unrelated_resume(tmp_path):
+    root, marker = str(tmp_path / "ck"), tmp_path / "MARKER"
+    want = _save_native(root, "r1", seed=3, step=100)
+    _dcp_save(_model_tree(4, {"epoch": Payload(str(marker)), "seen": 0})[1], os.path.join(root, "dcp-step-900"))
+    fresh = _fresh()
+    r = Guardian(stores=[root], run="r1").resume(fresh)
+    assert not marker.exists()
+    assert r.resumed and r.step == 100, r.to_json()
+    assert helpers.same(helpers.model_tensors(fresh), want)
+    assert "unsafe_globals=['posix.system']" in _failed(r, 900)
+
+
+def test_T01_dcp_extra_safe_globals_honoured_when_loading(tmp_path):
+    root = str(tmp_path / "ck")
+    _save_native(root, "r", seed=3, step=100)
+    d = os.path.join(root, "r", "dcp-step-300")
+    tree, saved = _model_tree(4, {"epoch": 1, "seen": 0, "note": Note("kept")})
+    _dcp_save(saved, d)
+    _prefix_metadata(d, b"\x80\x02c" + Note.__module__.encode() + b"\nNote\n)R0")  # .metadata needs Note too
+    fresh = _fresh()
+    fresh["trainer"]["note"] = Note()
+    r = Guardian(stores=[root], run="r", extra_safe_globals=[Note]).resume(fresh)
+    assert r.step == 300 and r.tier == "L", r.to_json()
+    assert helpers.same(helpers.model_tensors(fresh), {k: v for k, v in tree["model"].state_dict().items()})
+    assert fresh["trainer"]["note"].text == "kept"
+    # Without the opt-in it is refused at plan time, before anything is unpickled.
+    r2 = Guardian(stores=[root], run="r").resume(_fresh())
+    assert r2.step == 100 and not [a for a in r2.attempts if a.step == 300]
+
+
+def test_T01_pt_file_build_on_an_allowed_class_is_refused_by_weights_only(tmp_path, monkeypatch):
+    root = str(tmp_path / "ck")
+    owner = pathlib.PosixPath.owner
+    monkeypatch.setattr(pathlib.PosixPath, "owner", owner)
+    want = _save_native(root, "r", seed=3, step=100)
+    buf = io.BytesIO()
+    torch.save({"trainer": {"epoch": 1}}, buf)
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    # the same planted BUILD on a class the run opted in to, ahead of the genuine data.pkl
+    planted = b"\x80\x02cpathlib\nPosixPath\nN}" + _u("owner") + _u("pwned") + b"s\x86b0"
+    path = os.path.join(root, "r", "step_300.pt")
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for info in src.infolist():
+            data = src.read(info)
+            z.writestr(info.filename, planted + data if info.filename.endswith("/data.pkl") else data)
+    fresh = _fresh()
+    r = Guardian(stores=[root], run="r", extra_safe_globals=[pathlib.PosixPath]).resume(fresh)
+    assert pathlib.PosixPath.owner is owner
+    assert r.step == 100 and helpers.same(helpers.model_tensors(fresh), want), r.to_json()
+    assert "torch.load(weights_only=True) refused it" in _failed(r, 300)
