@@ -25,6 +25,7 @@ from .candidate import Candidate
 from .errors import CheckpointFormatError
 from .manifest import Manifest
 from .stores import Store
+from .verify import MAX_DCP_METADATA_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +389,7 @@ def load_dcp(c: Candidate, store: Store, state: dict[str, Any], *, extra_safe_gl
 
     torch's ``FileSystemReader`` unpickles ``.metadata`` with plain ``pickle.load``, and its
     ``DefaultLoadPlanner`` every non-tensor item with an unrestricted ``torch.load``: a planted
-    DCP directory would run code. Here ``.metadata`` is unpickled with an allowlist
+    DCP directory would run code. Here ``.metadata`` goes through :class:`_DCPMetadataUnpickler`
     (:data:`formats.DCP_SAFE_GLOBALS`; every file it names must lie in the directory) and each
     non-tensor item through ``torch.load(weights_only=True)``, both with ``extra_safe_globals``.
     """
@@ -422,8 +423,13 @@ def _split_safe_globals(extra_safe_globals: Iterable[Any]) -> tuple[list[str], l
 _DCP_METADATA = ".metadata"
 
 
-class _DCPMetadataUnpickler(pickle.Unpickler):
-    """Resolves only allowlisted globals; anything else (``posix.system``...) is refused before it is imported."""
+class _DCPMetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Resolves only allowlisted globals; anything else (``posix.system``...) is refused before it is imported.
+
+    The pure-Python unpickler, because its ``BUILD`` can be overridden (the C one's cannot): state
+    is set only on instances of allowlisted classes, never on a class (``setattr(PosixPath, ...)``),
+    and never under a ``__`` key (``__class__``, ``__dict__``...).
+    """
 
     def __init__(self, f: Any, extra: frozenset[str]):
         super().__init__(f)
@@ -435,15 +441,36 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"unsafe_global {qual}")
         return super().find_class(module, name)
 
+    def _load_build(self) -> None:
+        state, inst = self.stack[-1], self.stack[-2]
+        if isinstance(inst, type):
+            raise pickle.UnpicklingError(f"state_on_class: BUILD would set attributes of the class "
+                                         f"{inst.__module__}.{inst.__qualname__}")
+        qual = f"{type(inst).__module__}.{type(inst).__qualname__}"
+        if not formats.is_safe_global(qual, self._extra):
+            raise pickle.UnpicklingError(f"unsafe_build: BUILD of a {qual[:100]} instance")
+        for part in state if isinstance(state, tuple) and len(state) == 2 else (state,):
+            bad = [k for k in part if not isinstance(k, str) or k.startswith("__")] if isinstance(part, dict) else []
+            if bad:
+                raise pickle.UnpicklingError(f"unsafe_build_key: BUILD of a {qual} sets {str(bad[0])[:100]!r}")
+        super().load_build()
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: _load_build}  # type: ignore[attr-defined]
+
 
 def read_dcp_metadata(path: str, extra_safe_globals: Iterable[str] = ()) -> Any:
     """A DCP ``.metadata`` file, unpickled with the allowlist; every file it names must be a plain name."""
     fd = stores.open_regular(path)
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(MAX_DCP_METADATA_BYTES + 1)
+    if len(raw) > MAX_DCP_METADATA_BYTES:
+        raise CheckpointFormatError(f"{path}: DCP metadata larger than {MAX_DCP_METADATA_BYTES} bytes; not read")
     try:
-        with os.fdopen(fd, "rb") as f:
-            md = _DCPMetadataUnpickler(f, formats.DCP_SAFE_GLOBALS | frozenset(extra_safe_globals)).load()
+        md = _DCPMetadataUnpickler(io.BytesIO(raw), formats.DCP_SAFE_GLOBALS | frozenset(extra_safe_globals)).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
             KeyError, RecursionError) as e:
+        if isinstance(e, pickle.UnpicklingError):
+            log.warning("security_event: %s: DCP metadata refused: %s", path, e)
         raise CheckpointFormatError(f"{path}: DCP metadata refused: {type(e).__name__}: {str(e)[:200]}") from None
     data = getattr(md, "storage_data", None)
     if not isinstance(data, dict):

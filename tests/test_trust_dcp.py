@@ -102,6 +102,35 @@ def test_T01_top_level_planted_dcp_never_runs_at_an_unrelated_resume(tmp_path):
     assert "unsafe_globals=['posix.system']" in _failed(r, 900)
 
 
+def test_T01_dcp_metadata_build_never_sets_state_on_an_allowed_class(tmp_path, monkeypatch):
+    root = str(tmp_path / "ck")
+    owner = pathlib.PosixPath.owner
+    monkeypatch.setattr(pathlib.PosixPath, "owner", owner)  # restored even if the planted BUILD runs
+    want = _save_native(root, "r", seed=3, step=100)
+    d = os.path.join(root, "r", "dcp-step-300")
+    _dcp_save(_model_tree(4, {"epoch": 1, "seen": 0})[1], d)
+    # GLOBAL pathlib.PosixPath (allowlisted), state (None, {"owner": "pwned"}), BUILD: setattr(PosixPath, ...)
+    _prefix_metadata(d, b"\x80\x02cpathlib\nPosixPath\nN}" + _u("owner") + _u("pwned") + b"s\x86b0")
+    fresh = _fresh()
+    r = Guardian(stores=[root], run="r").resume(fresh)
+    assert pathlib.PosixPath.owner is owner
+    assert r.resumed and r.step == 100 and helpers.same(helpers.model_tensors(fresh), want), r.to_json()
+    assert "state_on_class: BUILD would set attributes of the class pathlib.PosixPath" in _failed(r, 300)
+
+
+def test_T01_dcp_metadata_build_refuses_dunder_state_keys(tmp_path):
+    root = str(tmp_path / "ck")
+    _save_native(root, "r", seed=3, step=100)
+    d = os.path.join(root, "r", "dcp-step-300")
+    _dcp_save(_model_tree(4, {"epoch": 1, "seen": 0})[1], d)
+    # PosixPath("/x") (allowlisted), then BUILD with slot state {"__class__": PurePosixPath}
+    _prefix_metadata(d, b"\x80\x02cpathlib\nPosixPath\n" + _u("/x") + b"\x85RN}" + _u("__class__")
+                     + b"cpathlib\nPurePosixPath\ns\x86b0")
+    r = Guardian(stores=[root], run="r").resume(_fresh())
+    assert r.step == 100, r.to_json()
+    assert "unsafe_build_key: BUILD of a pathlib.PosixPath sets '__class__'" in _failed(r, 300)
+
+
 def test_T01_dcp_extra_safe_globals_honoured_when_loading(tmp_path):
     root = str(tmp_path / "ck")
     _save_native(root, "r", seed=3, step=100)
