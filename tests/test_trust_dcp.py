@@ -14,6 +14,7 @@ import zipfile
 import torch
 
 import helpers
+from dg_harness import run_ranks
 from dist_guardian import Guardian
 
 
@@ -131,22 +132,61 @@ def test_T01_dcp_metadata_build_refuses_dunder_state_keys(tmp_path):
     assert "unsafe_build_key: BUILD of a pathlib.PosixPath sets '__class__'" in _failed(r, 300)
 
 
-def test_T01_dcp_extra_safe_globals_honoured_when_loading(tmp_path):
-    root = str(tmp_path / "ck")
+def _plant_note_dcp(root: str) -> dict:
     _save_native(root, "r", seed=3, step=100)
     d = os.path.join(root, "r", "dcp-step-300")
     tree, saved = _model_tree(4, {"epoch": 1, "seen": 0, "note": Note("kept")})
     _dcp_save(saved, d)
     _prefix_metadata(d, b"\x80\x02c" + Note.__module__.encode() + b"\nNote\n)R0")  # .metadata needs Note too
+    return helpers.model_tensors(tree)
+
+
+def _resume_with_note(rank: int, world: int, *, root: str) -> dict:
     fresh = _fresh()
     fresh["trainer"]["note"] = Note()
-    r = Guardian(stores=[root], run="r", extra_safe_globals=[Note]).resume(fresh)
-    assert r.step == 300 and r.tier == "L", r.to_json()
-    assert helpers.same(helpers.model_tensors(fresh), {k: v for k, v in tree["model"].state_dict().items()})
-    assert fresh["trainer"]["note"].text == "kept"
+    r = Guardian(stores=[root], run="r", timeout=20, extra_safe_globals=[Note]).resume(fresh)
+    return {"step": r.step, "tier": r.tier, "note": fresh["trainer"]["note"].text, "json": r.to_json(),
+            "weights": {k: v.clone() for k, v in helpers.model_tensors(fresh).items()}}
+
+
+def test_T01_dcp_extra_safe_globals_honoured_when_loading(tmp_path):
+    root = str(tmp_path / "ck")
+    want = _plant_note_dcp(root)
+    got = _resume_with_note(0, 1, root=root)
+    assert got["step"] == 300 and got["tier"] == "L", got["json"]
+    assert helpers.same(got["weights"], want) and got["note"] == "kept"
     # Without the opt-in it is refused at plan time, before anything is unpickled.
     r2 = Guardian(stores=[root], run="r").resume(_fresh())
     assert r2.step == 100 and not [a for a in r2.attempts if a.step == 300]
+
+
+def test_T01_dcp_extra_safe_globals_honoured_on_every_rank(tmp_path):
+    root = str(tmp_path / "ck")
+    want = _plant_note_dcp(root)
+    out = run_ranks(_resume_with_note, 2, root=root)
+    assert out.ok(), out.errors
+    for rank in range(2):
+        got = out.results[rank]
+        assert got["step"] == 300 and got["note"] == "kept", (rank, got["json"])
+        assert helpers.same(got["weights"], want)
+
+
+def test_T01_dcp_metadata_build_never_sets_state_on_an_allowed_function(tmp_path):
+    import torch._utils
+
+    root = str(tmp_path / "ck")
+    _save_native(root, "r", seed=3, step=100)
+    d = os.path.join(root, "r", "dcp-step-300")
+    _dcp_save(_model_tree(4, {"epoch": 1, "seen": 0})[1], d)
+    # GLOBAL torch._utils._rebuild_tensor (allowlisted), state {"dg_planted": 1}, BUILD: the function's __dict__
+    _prefix_metadata(d, b"\x80\x02ctorch._utils\n_rebuild_tensor\n}" + _u("dg_planted") + b"K\x01sb0")
+    try:
+        r = Guardian(stores=[root], run="r").resume(_fresh())
+        assert not hasattr(torch._utils._rebuild_tensor, "dg_planted")
+    finally:
+        torch._utils._rebuild_tensor.__dict__.pop("dg_planted", None)
+    assert r.step == 100, r.to_json()
+    assert "unsafe_build: BUILD of a builtins.function instance" in _failed(r, 300)
 
 
 def test_T01_pt_file_build_on_an_allowed_class_is_refused_by_weights_only(tmp_path, monkeypatch):
