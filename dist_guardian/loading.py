@@ -9,6 +9,7 @@ files are loaded with ``weights_only=True`` only, never falling back to unsafe l
 
 from __future__ import annotations
 
+import enum
 import io
 import logging
 import os
@@ -427,8 +428,8 @@ class _DCPMetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     """Resolves only allowlisted globals; anything else (``posix.system``...) is refused before it is imported.
 
     The pure-Python unpickler, because its ``BUILD`` can be overridden (the C one's cannot): state
-    is set only on instances of allowlisted classes, never on a class (``setattr(PosixPath, ...)``),
-    and never under a ``__`` key (``__class__``, ``__dict__``...).
+    is set only on instances of allowlisted classes, never on a class (``setattr(PosixPath, ...)``) or
+    an enum member (both shared by the whole process), and never under a ``__`` key (``__class__``...).
     """
 
     def __init__(self, f: Any, extra: frozenset[str]):
@@ -447,6 +448,8 @@ class _DCPMetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
             raise pickle.UnpicklingError(f"state_on_class: BUILD would set attributes of the class "
                                          f"{inst.__module__}.{inst.__qualname__}")
         qual = f"{type(inst).__module__}.{type(inst).__qualname__}"
+        if isinstance(inst, enum.Enum):  # a member is one shared object: BUILD would change it for the process
+            raise pickle.UnpicklingError(f"state_on_enum_member: BUILD would set attributes of {qual}.{inst.name}")
         if not formats.is_safe_global(qual, self._extra):
             raise pickle.UnpicklingError(f"unsafe_build: BUILD of a {qual[:100]} instance")
         for part in state if isinstance(state, tuple) and len(state) == 2 else (state,):

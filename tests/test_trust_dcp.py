@@ -189,6 +189,26 @@ def test_T01_dcp_metadata_build_never_sets_state_on_an_allowed_function(tmp_path
     assert "unsafe_build: BUILD of a builtins.function instance" in _failed(r, 300)
 
 
+def test_T01_dcp_metadata_build_never_changes_a_shared_enum_member(tmp_path):
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING as Enc
+
+    root = str(tmp_path / "ck")
+    _save_native(root, "r", seed=3, step=100)
+    d = os.path.join(root, "r", "dcp-step-300")
+    _dcp_save(_model_tree(4, {"epoch": 1, "seen": 0})[1], d)
+    member, value = Enc.TORCH_CONTIGUOUS_FORMAT, Enc.TORCH_CONTIGUOUS_FORMAT.value
+    # _MEM_FORMAT_ENCODING(value) is the process's one member; BUILD {"_value_": 99} would rewrite it
+    enc = b"ctorch.distributed.checkpoint.metadata\n_MEM_FORMAT_ENCODING\n"
+    _prefix_metadata(d, b"\x80\x02" + enc + b"K" + bytes([value]) + b"\x85R}" + _u("_value_") + b"Kcsb0")
+    try:
+        r = Guardian(stores=[root], run="r").resume(_fresh())
+        assert member._value_ == value
+    finally:
+        member._value_ = value
+    assert r.step == 100, r.to_json()
+    assert "state_on_enum_member: BUILD would set attributes of" in _failed(r, 300)
+
+
 def test_T01_pt_file_build_on_an_allowed_class_is_refused_by_weights_only(tmp_path, monkeypatch):
     root = str(tmp_path / "ck")
     owner = pathlib.PosixPath.owner
