@@ -452,7 +452,7 @@ _TORCH_SAFE_RE = re.compile(
     r"sparse_(coo|csr|csc|bsr|bsc)|nn\.parameter\.Parameter|serialization\._get_layout|"
     r"(float|bfloat|int|uint|complex)(8|16|32|64|128)?|half|double|long|short|bool|cfloat|cdouble|chalf|"
     r"float8_\w+|q(u)?int\w*"
-    r")$"
+    r")\Z"
 )
 SAFE_GLOBALS = frozenset(
     {

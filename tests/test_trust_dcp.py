@@ -209,21 +209,35 @@ def test_T01_dcp_metadata_build_never_changes_a_shared_enum_member(tmp_path):
     assert "state_on_enum_member: BUILD would set attributes of" in _failed(r, 300)
 
 
+def _planted_pt(path: str, prefix: bytes) -> None:
+    """A genuine torch.save file whose data.pkl runs ``prefix`` first (stored, CRCs recomputed)."""
+    buf = io.BytesIO()
+    torch.save({"trainer": {"epoch": 1}}, buf)
+    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for info in src.infolist():
+            data = src.read(info)
+            z.writestr(info.filename, prefix + data if info.filename.endswith("/data.pkl") else data)
+
+
+def test_T01_allowlist_name_check_matches_the_whole_string(tmp_path):
+    root = str(tmp_path / "ck")
+    _save_native(root, "r", seed=3, step=100)
+    path = os.path.join(root, "r", "step_300.pt")
+    _planted_pt(path, b"\x80\x02" + _u("torch") + _u("Size\n") + b"\x930")  # STACK_GLOBAL torch "Size\n"
+    r = Guardian(stores=[root], run="r").resume(_fresh())
+    assert r.step == 100 and not [a for a in r.attempts if a.step == 300], r.to_json()
+    assert dict(r.rejected)[path] == "unsafe_globals=['torch.Size\\n']"
+
+
 def test_T01_pt_file_build_on_an_allowed_class_is_refused_by_weights_only(tmp_path, monkeypatch):
     root = str(tmp_path / "ck")
     owner = pathlib.PosixPath.owner
     monkeypatch.setattr(pathlib.PosixPath, "owner", owner)
     want = _save_native(root, "r", seed=3, step=100)
-    buf = io.BytesIO()
-    torch.save({"trainer": {"epoch": 1}}, buf)
-    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
-    # the same planted BUILD on a class the run opted in to, ahead of the genuine data.pkl
-    planted = b"\x80\x02cpathlib\nPosixPath\nN}" + _u("owner") + _u("pwned") + b"s\x86b0"
     path = os.path.join(root, "r", "step_300.pt")
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        for info in src.infolist():
-            data = src.read(info)
-            z.writestr(info.filename, planted + data if info.filename.endswith("/data.pkl") else data)
+    # the same planted BUILD on a class the run opted in to, ahead of the genuine data.pkl
+    _planted_pt(path, b"\x80\x02cpathlib\nPosixPath\nN}" + _u("owner") + _u("pwned") + b"s\x86b0")
     fresh = _fresh()
     r = Guardian(stores=[root], run="r", extra_safe_globals=[pathlib.PosixPath]).resume(fresh)
     assert pathlib.PosixPath.owner is owner
