@@ -199,7 +199,7 @@ class Guardian:
                 staged = loading.load_torch_file(c, store, state, extra_safe_globals=self.extra_safe_globals,
                                                  foreign_loader=self.foreign_loader, required=required)
             else:
-                staged = loading.load_dcp(c, store, state)
+                staged = loading.load_dcp(c, store, state, extra_safe_globals=self.extra_safe_globals)
             loading.check_structure(staged, state, required)
             if staged.suspect:
                 try:

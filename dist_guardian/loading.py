@@ -9,6 +9,7 @@ files are loaded with ``weights_only=True`` only, never falling back to unsafe l
 
 from __future__ import annotations
 
+import enum
 import io
 import logging
 import os
@@ -25,6 +26,7 @@ from .candidate import Candidate
 from .errors import CheckpointFormatError
 from .manifest import Manifest
 from .stores import Store
+from .verify import MAX_DCP_METADATA_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -313,8 +315,7 @@ def load_torch_file(c: Candidate, store: Store, state: dict[str, Any], *, extra_
                     foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
                     required: Iterable[str] = ()) -> Staged:
     """Stage a bare ``torch.save`` file: checks, then ``weights_only=True`` only, then key matching."""
-    extra = list(extra_safe_globals)
-    extra_names = [f"{g.__module__}.{g.__qualname__}" if not isinstance(g, str) else g for g in extra]
+    extra_names, safe = _split_safe_globals(extra_safe_globals)
     if store.is_local:
         stores.check_dirs_no_symlink(store.root, c.rel)
         fd = stores.open_regular(store.join(c.rel))
@@ -334,7 +335,6 @@ def load_torch_file(c: Candidate, store: Store, state: dict[str, Any], *, extra_
     if not rep.ok:
         raise CheckpointFormatError("; ".join(rep.problems))
     suspect = [f"checksum_mismatch: {p}" for p in rep.problems] if rep.crc == "mismatch" else []
-    safe = [g for g in extra if not isinstance(g, str)]
     try:
         with torch.serialization.safe_globals(safe):
             obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
@@ -385,30 +385,52 @@ def match_foreign(obj: Any, state: dict[str, Any], *, path: str, foreign_loader=
 # ----------------------------------------------------------------------------- DCP directories
 
 
-def load_dcp(c: Candidate, store: Store, state: dict[str, Any], *, extra_safe_globals: Iterable[str] = ()) -> Staged:
+def load_dcp(c: Candidate, store: Store, state: dict[str, Any], *, extra_safe_globals: Iterable[Any] = ()) -> Staged:
     """Stage a PyTorch DCP directory through ``torch.distributed.checkpoint`` (which reshards).
 
-    torch's ``FileSystemReader`` unpickles ``.metadata`` with plain ``pickle.load``: a planted
-    DCP directory would run code. The reader used here unpickles it with an allowlist
-    (:data:`formats.DCP_SAFE_GLOBALS`) and checks that every file it names lies in the directory.
+    torch's ``FileSystemReader`` unpickles ``.metadata`` with plain ``pickle.load``, and its
+    ``DefaultLoadPlanner`` every non-tensor item with an unrestricted ``torch.load``: a planted
+    DCP directory would run code. Here ``.metadata`` goes through :class:`_DCPMetadataUnpickler`
+    (:data:`formats.DCP_SAFE_GLOBALS`; every file it names must lie in the directory) and each
+    non-tensor item through ``torch.load(weights_only=True)``, both with ``extra_safe_globals``.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     if not store.is_local:
         raise CheckpointFormatError(f"{c.path}: DCP directories are loaded from local stores only")
+    names, objs = _split_safe_globals(extra_safe_globals)
     stores.check_dirs_no_symlink(store.root, f"{c.rel}/{_DCP_METADATA}")
-    read_dcp_metadata(os.path.join(store.join(c.rel), _DCP_METADATA), extra_safe_globals)  # a clear error first
+    read_dcp_metadata(os.path.join(store.join(c.rel), _DCP_METADATA), names)  # a clear error first
     captured = statetree.capture(state)
     target = _empty_like_tree(captured)
-    dcp.load(target, storage_reader=_safe_dcp_reader(store.join(c.rel), extra_safe_globals))
+    planner = _safe_dcp_planner(c.path, names, objs)
+    try:
+        dcp.load(target, storage_reader=_safe_dcp_reader(store.join(c.rel), names), planner=planner)
+    except CheckpointException:
+        if planner.refused is not None:  # DCP wraps it with a traceback: the refusal itself is the reason
+            raise planner.refused from None
+        raise
     return Staged(tree=target, rng=None, step=c.step)
+
+
+def _split_safe_globals(extra_safe_globals: Iterable[Any]) -> tuple[list[str], list[Any]]:
+    """The caller's extra safe globals as qualnames (for our allowlists) and as objects (for ``torch.load``)."""
+    extra = list(extra_safe_globals)
+    names = [g if isinstance(g, str) else f"{g.__module__}.{g.__qualname__}" for g in extra]
+    return names, [g for g in extra if not isinstance(g, str)]
 
 
 _DCP_METADATA = ".metadata"
 
 
-class _DCPMetadataUnpickler(pickle.Unpickler):
-    """Resolves only allowlisted globals; anything else (``posix.system``...) is refused before it is imported."""
+class _DCPMetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Resolves only allowlisted globals; anything else (``posix.system``...) is refused before it is imported.
+
+    The pure-Python unpickler, because its ``BUILD`` can be overridden (the C one's cannot): state
+    is set only on instances of allowlisted classes, never on a class (``setattr(PosixPath, ...)``) or
+    an enum member (both shared by the whole process), and never under a ``__`` key (``__class__``...).
+    """
 
     def __init__(self, f: Any, extra: frozenset[str]):
         super().__init__(f)
@@ -420,15 +442,38 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"unsafe_global {qual}")
         return super().find_class(module, name)
 
+    def _load_build(self) -> None:
+        state, inst = self.stack[-1], self.stack[-2]
+        if isinstance(inst, type):
+            raise pickle.UnpicklingError(f"state_on_class: BUILD would set attributes of the class "
+                                         f"{inst.__module__}.{inst.__qualname__}")
+        qual = f"{type(inst).__module__}.{type(inst).__qualname__}"
+        if isinstance(inst, enum.Enum):  # a member is one shared object: BUILD would change it for the process
+            raise pickle.UnpicklingError(f"state_on_enum_member: BUILD would set attributes of {qual}.{inst.name}")
+        if not formats.is_safe_global(qual, self._extra):
+            raise pickle.UnpicklingError(f"unsafe_build: BUILD of a {qual[:100]} instance")
+        for part in state if isinstance(state, tuple) and len(state) == 2 else (state,):
+            bad = [k for k in part if not isinstance(k, str) or k.startswith("__")] if isinstance(part, dict) else []
+            if bad:
+                raise pickle.UnpicklingError(f"unsafe_build_key: BUILD of a {qual} sets {str(bad[0])[:100]!r}")
+        super().load_build()
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: _load_build}  # type: ignore[attr-defined]
+
 
 def read_dcp_metadata(path: str, extra_safe_globals: Iterable[str] = ()) -> Any:
     """A DCP ``.metadata`` file, unpickled with the allowlist; every file it names must be a plain name."""
     fd = stores.open_regular(path)
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(MAX_DCP_METADATA_BYTES + 1)
+    if len(raw) > MAX_DCP_METADATA_BYTES:
+        raise CheckpointFormatError(f"{path}: DCP metadata larger than {MAX_DCP_METADATA_BYTES} bytes; not read")
     try:
-        with os.fdopen(fd, "rb") as f:
-            md = _DCPMetadataUnpickler(f, formats.DCP_SAFE_GLOBALS | frozenset(extra_safe_globals)).load()
+        md = _DCPMetadataUnpickler(io.BytesIO(raw), formats.DCP_SAFE_GLOBALS | frozenset(extra_safe_globals)).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
             KeyError, RecursionError) as e:
+        if isinstance(e, pickle.UnpicklingError):
+            log.warning("security_event: %s: DCP metadata refused: %s", path, e)
         raise CheckpointFormatError(f"{path}: DCP metadata refused: {type(e).__name__}: {str(e)[:200]}") from None
     data = getattr(md, "storage_data", None)
     if not isinstance(data, dict):
@@ -438,6 +483,47 @@ def read_dcp_metadata(path: str, extra_safe_globals: Iterable[str] = ()) -> Any:
         if not isinstance(rp, str) or not rp or rp in (".", "..") or "/" in rp or "\\" in rp or "\x00" in rp:
             raise CheckpointFormatError(f"{path}: DCP metadata names a file outside its directory: {str(rp)[:100]!r}")
     return md
+
+
+def _safe_dcp_planner(path: str, names: list[str], safe: list[Any]) -> Any:
+    """A ``DefaultLoadPlanner`` whose non-tensor items are checked as a ``torch.save`` file and loaded weights-only.
+
+    DCP writes each non-tensor value with ``torch.save(obj, BytesIO)``; torch's planner reads it
+    back with weights-only off, which runs any pickle planted in a ``.distcp`` file. Here its
+    globals are checked first (nothing unpickled), then ``torch.load(weights_only=True)`` decides.
+    """
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class _SafePlanner(DefaultLoadPlanner):
+        refused: CheckpointFormatError | None = None
+
+        def _refuse(self, why: str) -> CheckpointFormatError:
+            self.refused = CheckpointFormatError(why)
+            return self.refused
+
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            fqn = read_item.dest_index.fqn
+            where = f"{path}: DCP item {fqn!r}"
+            rep = formats.sniff_torch_file(value, len(value.getbuffer()), where, names)
+            if rep.unsafe_globals:
+                log.warning("security_event: %s needs unsafe_globals=%s; never loaded", where, list(rep.unsafe_globals))
+                raise self._refuse(f"{where}: unsafe_globals={list(rep.unsafe_globals)}; loading it would run code")
+            if not rep.ok or rep.crc == "mismatch":
+                raise self._refuse("; ".join(rep.problems))
+            value.seek(0)
+            try:
+                with torch.serialization.safe_globals(safe):
+                    obj = torch.load(value, weights_only=True, map_location="cpu")
+            except Exception as e:
+                why = (str(e).splitlines() or [type(e).__name__])[0][:300]
+                raise self._refuse(f"{where}: torch.load(weights_only=True) refused it: {why}") from e
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    return _SafePlanner()
 
 
 def _safe_dcp_reader(path: str, extra_safe_globals: Iterable[str]) -> Any:
