@@ -440,10 +440,12 @@ def file_digest_stream(f: BinaryIO) -> tuple[int, str]:
 # ----------------------------------------------------------------------------- foreign files
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
-_STEP_RES = (
-    re.compile(r"(?:global_step|step|checkpoint|ckpt|iter|iteration)[_\-.]?(\d{1,15})", re.IGNORECASE),
-    re.compile(r"(\d{1,15})(?!.*\d)"),
-)
+# A step is taken from a foreign name only where the name says it is one (``step_300``,
+# ``checkpoint-300``, ``global_step300``, ``iter_300``, ``epoch=3-step=900``): a bare number
+# (``model_7.pt``) or a date (``export_20240501.pt``) would outrank every native checkpoint.
+_STEP_RE = re.compile(r"(?:global_step|step|checkpoint|ckpt|iteration|iter)[_\-.=]?(\d{1,15})(?!\d)", re.IGNORECASE)
+_DATE_RE = re.compile(
+    r"(?:(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])|(?:19|20)\d\d[_\-.]\d\d?[_\-.]\d\d?)(?!\d)")
 # Globals torch's weights_only unpickler accepts. Anything else makes a file R before load
 # (the final judge is still torch's own weights_only unpickler: we never load unsafely).
 _TORCH_SAFE_RE = re.compile(
@@ -488,12 +490,12 @@ def is_safe_global(qualname: str, extra_safe: Iterable[str] = ()) -> bool:
 
 
 def step_from_name(name: str) -> int | None:
+    """The step a foreign file or directory name states, or None (no step word, or a date)."""
     base = name.rsplit("/", 1)[-1]
-    for rx in _STEP_RES:
-        m = rx.search(base)
-        if m:
-            return int(m.group(1))
-    return None
+    m = _STEP_RE.search(base)
+    if m is None or _DATE_RE.match(base, m.start(1)):
+        return None
+    return int(m.group(1))
 
 
 @dataclass(frozen=True, slots=True)

@@ -265,11 +265,10 @@ def _verify_torch(s: Sighting, extra_safe: Iterable[str]) -> Candidate:
         return c.with_verdict("R", f"unsafe_globals={list(rep.unsafe_globals)}")
     if not rep.ok:
         return c.with_verdict("R", *(f"unloadable: {p}" for p in rep.problems))
-    if s.step is None:
-        if rep.step_key is None or not 0 <= rep.step_key <= manifest.MAX_STEP:
-            c = c.with_verdict(c.tier, "step_unknown: no step in the name or the file; ordered last")
-        else:
-            c = dataclasses.replace(c, step=rep.step_key)
+    if rep.step_key is not None and 0 <= rep.step_key <= manifest.MAX_STEP:
+        c = dataclasses.replace(c, step=rep.step_key)  # the file's own step wins over its name (T05)
+    elif s.step is None:
+        c = c.with_verdict(c.tier, "step_unknown: no step in the name or the file; ordered last")
     if rep.crc == "mismatch":
         return c.with_verdict("S", *(f"checksum_mismatch: {p}" for p in rep.problems))
     note = "legacy_unverified: torch.save file, zip CRCs clean" if rep.crc == "ok" else "legacy_unverified: torch.save file written without CRCs"
