@@ -109,6 +109,21 @@ def tree_digest(header_bytes: bytes, tensor_digests_in_order: Iterable[bytes]) -
     return h.hexdigest()
 
 
+def tree_key_digests(tree: object) -> dict[str, str]:
+    """The xxh3-128 of each top-level entry of a JSON state tree, as compact JSON (T10).
+
+    The manifest records them at save time, so damage to the non-tensor part of a file (an
+    ``lr``, a scheduler's ``last_epoch``) can be named by key when the file digest disagrees.
+    Equal for a tree and ``json.loads`` of its compact dump, so save and load compute the same.
+    """
+    if not isinstance(tree, dict):
+        return {}
+    items = list(tree.items())
+    if len(tree) == 1 and isinstance(tree.get("__dict__"), list):  # statetree's tag for keys like "__rng__"
+        items = [(p[0], p[1]) for p in tree["__dict__"] if isinstance(p, list) and len(p) == 2]
+    return {str(k): xxhash.xxh3_128_hexdigest(json.dumps(v, separators=(",", ":")).encode()) for k, v in items}
+
+
 def encode_header(tree_json: str, specs: Sequence[TensorSpec], extra_meta: dict[str, str] | None = None) -> tuple[bytes, list[TensorSpec]]:
     """The on-disk header and the tensors in file order (decreasing element size, stable)."""
     ordered = sorted(specs, key=lambda s: -DTYPE_SIZES[s.dtype])

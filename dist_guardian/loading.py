@@ -42,6 +42,8 @@ class Staged:
     warnings: list[str] = field(default_factory=list)
     stats: dict[str, manifest.TensorStat] = field(default_factory=dict)  # tensor name -> saved stats
     names: dict[int, str] = field(default_factory=dict)  # id(tensor) -> name, to name a damaged tensor
+    # Damage outside the tensors (state tree, tensor index): the sanity gate cannot judge it (T10).
+    tree_damaged: bool = False
 
 
 # ----------------------------------------------------------------------------- native
@@ -251,6 +253,7 @@ def load_native(c: Candidate, store: Store, *, rank: int, world_size: int, concu
     warnings: list[str] = []
     stats: dict[str, manifest.TensorStat] = {}
     names: dict[int, str] = {}
+    tree_damaged = False
     saved_ws = c.world_size or world_size
     for f in wanted:
         rel = f"{c.rel}/{f.name}"
@@ -258,15 +261,19 @@ def load_native(c: Candidate, store: Store, *, rank: int, world_size: int, concu
         if _faults.hit("load_file", rank=rank, step=c.step) == "corrupt" and buf.numel():
             buf[buf.numel() // 2] ^= 0x10
             digest, per = formats.payload_digests(header, memoryview(buf.numpy()))
-        if f.digest:
-            if digest != f.digest:
-                expected = mf.tensors.get(f.name, {}) if mf else {}
-                damaged = [t for t, d in per.items() if t in expected and expected[t].digest != d]
-                suspect.append(
-                    f"checksum_mismatch: {store.uri(rel)}"
-                    + (f" damaged_tensors={damaged[:10]}" if damaged else "")
-                    + f" expected={f.digest} got={digest}"
-                )
+        if f.digest and digest != f.digest:
+            expected = mf.tensors.get(f.name, {}) if mf else {}
+            damaged = [t for t, d in per.items() if t in expected and expected[t].digest != d]
+            suspect.append(
+                f"checksum_mismatch: {store.uri(rel)}"
+                + (f" damaged_tensors={damaged[:10]}" if damaged else "")
+                + f" expected={f.digest} got={digest}"
+            )
+            why = _header_damage(header, per, mf.tensors.get(f.name) if mf else None,
+                                 mf.trees.get(f.name) if mf else None)
+            if why:
+                tree_damaged = True
+                suspect.append(f"tree_damaged: {store.uri(rel)}: {why}")
         if mf:
             stats.update(mf.tensors.get(f.name, {}))
         tensors = statetree.tensors_from_buffer(header.entries, buf)
@@ -287,7 +294,29 @@ def load_native(c: Candidate, store: Store, *, rank: int, world_size: int, concu
         tree.update(sub)
     if transfer is not None:
         transfer.close()
-    return Staged(tree=tree, rng=rng, step=c.step, suspect=suspect, warnings=warnings, stats=stats, names=names)
+    return Staged(tree=tree, rng=rng, step=c.step, suspect=suspect, warnings=warnings, stats=stats, names=names,
+                  tree_damaged=tree_damaged)
+
+
+def _header_damage(header: formats.NativeHeader, per: dict[str, str], expected: dict[str, manifest.TensorStat] | None,
+                   trees: dict[str, str] | None) -> str | None:
+    """Why a file whose digest disagrees has damage outside its tensors, or None when only tensors are damaged.
+
+    The file digest covers the header (state tree and tensor index) and every tensor: with
+    the per-key tree digests of the manifest the damaged keys are named; without them (an
+    older manifest) a mismatch while every tensor digest matches can only be the header.
+    """
+    if trees:
+        try:
+            got = formats.tree_key_digests(header.tree)
+        except (ValueError, RecursionError):
+            return "the state tree is not valid JSON"
+        keys = sorted(k for k in set(trees) | set(got) if trees.get(k) != got.get(k))
+        if keys:
+            return f"state tree damaged in key {', '.join(map(repr, keys[:10]))} (not checkable by the sanity gate)"
+    if expected is not None and set(per) == set(expected) and all(expected[t].digest == d for t, d in per.items()):
+        return "header damaged outside the tensors (every tensor digest matches)"
+    return None
 
 
 # ----------------------------------------------------------------------------- torch.save files

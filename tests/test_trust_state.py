@@ -74,3 +74,86 @@ def test_T05_step_in_the_content_wins_over_the_name(tmp_path):
     r, state = _resume(root)
     assert r.step == 200 and r.path == helpers.step_dir(root, RUN, 200)
     assert helpers.same(helpers.snapshot(state), snap_b)
+
+
+# ----------------------------------------------------------------------------- T10: damage outside the tensors
+
+
+def _damage_lr(path: str) -> None:
+    """0.01 -> 0.03 in the optimizer's lr inside the header JSON: still valid JSON, same length."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        head = f.read(n)
+        at = head.index(b'lr\\":0.01') + len(b'lr\\":0.0')
+        f.seek(8 + at)
+        f.write(b"3")
+    with open(path, "rb") as f:
+        f.seek(8)
+        doc = json.loads(f.read(n))
+    assert json.loads(doc["__metadata__"]["dist_guardian.tree"])["optim"]["param_groups"][0]["lr"] == 0.03
+
+
+def test_T10_damaged_tree_is_tried_after_the_intact_older_checkpoint(tmp_path, caplog):
+    root = str(tmp_path / "ck")
+    snap_a, _snap_b = _save_a_b(root)
+    b = helpers.step_dir(root, RUN, 200)
+    _damage_lr(os.path.join(b, REPL))
+    caplog.set_level(logging.INFO, logger="dist_guardian")
+    r, state = _resume(root)
+    assert r.resumed and r.step == 100 and r.tier == "V"
+    assert helpers.same(helpers.snapshot(state), snap_a)
+    assert [(a.path, a.outcome) for a in r.attempts] == [(b, "deferred"), (helpers.step_dir(root, RUN, 100), "loaded")]
+    why = r.attempts[0].reasons[0][1]
+    assert "tree_damaged:" in why and "state tree damaged in key 'optim'" in why
+    assert "damaged_tensors" not in why  # every tensor is intact: only the tree is damaged
+
+
+def test_T10_damaged_tree_still_loads_as_last_resort_with_a_named_warning(tmp_path, caplog):
+    root = str(tmp_path / "ck")
+    _save_a_b(root)
+    import shutil
+
+    shutil.rmtree(helpers.step_dir(root, RUN, 100))
+    b = helpers.step_dir(root, RUN, 200)
+    _damage_lr(os.path.join(b, REPL))
+    caplog.set_level(logging.INFO, logger="dist_guardian")
+    r, state = _resume(root)
+    assert r.resumed and r.step == 200 and r.tier == "S"
+    assert state["optim"].param_groups[0]["lr"] == 0.03  # what the damaged file holds, loaded knowingly
+    warn = [w for w in r.warnings if w.startswith("checkpoint_suspect_loaded:")]
+    assert len(warn) == 1 and f"tree_damaged: {os.path.join(b, REPL)}: state tree damaged in key 'optim'" in warn[0]
+    logged = [rec for rec in caplog.records if rec.levelno == logging.WARNING and "checkpoint_suspect_loaded" in
+              rec.getMessage()]
+    assert logged and "key 'optim'" in logged[0].getMessage()
+
+
+def test_T10_damaged_tree_is_rejected_by_the_reject_policy(tmp_path):
+    root = str(tmp_path / "ck")
+    snap_a, _ = _save_a_b(root)
+    _damage_lr(os.path.join(helpers.step_dir(root, RUN, 200), REPL))
+    r, state = _resume(root, suspect="reject")
+    assert r.step == 100 and [a.outcome for a in r.attempts] == ["failed", "loaded"]
+    assert helpers.same(helpers.snapshot(state), snap_a)
+
+
+def test_T10_tree_damage_seen_by_one_rank_defers_the_candidate_on_every_rank(tmp_path):
+    import rank_fns
+    from dg_harness import run_ranks
+
+    root = str(tmp_path / "ck")
+    out = run_ranks(rank_fns.save_steps, 2, timeout=90, stores=[root], run=RUN, steps=[100, 200])
+    assert out.ok(), out.errors
+    victim = os.path.join(helpers.step_dir(root, RUN, 200), "rank-00001-of-00002.dgt")
+    with open(victim, "r+b") as f:  # rank 1's data position 102 -> 103, in its own file only
+        (n,) = struct.unpack("<Q", f.read(8))
+        at = f.read(n).index(b'position\\":102') + len(b'position\\":10')
+        f.seek(8 + at)
+        f.write(b"3")
+    out = run_ranks(rank_fns.resume_state, 2, timeout=90, stores=[root], run=RUN)
+    assert out.ok(), out.errors
+    assert [out.results[r]["step"] for r in range(2)] == [100, 100]
+    assert [out.results[r]["data"]["position"] for r in range(2)] == [1, 101]
+    rec = json.loads(out.results[0]["record"])
+    assert [a["outcome"] for a in rec["attempts"]] == ["deferred", "loaded"]
+    assert [x["rank"] for x in rec["attempts"][0]["reasons"]] == [1]
+    assert "state tree damaged in key 'data'" in rec["attempts"][0]["reasons"][0]["reason"]
