@@ -536,6 +536,31 @@ def check_structure(staged: Staged, state: dict[str, Any], required: Iterable[st
                 len(g.get("params", ())) != len(lg["params"]) for g, lg in zip(groups, live.param_groups)
             ):
                 raise CheckpointFormatError(f"{k!r}: optimizer param groups differ from the live optimizer's")
+            for i, (group, lacks) in enumerate(zip(groups, _groups_as_loaded(live, groups))):
+                if lacks:
+                    raise CheckpointFormatError(
+                        f"{k!r}: optimizer param_groups[{i}] lacks {lacks[:10]} that {type(live).__name__} uses "
+                        f"(it has {sorted(map(str, group))[:12]}): saved by another optimizer class?")
+
+
+def _groups_as_loaded(live: torch.optim.Optimizer, groups: list[Any]) -> list[list[str]]:
+    """Per saved param group, the hyperparameters of the live optimizer's class it would still lack once loaded.
+
+    ``load_state_dict`` keeps the saved groups' hyperparameters, so a group saved by SGD makes
+    AdamW's first step raise ``KeyError: 'betas'`` (T05). The class's own ``__setstate__`` runs
+    on a blank instance first (a dry probe, no tensors): it fills the keys newer torch versions
+    added, so only what a checkpoint of another class lacks is reported.
+    """
+    if not all(isinstance(g, dict) for g in groups):
+        raise CheckpointFormatError("optimizer param_groups entries must be mappings")
+    probe_groups = [{**g, "params": []} for g in groups]
+    try:
+        probe = object.__new__(type(live))
+        probe.__setstate__({"defaults": dict(live.defaults), "state": {}, "param_groups": probe_groups})
+        probe_groups = probe.param_groups
+    except (AttributeError, KeyError, TypeError, ValueError):
+        log.debug("optimizer probe of %s failed; comparing the saved groups as they are", type(live).__name__)
+    return [sorted(str(n) for n in live.defaults if n not in g) for g in probe_groups]
 
 
 def sanity_gate(staged: Staged) -> None:

@@ -157,3 +157,71 @@ def test_T10_tree_damage_seen_by_one_rank_defers_the_candidate_on_every_rank(tmp
     assert [a["outcome"] for a in rec["attempts"]] == ["deferred", "loaded"]
     assert [x["rank"] for x in rec["attempts"][0]["reasons"]] == [1]
     assert "state tree damaged in key 'data'" in rec["attempts"][0]["reasons"][0]["reason"]
+
+
+# ----------------------------------------------------------------------------- T05b: another optimizer class
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+
+def _stepped(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    model(torch.randn(4, 8)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    return {"model": model, "optim": opt}
+
+
+def _sgd(p):
+    return torch.optim.SGD(p, lr=0.1, momentum=0.9)
+
+
+def _adamw(p):
+    return torch.optim.AdamW(p, lr=1e-3)
+
+
+@pytest.mark.parametrize("saved, live, lacks", [(_sgd, _adamw, "'betas', 'eps']"),
+                                                (_adamw, _sgd, "'dampening', 'momentum']")])
+def test_T05_native_checkpoint_of_another_optimizer_class_is_a_failed_attempt(tmp_path, saved, live, lacks):
+    root = str(tmp_path / "ck")
+    m = _model()
+    g = Guardian(stores=[root], run=RUN)
+    assert g.save(_stepped(m, saved(m.parameters())), step=100).committed
+    g.close()
+    m2 = _model(1)
+    state = _stepped(m2, live(m2.parameters()))
+    before = json.dumps(state["optim"].state_dict()["param_groups"])
+    r, _ = _resume(root, state)
+    assert not r.resumed and [a.outcome for a in r.attempts] == ["failed"]
+    why = r.attempts[0].reasons[0][1]
+    assert f"'optim': optimizer param_groups[0] lacks [{lacks} that " in why and type(state["optim"]).__name__ in why
+    assert json.dumps(state["optim"].state_dict()["param_groups"]) == before  # untouched
+    _stepped(m2, state["optim"])  # and the next step still works
+
+
+def test_T05_foreign_file_of_another_optimizer_class_falls_back_to_native(tmp_path):
+    root = str(tmp_path / "ck")
+    snap_a, _ = _save_a_b(root)
+    m = _model(3)
+    sgd = _stepped(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))["optim"]
+    torch.save({"model": m.state_dict(), "optim": sgd.state_dict(), "step": 300},
+               os.path.join(root, RUN, "checkpoint-300.pt"))
+    r, state = _resume(root)
+    assert r.step == 200 and [a.outcome for a in r.attempts] == ["failed", "loaded"]
+    assert "lacks ['betas'" in r.attempts[0].reasons[0][1]
+    helpers.train(state, 1)  # AdamW steps with AdamW state
+
+
+def test_T05_checkpoint_of_a_compatible_optimizer_class_still_loads(tmp_path):
+    root = str(tmp_path / "ck")
+    m = _model()
+    g = Guardian(stores=[root], run=RUN)
+    assert g.save(_stepped(m, torch.optim.Adam(m.parameters(), lr=1e-3)), step=100).committed
+    g.close()
+    m2 = _model(1)
+    state = {"model": m2, "optim": torch.optim.AdamW(m2.parameters(), lr=1e-3)}
+    r, _ = _resume(root, state)
+    assert r.resumed and r.step == 100
+    _stepped(m2, state["optim"])
