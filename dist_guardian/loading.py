@@ -426,8 +426,9 @@ def load_dcp(c: Candidate, store: Store, state: dict[str, Any], *, extra_safe_gl
     if not store.is_local:
         raise CheckpointFormatError(f"{c.path}: DCP directories are loaded from local stores only")
     stores.check_dirs_no_symlink(store.root, f"{c.rel}/{_DCP_METADATA}")
-    read_dcp_metadata(os.path.join(store.join(c.rel), _DCP_METADATA), extra_safe_globals)  # a clear error first
+    md = read_dcp_metadata(os.path.join(store.join(c.rel), _DCP_METADATA), extra_safe_globals)  # a clear error first
     captured = statetree.capture(state)
+    _check_dcp_tensors(md, captured)
     target = _empty_like_tree(captured)
     dcp.load(target, storage_reader=_safe_dcp_reader(store.join(c.rel), extra_safe_globals))
     return Staged(tree=target, rng=None, step=c.step)
@@ -489,6 +490,36 @@ def _safe_dcp_reader(path: str, extra_safe_globals: Iterable[str]) -> Any:
             return md
 
     return _SafeReader(path)
+
+
+def _check_dcp_tensors(md: Any, captured: dict[str, Any]) -> None:
+    """Each saved tensor's dtype and shape against the live one it would load into, before ``dcp.load``.
+
+    DCP loads into tensors shaped like the live state and casts silently: bf16 weights would
+    become an fp32 model's weights without a word (T05). Keys are DCP's flattened names.
+    """
+    live = dict(_flat_tensors(captured, ()))
+    for fqn, meta in getattr(md, "state_dict_metadata", {}).items():
+        t, props = live.get(fqn), getattr(meta, "properties", None)
+        if t is None or props is None:
+            continue
+        saved_shape = tuple(getattr(meta, "size", ()))
+        if props.dtype != t.dtype or saved_shape != tuple(t.shape):
+            what = "dtype_mismatch" if props.dtype != t.dtype else "shape_mismatch"
+            raise CheckpointFormatError(
+                f"{what}: tensor {fqn!r} is {props.dtype} {saved_shape} in the DCP checkpoint, "
+                f"{t.dtype} {tuple(t.shape)} in the live state; convert the checkpoint or the model first")
+
+
+def _flat_tensors(v: Any, path: tuple[str, ...]):
+    if isinstance(v, torch.Tensor):
+        yield ".".join(path), v
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            yield from _flat_tensors(x, path + (str(k),))
+    elif isinstance(v, (list, tuple)):
+        for i, x in enumerate(v):
+            yield from _flat_tensors(x, path + (str(i),))
 
 
 def _empty_like_tree(v: Any) -> Any:

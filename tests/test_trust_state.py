@@ -225,3 +225,36 @@ def test_T05_checkpoint_of_a_compatible_optimizer_class_still_loads(tmp_path):
     r, _ = _resume(root, state)
     assert r.resumed and r.step == 100
     _stepped(m2, state["optim"])
+
+
+# ----------------------------------------------------------------------------- T05c: DCP tensor properties
+
+
+def test_T05_bf16_dcp_weights_are_never_cast_into_an_fp32_model(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    root = str(tmp_path / "ck")
+    bf16 = _model(5).to(torch.bfloat16)
+    dcp.save({"model": bf16.state_dict()}, checkpoint_id=os.path.join(root, RUN, "dcp-step-300"))
+    live = _model(6)
+    before = helpers.model_tensors({"model": live})
+    r, _ = _resume(root, {"model": live})
+    assert not r.resumed and [a.outcome for a in r.attempts] == ["failed"]
+    why = r.attempts[0].reasons[0][1]
+    assert ("dtype_mismatch: tensor 'model.0.weight' is torch.bfloat16 (16, 8) in the DCP checkpoint, "
+            "torch.float32 (16, 8) in the live state") in why
+    assert helpers.same(helpers.model_tensors({"model": live}), before)  # untouched
+
+
+def test_T05_dcp_of_another_shape_fails_naming_the_tensor_and_native_loads(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    root = str(tmp_path / "ck")
+    snap_a, snap_b = _save_a_b(root)
+    wide = helpers.make_state(seed=5, hidden=32)
+    dcp.save({"model": wide["model"].state_dict()}, checkpoint_id=os.path.join(root, RUN, "dcp-step-300"))
+    r, state = _resume(root)
+    assert r.step == 200 and [a.outcome for a in r.attempts] == ["failed", "loaded"]
+    assert "shape_mismatch: tensor 'model.0.weight' is torch.float32 (32, 8) in the DCP checkpoint" in \
+        r.attempts[0].reasons[0][1]
+    assert helpers.same(helpers.snapshot(state), snap_b)
