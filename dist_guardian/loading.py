@@ -582,8 +582,6 @@ def _groups_as_loaded(live: torch.optim.Optimizer, groups: list[Any]) -> list[li
     on a blank instance first (a dry probe, no tensors): it fills the keys newer torch versions
     added, so only what a checkpoint of another class lacks is reported.
     """
-    if not all(isinstance(g, dict) for g in groups):
-        raise CheckpointFormatError("optimizer param_groups entries must be mappings")
     probe_groups = [{**g, "params": []} for g in groups]
     try:
         probe = object.__new__(type(live))
