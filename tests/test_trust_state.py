@@ -258,3 +258,45 @@ def test_T05_dcp_of_another_shape_fails_naming_the_tensor_and_native_loads(tmp_p
     assert "shape_mismatch: tensor 'model.0.weight' is torch.float32 (32, 8) in the DCP checkpoint" in \
         r.attempts[0].reasons[0][1]
     assert helpers.same(helpers.snapshot(state), snap_b)
+
+
+def _rewrite_header(path: str, old: bytes, new: bytes) -> None:
+    assert len(old) == len(new)
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        head = f.read(n)
+        assert head.count(old) == 1, head.count(old)
+        f.seek(8 + head.index(old))
+        f.write(new)
+
+
+def test_T10_damaged_tensor_index_is_last_resort_too(tmp_path):
+    """exp_avg's dtype F32 -> I32 in the header: every tensor's bytes (and digest) are intact, the tree too,
+    and the sanity gate skips integer tensors: only the file digest tells, and the candidate goes last."""
+    root = str(tmp_path / "ck")
+    snap_a, _ = _save_a_b(root)
+    b = helpers.step_dir(root, RUN, 200)
+    _rewrite_header(os.path.join(b, REPL), b'"optim/state/0/exp_avg":{"dtype":"F32"',
+                    b'"optim/state/0/exp_avg":{"dtype":"I32"')
+    r, state = _resume(root)
+    assert r.step == 100 and [a.outcome for a in r.attempts] == ["deferred", "loaded"]
+    assert "header damaged outside the tensors (every tensor digest matches)" in r.attempts[0].reasons[0][1]
+    assert helpers.same(helpers.snapshot(state), snap_a)
+
+
+def test_T10_manifest_without_tree_digests_still_detects_tree_damage(tmp_path):
+    root = str(tmp_path / "ck")
+    snap_a, _ = _save_a_b(root)
+    b = helpers.step_dir(root, RUN, 200)
+    mpath = os.path.join(b, "manifest.json")
+    with open(mpath, "rb") as f:
+        doc = json.loads(f.read())
+    del doc["trees"]  # as an older dist_guardian wrote it
+    os.chmod(mpath, 0o600)
+    with open(mpath, "wb") as f:
+        f.write(json.dumps(doc).encode())
+    _damage_lr(os.path.join(b, REPL))
+    r, state = _resume(root)
+    assert r.step == 100 and [a.outcome for a in r.attempts] == ["deferred", "loaded"]
+    assert "header damaged outside the tensors" in r.attempts[0].reasons[0][1]
+    assert helpers.same(helpers.snapshot(state), snap_a)
