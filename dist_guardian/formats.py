@@ -429,6 +429,28 @@ class _TensorHasher:
         return tree_digest(self.header.header_bytes, self.raw), self.per
 
 
+def header_damage(header: NativeHeader, per: dict[str, str], expected: dict[str, str] | None,
+                  trees: dict[str, str] | None) -> str | None:
+    """Why a file whose digest disagrees is damaged outside its tensors, or None when only tensors are (T10).
+
+    ``per``: the tensor digests as read; ``expected``: the manifest's (None: unknown); ``trees``:
+    the manifest's :func:`tree_key_digests` (absent in older manifests). With ``trees`` the
+    damaged keys are named; otherwise a mismatch while every tensor digest matches can only be
+    the header (the state tree or the tensor index).
+    """
+    if trees:
+        try:
+            got = tree_key_digests(header.tree)
+        except (ValueError, RecursionError):
+            return "the state tree is not valid JSON"
+        keys = sorted(k for k in set(trees) | set(got) if trees.get(k) != got.get(k))
+        if keys:
+            return f"state tree damaged in key {', '.join(map(repr, keys[:10]))} (not checkable by the sanity gate)"
+    if expected is not None and per == expected:
+        return "header damaged outside the tensors (every tensor digest matches)"
+    return None
+
+
 def payload_digests(header: NativeHeader, buf: memoryview) -> tuple[str, dict[str, str]]:
     """The file digest and per-tensor digests of a payload held in memory."""
     raw = []

@@ -269,8 +269,8 @@ def load_native(c: Candidate, store: Store, *, rank: int, world_size: int, concu
                 + (f" damaged_tensors={damaged[:10]}" if damaged else "")
                 + f" expected={f.digest} got={digest}"
             )
-            why = _header_damage(header, per, mf.tensors.get(f.name) if mf else None,
-                                 mf.trees.get(f.name) if mf else None)
+            known = {t: st.digest for t, st in mf.tensors[f.name].items()} if mf and f.name in mf.tensors else None
+            why = formats.header_damage(header, per, known, mf.trees.get(f.name) if mf else None)
             if why:
                 tree_damaged = True
                 suspect.append(f"tree_damaged: {store.uri(rel)}: {why}")
@@ -296,27 +296,6 @@ def load_native(c: Candidate, store: Store, *, rank: int, world_size: int, concu
         transfer.close()
     return Staged(tree=tree, rng=rng, step=c.step, suspect=suspect, warnings=warnings, stats=stats, names=names,
                   tree_damaged=tree_damaged)
-
-
-def _header_damage(header: formats.NativeHeader, per: dict[str, str], expected: dict[str, manifest.TensorStat] | None,
-                   trees: dict[str, str] | None) -> str | None:
-    """Why a file whose digest disagrees has damage outside its tensors, or None when only tensors are damaged.
-
-    The file digest covers the header (state tree and tensor index) and every tensor: with
-    the per-key tree digests of the manifest the damaged keys are named; without them (an
-    older manifest) a mismatch while every tensor digest matches can only be the header.
-    """
-    if trees:
-        try:
-            got = formats.tree_key_digests(header.tree)
-        except (ValueError, RecursionError):
-            return "the state tree is not valid JSON"
-        keys = sorted(k for k in set(trees) | set(got) if trees.get(k) != got.get(k))
-        if keys:
-            return f"state tree damaged in key {', '.join(map(repr, keys[:10]))} (not checkable by the sanity gate)"
-    if expected is not None and set(per) == set(expected) and all(expected[t].digest == d for t, d in per.items()):
-        return "header damaged outside the tensors (every tensor digest matches)"
-    return None
 
 
 # ----------------------------------------------------------------------------- torch.save files

@@ -300,3 +300,20 @@ def test_T10_manifest_without_tree_digests_still_detects_tree_damage(tmp_path):
     assert r.step == 100 and [a.outcome for a in r.attempts] == ["deferred", "loaded"]
     assert "header damaged outside the tensors" in r.attempts[0].reasons[0][1]
     assert helpers.same(helpers.snapshot(state), snap_a)
+
+
+def test_T10_cli_verify_names_the_damaged_tree_key(tmp_path):
+    import subprocess
+    import sys
+
+    root = str(tmp_path / "ck")
+    _save_a_b(root)
+    b = helpers.step_dir(root, RUN, 200)
+    _damage_lr(os.path.join(b, REPL))
+    p = subprocess.run([sys.executable, "-m", "dist_guardian.cli", "verify", b, "--json"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 4, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["tier"] == "S" and doc["reasons"][0].startswith(f"checksum_mismatch: {REPL} expected=")
+    assert doc["reasons"][1] == (f"tree_damaged: {REPL}: state tree damaged in key 'optim' "
+                                 "(not checkable by the sanity gate)")
