@@ -274,9 +274,13 @@ def defer_suspect(plan: list[Candidate], index: int, suspect: str, reason: str) 
 class Loaded:
     """What a load function may return: the staged state, and why it is suspect (if it is).
 
-    A load function that returns anything else is taken as ``Loaded(staged=value)``.
+    ``last_resort``: the damage lies where the sanity gate cannot judge it (the state tree, T10),
+    so whatever the suspect policy, the candidate is tried only after every intact one
+    (``reject`` still drops it). A load function that returns anything else is taken as
+    ``Loaded(staged=value)``.
     """
 
     staged: Any = None
     suspect: tuple[str, ...] = ()
     warnings: tuple[str, ...] = field(default=())
+    last_resort: bool = False

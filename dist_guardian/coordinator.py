@@ -26,7 +26,8 @@ from .stores import NAME_RE, Store, check_storage_options, check_url
 
 log = logging.getLogger(__name__)
 
-VOTE_FAIL, VOTE_SUSPECT, VOTE_OK = 0, 1, 2
+# The vote takes the minimum: one rank's damage outside the tensors (T10) moves the candidate to last resort on all.
+VOTE_FAIL, VOTE_LAST_RESORT, VOTE_SUSPECT, VOTE_OK = 0, 1, 2, 3
 TIMEOUT_PREFIX = "TimeoutError: timeout:"
 ON_EXHAUSTED = ("fresh", "raise")
 # Loads one resume tries before it stops (T04): 2,000 foreign files that sniff clean and fail to load cost
@@ -308,6 +309,7 @@ def _attempt_loop(remaining: list[Candidate], load_fn, *, comm: Comm, run: str, 
         t1 = time.monotonic()
         staged: Any = None
         suspect_reasons: tuple[str, ...] = ()
+        last_resort = False
         why = ""
         try:
             if store is None:
@@ -315,7 +317,7 @@ def _attempt_loop(remaining: list[Candidate], load_fn, *, comm: Comm, run: str, 
             _faults.hit("during_load", rank=rank, step=c.step)
             result = run_with_deadline(lambda: load_fn(c, store), attempt_timeout)
             if isinstance(result, Loaded):
-                staged, suspect_reasons = result.staged, result.suspect
+                staged, suspect_reasons, last_resort = result.staged, result.suspect, result.last_resort
                 warnings += list(result.warnings)
             else:
                 staged = result
@@ -324,7 +326,8 @@ def _attempt_loop(remaining: list[Candidate], load_fn, *, comm: Comm, run: str, 
                 raise
             why = f"{type(e).__name__}: {e}"[:1500]
             staged = None
-        code = VOTE_FAIL if why else (VOTE_SUSPECT if suspect_reasons else VOTE_OK)
+        code = (VOTE_FAIL if why else VOTE_LAST_RESORT if last_resort else VOTE_SUSPECT if suspect_reasons
+                else VOTE_OK)
         _faults.hit("before_vote", rank=rank, step=c.step)
         try:
             verdict = comm.vote_min(code, f"vote on {c.path}")
@@ -349,11 +352,12 @@ def _attempt_loop(remaining: list[Candidate], load_fn, *, comm: Comm, run: str, 
             del staged
             idx += 1
             continue
-        if verdict == VOTE_SUSPECT:
+        if verdict in (VOTE_SUSPECT, VOTE_LAST_RESORT):
             texts = comm.gather_strings("; ".join(suspect_reasons), f"gather suspect reasons for {c.path}")
             reasons = tuple((r, t) for r, t in enumerate(texts) if t)
             rest = remaining[idx + 1 :]
-            if _better_remains(c, rest, suspect) or suspect == "reject":
+            policy = "last_resort" if verdict == VOTE_LAST_RESORT and suspect != "reject" else suspect
+            if _better_remains(c, rest, policy) or policy == "reject":
                 outcome = "failed" if suspect == "reject" else "deferred"
                 attempts.append(Attempt(candidate_id=c.id, step=c.step, store=c.store, path=c.path, tier="S",
                                         outcome=outcome, reasons=reasons, seconds=elapsed))
@@ -362,7 +366,8 @@ def _attempt_loop(remaining: list[Candidate], load_fn, *, comm: Comm, run: str, 
                                 "rejected by policy" if suspect == "reject" else "trying intact candidates first")
                     if use_journal and primary is not None:
                         journal.record(primary, run, c, finished=1, outcome=outcome)
-                tail = defer_suspect(remaining, idx, suspect, "checksum_mismatch found while loading")
+                found = "tree_damaged" if verdict == VOTE_LAST_RESORT else "checksum_mismatch"
+                tail = defer_suspect(remaining, idx, policy, f"{found} found while loading")
                 remaining = remaining[: idx + 1] + tail
                 idx += 1
                 continue

@@ -109,6 +109,21 @@ def tree_digest(header_bytes: bytes, tensor_digests_in_order: Iterable[bytes]) -
     return h.hexdigest()
 
 
+def tree_key_digests(tree: object) -> dict[str, str]:
+    """The xxh3-128 of each top-level entry of a JSON state tree, as compact JSON (T10).
+
+    The manifest records them at save time, so damage to the non-tensor part of a file (an
+    ``lr``, a scheduler's ``last_epoch``) can be named by key when the file digest disagrees.
+    Equal for a tree and ``json.loads`` of its compact dump, so save and load compute the same.
+    """
+    if not isinstance(tree, dict):
+        return {}
+    items = list(tree.items())
+    if len(tree) == 1 and isinstance(tree.get("__dict__"), list):  # statetree's tag for keys like "__rng__"
+        items = [(p[0], p[1]) for p in tree["__dict__"] if isinstance(p, list) and len(p) == 2]
+    return {str(k): xxhash.xxh3_128_hexdigest(json.dumps(v, separators=(",", ":")).encode()) for k, v in items}
+
+
 def encode_header(tree_json: str, specs: Sequence[TensorSpec], extra_meta: dict[str, str] | None = None) -> tuple[bytes, list[TensorSpec]]:
     """The on-disk header and the tensors in file order (decreasing element size, stable)."""
     ordered = sorted(specs, key=lambda s: -DTYPE_SIZES[s.dtype])
@@ -414,6 +429,28 @@ class _TensorHasher:
         return tree_digest(self.header.header_bytes, self.raw), self.per
 
 
+def header_damage(header: NativeHeader, per: dict[str, str], expected: dict[str, str] | None,
+                  trees: dict[str, str] | None) -> str | None:
+    """Why a file whose digest disagrees is damaged outside its tensors, or None when only tensors are (T10).
+
+    ``per``: the tensor digests as read; ``expected``: the manifest's (None: unknown); ``trees``:
+    the manifest's :func:`tree_key_digests` (absent in older manifests). With ``trees`` the
+    damaged keys are named; otherwise a mismatch while every tensor digest matches can only be
+    the header (the state tree or the tensor index).
+    """
+    if trees:
+        try:
+            got = tree_key_digests(header.tree)
+        except (ValueError, RecursionError):
+            return "the state tree is not valid JSON"
+        keys = sorted(k for k in set(trees) | set(got) if trees.get(k) != got.get(k))
+        if keys:
+            return f"state tree damaged in key {', '.join(map(repr, keys[:10]))} (not checkable by the sanity gate)"
+    if expected is not None and per == expected:
+        return "header damaged outside the tensors (every tensor digest matches)"
+    return None
+
+
 def payload_digests(header: NativeHeader, buf: memoryview) -> tuple[str, dict[str, str]]:
     """The file digest and per-tensor digests of a payload held in memory."""
     raw = []
@@ -440,10 +477,12 @@ def file_digest_stream(f: BinaryIO) -> tuple[int, str]:
 # ----------------------------------------------------------------------------- foreign files
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
-_STEP_RES = (
-    re.compile(r"(?:global_step|step|checkpoint|ckpt|iter|iteration)[_\-.]?(\d{1,15})", re.IGNORECASE),
-    re.compile(r"(\d{1,15})(?!.*\d)"),
-)
+# A step is taken from a foreign name only where the name says it is one (``step_300``,
+# ``checkpoint-300``, ``global_step300``, ``iter_300``, ``epoch=3-step=900``): a bare number
+# (``model_7.pt``) or a date (``export_20240501.pt``) would outrank every native checkpoint.
+_STEP_RE = re.compile(r"(?:global_step|step|checkpoint|ckpt|iteration|iter)[_\-.=]?(\d{1,15})(?!\d)", re.IGNORECASE)
+_DATE_RE = re.compile(
+    r"(?:(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])|(?:19|20)\d\d[_\-.]\d\d?[_\-.]\d\d?)(?!\d)")
 # Globals torch's weights_only unpickler accepts. Anything else makes a file R before load
 # (the final judge is still torch's own weights_only unpickler: we never load unsafely).
 _TORCH_SAFE_RE = re.compile(
@@ -488,12 +527,12 @@ def is_safe_global(qualname: str, extra_safe: Iterable[str] = ()) -> bool:
 
 
 def step_from_name(name: str) -> int | None:
+    """The step a foreign file or directory name states, or None (no step word, or a date)."""
     base = name.rsplit("/", 1)[-1]
-    for rx in _STEP_RES:
-        m = rx.search(base)
-        if m:
-            return int(m.group(1))
-    return None
+    m = _STEP_RE.search(base)
+    if m is None or _DATE_RE.match(base, m.start(1)):
+        return None
+    return int(m.group(1))
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from . import _faults, coordinator, discovery, loading, manifest, saving, statetree, stores, verify
+from . import _faults, coordinator, discovery, formats, loading, manifest, saving, statetree, stores, verify
 from .candidate import Candidate, Loaded, ResumeResult, validate_suspect_policy
 from .comm import Comm
 from .errors import CheckpointFormatError, CommitConflict, ConfigError, DistGuardianError, SaveFailed
@@ -206,7 +206,8 @@ class Guardian:
                     loading.sanity_gate(staged)
                 except CheckpointFormatError as e:
                     raise CheckpointFormatError(f"{'; '.join(staged.suspect)}; {e}") from None
-            return Loaded(staged=staged, suspect=tuple(staged.suspect), warnings=tuple(staged.warnings))
+            return Loaded(staged=staged, suspect=tuple(staged.suspect), warnings=tuple(staged.warnings),
+                          last_resort=staged.tree_damaged)
 
         def apply(c: Candidate, staged: loading.Staged) -> None:
             loading.apply(staged, state)
@@ -357,7 +358,8 @@ class Guardian:
         mbytes = manifest.build(
             run=self.run, step=step, generation=self.generation, world_size=world, created_unix=time.time(),
             compat=self.compat or {}, metrics=metrics, files=[w.entry for w in entries],
-            tensors={w.entry.name: w.stats for w in entries}, torch_version=torch.__version__,
+            tensors={w.entry.name: w.stats for w in entries}, trees={w.entry.name: w.trees for w in entries},
+            torch_version=torch.__version__,
             writer=saving.writer_info(), layout=layout,
         )
         self._layout = layout
@@ -588,10 +590,11 @@ def _remote_generation(store: Store, rel: str) -> int | None:
 
 def _write_tree(path: str, tree: dict[str, Any], *, rank: int, step: int, file_rank: int | None) -> WrittenEntry:
     enc = statetree.Encoder()
-    tree_json = json.dumps(enc.encode(tree, ""), separators=(",", ":"), allow_nan=False)
+    encoded = enc.encode(tree, "")
+    tree_json = json.dumps(encoded, separators=(",", ":"), allow_nan=False)
     specs = [statetree.tensor_spec(n, t) for n, t in enc.tensors.items()]
     return saving.write_file(path, tree_json, specs, lambda spec: statetree.max_abs(enc.tensors[spec.name]),
-                             rank=rank, step=step, file_rank=file_rank)
+                             rank=rank, step=step, file_rank=file_rank, trees=formats.tree_key_digests(encoded))
 
 
 def _check_state(state: Any) -> None:

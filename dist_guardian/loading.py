@@ -44,6 +44,8 @@ class Staged:
     warnings: list[str] = field(default_factory=list)
     stats: dict[str, manifest.TensorStat] = field(default_factory=dict)  # tensor name -> saved stats
     names: dict[int, str] = field(default_factory=dict)  # id(tensor) -> name, to name a damaged tensor
+    # Damage outside the tensors (state tree, tensor index): the sanity gate cannot judge it (T10).
+    tree_damaged: bool = False
 
 
 # ----------------------------------------------------------------------------- native
@@ -253,6 +255,7 @@ def load_native(c: Candidate, store: Store, *, rank: int, world_size: int, concu
     warnings: list[str] = []
     stats: dict[str, manifest.TensorStat] = {}
     names: dict[int, str] = {}
+    tree_damaged = False
     saved_ws = c.world_size or world_size
     for f in wanted:
         rel = f"{c.rel}/{f.name}"
@@ -260,15 +263,19 @@ def load_native(c: Candidate, store: Store, *, rank: int, world_size: int, concu
         if _faults.hit("load_file", rank=rank, step=c.step) == "corrupt" and buf.numel():
             buf[buf.numel() // 2] ^= 0x10
             digest, per = formats.payload_digests(header, memoryview(buf.numpy()))
-        if f.digest:
-            if digest != f.digest:
-                expected = mf.tensors.get(f.name, {}) if mf else {}
-                damaged = [t for t, d in per.items() if t in expected and expected[t].digest != d]
-                suspect.append(
-                    f"checksum_mismatch: {store.uri(rel)}"
-                    + (f" damaged_tensors={damaged[:10]}" if damaged else "")
-                    + f" expected={f.digest} got={digest}"
-                )
+        if f.digest and digest != f.digest:
+            expected = mf.tensors.get(f.name, {}) if mf else {}
+            damaged = [t for t, d in per.items() if t in expected and expected[t].digest != d]
+            suspect.append(
+                f"checksum_mismatch: {store.uri(rel)}"
+                + (f" damaged_tensors={damaged[:10]}" if damaged else "")
+                + f" expected={f.digest} got={digest}"
+            )
+            known = {t: st.digest for t, st in mf.tensors[f.name].items()} if mf and f.name in mf.tensors else None
+            why = formats.header_damage(header, per, known, mf.trees.get(f.name) if mf else None)
+            if why:
+                tree_damaged = True
+                suspect.append(f"tree_damaged: {store.uri(rel)}: {why}")
         if mf:
             stats.update(mf.tensors.get(f.name, {}))
         tensors = statetree.tensors_from_buffer(header.entries, buf)
@@ -289,7 +296,8 @@ def load_native(c: Candidate, store: Store, *, rank: int, world_size: int, concu
         tree.update(sub)
     if transfer is not None:
         transfer.close()
-    return Staged(tree=tree, rng=rng, step=c.step, suspect=suspect, warnings=warnings, stats=stats, names=names)
+    return Staged(tree=tree, rng=rng, step=c.step, suspect=suspect, warnings=warnings, stats=stats, names=names,
+                  tree_damaged=tree_damaged)
 
 
 # ----------------------------------------------------------------------------- torch.save files
@@ -401,8 +409,9 @@ def load_dcp(c: Candidate, store: Store, state: dict[str, Any], *, extra_safe_gl
         raise CheckpointFormatError(f"{c.path}: DCP directories are loaded from local stores only")
     names, objs = _split_safe_globals(extra_safe_globals)
     stores.check_dirs_no_symlink(store.root, f"{c.rel}/{_DCP_METADATA}")
-    read_dcp_metadata(os.path.join(store.join(c.rel), _DCP_METADATA), names)  # a clear error first
+    md = read_dcp_metadata(os.path.join(store.join(c.rel), _DCP_METADATA), names)  # a clear error first
     captured = statetree.capture(state)
+    _check_dcp_tensors(md, captured)
     target = _empty_like_tree(captured)
     planner = _safe_dcp_planner(c.path, names, objs)
     try:
@@ -548,6 +557,36 @@ def _safe_dcp_reader(path: str, extra_safe_globals: Iterable[str]) -> Any:
     return _SafeReader(path)
 
 
+def _check_dcp_tensors(md: Any, captured: dict[str, Any]) -> None:
+    """Each saved tensor's dtype and shape against the live one it would load into, before ``dcp.load``.
+
+    DCP loads into tensors shaped like the live state and casts silently: bf16 weights would
+    become an fp32 model's weights without a word (T05). Keys are DCP's flattened names.
+    """
+    live = dict(_flat_tensors(captured, ()))
+    for fqn, meta in getattr(md, "state_dict_metadata", {}).items():
+        t, props = live.get(fqn), getattr(meta, "properties", None)
+        if t is None or props is None:
+            continue
+        saved_shape = tuple(getattr(meta, "size", ()))
+        if props.dtype != t.dtype or saved_shape != tuple(t.shape):
+            what = "dtype_mismatch" if props.dtype != t.dtype else "shape_mismatch"
+            raise CheckpointFormatError(
+                f"{what}: tensor {fqn!r} is {props.dtype} {saved_shape} in the DCP checkpoint, "
+                f"{t.dtype} {tuple(t.shape)} in the live state; convert the checkpoint or the model first")
+
+
+def _flat_tensors(v: Any, path: tuple[str, ...]):
+    if isinstance(v, torch.Tensor):
+        yield ".".join(path), v
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            yield from _flat_tensors(x, path + (str(k),))
+    elif isinstance(v, (list, tuple)):
+        for i, x in enumerate(v):
+            yield from _flat_tensors(x, path + (str(i),))
+
+
 def _empty_like_tree(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         return torch.empty_like(v, device="cpu")
@@ -593,6 +632,29 @@ def check_structure(staged: Staged, state: dict[str, Any], required: Iterable[st
                 len(g.get("params", ())) != len(lg["params"]) for g, lg in zip(groups, live.param_groups)
             ):
                 raise CheckpointFormatError(f"{k!r}: optimizer param groups differ from the live optimizer's")
+            for i, (group, lacks) in enumerate(zip(groups, _groups_as_loaded(live, groups))):
+                if lacks:
+                    raise CheckpointFormatError(
+                        f"{k!r}: optimizer param_groups[{i}] lacks {lacks[:10]} that {type(live).__name__} uses "
+                        f"(it has {sorted(map(str, group))[:12]}): saved by another optimizer class?")
+
+
+def _groups_as_loaded(live: torch.optim.Optimizer, groups: list[Any]) -> list[list[str]]:
+    """Per saved param group, the hyperparameters of the live optimizer's class it would still lack once loaded.
+
+    ``load_state_dict`` keeps the saved groups' hyperparameters, so a group saved by SGD makes
+    AdamW's first step raise ``KeyError: 'betas'`` (T05). The class's own ``__setstate__`` runs
+    on a blank instance first (a dry probe, no tensors): it fills the keys newer torch versions
+    added, so only what a checkpoint of another class lacks is reported.
+    """
+    probe_groups = [{**g, "params": []} for g in groups]
+    try:
+        probe = object.__new__(type(live))
+        probe.__setstate__({"defaults": dict(live.defaults), "state": {}, "param_groups": probe_groups})
+        probe_groups = probe.param_groups
+    except (AttributeError, KeyError, TypeError, ValueError):
+        log.debug("optimizer probe of %s failed; comparing the saved groups as they are", type(live).__name__)
+    return [sorted(str(n) for n in live.defaults if n not in g) for g in probe_groups]
 
 
 def sanity_gate(staged: Staged) -> None:

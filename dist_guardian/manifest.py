@@ -75,6 +75,8 @@ class Manifest:
     writer: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     layout: dict[str, str] = field(default_factory=dict)  # state key -> fingerprint of its (name, shape, dtype) list
+    # file -> top-level key of its state tree -> digest (formats.tree_key_digests); empty in older manifests
+    trees: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def check_file_name(name: object) -> str:
@@ -119,6 +121,7 @@ def build(
     torch_version: str,
     writer: dict[str, Any],
     layout: dict[str, str] | None = None,
+    trees: dict[str, dict[str, str]] | None = None,
 ) -> bytes:
     """The manifest bytes (canonical JSON). Validated by parsing it back, so we never commit one we would reject."""
     doc = {
@@ -145,6 +148,7 @@ def build(
         "torch": torch_version,
         "writer": writer,
         "layout": layout or {},
+        "trees": trees or {},
     }
     data = json.dumps(doc, separators=(",", ":"), allow_nan=False, default=str).encode()
     parse(data)
@@ -252,6 +256,13 @@ def parse(data: bytes) -> Manifest:
     layout = doc.get("layout", {})
     if not isinstance(layout, dict) or not all(isinstance(k, str) and isinstance(v, str) and len(v) <= 128 for k, v in layout.items()):
         raise ManifestError("bad_field", "layout must map state keys to short fingerprints")
+    trees = doc.get("trees", {})
+    if not isinstance(trees, dict) or not all(
+        fname in files_doc and isinstance(per, dict)
+        and all(isinstance(k, str) and isinstance(d, str) and DIGEST_RE.fullmatch(d) for k, d in per.items())
+        for fname, per in trees.items()
+    ):
+        raise ManifestError("bad_field", "trees must map listed files to {state key: 128-bit hex digest}")
     return Manifest(
         run=run,
         step=step,
@@ -267,6 +278,7 @@ def parse(data: bytes) -> Manifest:
         writer=writer if isinstance(writer, dict) else {},
         format=fmt,
         layout=layout,
+        trees=trees,
     )
 
 

@@ -52,11 +52,12 @@ class SaveResult:
 class WrittenEntry:
     entry: FileEntry
     stats: dict[str, TensorStat]
+    trees: dict[str, str] = field(default_factory=dict)  # top-level key of the state tree -> digest
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.entry.name, "size": self.entry.size, "digest": self.entry.digest, "rank": self.entry.rank,
-            "stats": {k: [s.digest, s.max_abs, s.finite] for k, s in self.stats.items()},
+            "stats": {k: [s.digest, s.max_abs, s.finite] for k, s in self.stats.items()}, "trees": self.trees,
         }
 
     @classmethod
@@ -64,15 +65,17 @@ class WrittenEntry:
         return cls(
             entry=FileEntry(name=d["name"], size=d["size"], digest=d["digest"], rank=d["rank"]),
             stats={k: TensorStat(digest=v[0], max_abs=v[1], finite=v[2]) for k, v in d["stats"].items()},
+            trees=d["trees"],
         )
 
 
 def write_file(path: str, tree_json: str, specs: Sequence[formats.TensorSpec],
                stats_fn: Callable[[formats.TensorSpec], tuple[float | None, bool]] | None,
-               *, rank: int, step: int, file_rank: int | None) -> WrittenEntry:
+               *, rank: int, step: int, file_rank: int | None, trees: dict[str, str] | None = None) -> WrittenEntry:
     """Write one native file exclusively (0600), fsync it, and return its manifest entry.
 
-    ``stats_fn(spec) -> (max_abs, finite)`` runs in the write pipeline, overlapped with I/O.
+    ``stats_fn(spec) -> (max_abs, finite)`` runs in the write pipeline, overlapped with I/O;
+    ``trees`` (:func:`formats.tree_key_digests` of the tree) goes into the manifest as it is.
     """
     _faults.hit("before_data_write", rank=rank, step=step)
     fd = stores.create_exclusive(path)
@@ -86,7 +89,8 @@ def write_file(path: str, tree_json: str, specs: Sequence[formats.TensorSpec],
     none = (None, True)
     stats = {n: TensorStat(digest=d, max_abs=written.stats.get(n, none)[0], finite=written.stats.get(n, none)[1])
              for n, d in written.tensor_digests.items()}
-    return WrittenEntry(entry=FileEntry(name=os.path.basename(path), size=written.size, digest=written.digest, rank=file_rank), stats=stats)
+    return WrittenEntry(entry=FileEntry(name=os.path.basename(path), size=written.size, digest=written.digest, rank=file_rank),
+                        stats=stats, trees=dict(trees or {}))
 
 
 def save_errno_reason(e: BaseException, where: str) -> str:

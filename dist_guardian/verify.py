@@ -266,11 +266,10 @@ def _verify_torch(s: Sighting, extra_safe: Iterable[str]) -> Candidate:
         return c.with_verdict("R", f"unsafe_globals={list(rep.unsafe_globals)}")
     if not rep.ok:
         return c.with_verdict("R", *(f"unloadable: {p}" for p in rep.problems))
-    if s.step is None:
-        if rep.step_key is None or not 0 <= rep.step_key <= manifest.MAX_STEP:
-            c = c.with_verdict(c.tier, "step_unknown: no step in the name or the file; ordered last")
-        else:
-            c = dataclasses.replace(c, step=rep.step_key)
+    if rep.step_key is not None and 0 <= rep.step_key <= manifest.MAX_STEP:
+        c = dataclasses.replace(c, step=rep.step_key)  # the file's own step wins over its name (T05)
+    elif s.step is None:
+        c = c.with_verdict(c.tier, "step_unknown: no step in the name or the file; ordered last")
     if rep.crc == "mismatch":
         return c.with_verdict("S", *(f"checksum_mismatch: {p}" for p in rep.problems))
     note = "legacy_unverified: torch.save file, zip CRCs clean" if rep.crc == "ok" else "legacy_unverified: torch.save file written without CRCs"
@@ -337,7 +336,7 @@ def verify_full(store: stores.Store, rel: str) -> tuple[str, list[str]]:
     tier = "V"
     for f in mf.files:
         try:
-            got_size, got, damaged = _digest_file(store, f"{rel}/{f.name}", f.name, mf)
+            got_size, got, damaged, tree_why = _digest_file(store, f"{rel}/{f.name}", f.name, mf)
         except (OSError, CheckpointFormatError) as e:
             return "R", reasons + [f"{f.name}: {e}"]
         if got_size != f.size:
@@ -348,10 +347,13 @@ def verify_full(store: stores.Store, rel: str) -> tuple[str, list[str]]:
                 f"checksum_mismatch: {f.name} expected={f.digest} got={got}"
                 + (f" damaged_tensors={damaged[:10]}" if damaged else "")
             )
+            if tree_why:
+                reasons.append(f"tree_damaged: {f.name}: {tree_why}")
     return tier, reasons
 
 
-def _digest_file(store: stores.Store, rel: str, name: str, mf: Manifest) -> tuple[int, str, list[str]]:
+def _digest_file(store: stores.Store, rel: str, name: str, mf: Manifest) -> tuple[int, str, list[str], str | None]:
+    """Size, digest, damaged tensors and (for a native file) why its header is damaged, if it is."""
     expected = mf.tensors.get(name, {})
     if store.is_local:
         fd = stores.open_regular(store.join(rel))
@@ -367,10 +369,13 @@ def _digest_file(store: stores.Store, rel: str, name: str, mf: Manifest) -> tupl
     with f:
         if not name.endswith(formats.NATIVE_SUFFIX):
             n, d = formats.file_digest_stream(f)
-            return n, d, []
+            return n, d, [], None
         header = formats.parse_header(f, size, name=name)
         buf2 = bytearray(header.payload_size)
         formats.read_payload_into(f, header, memoryview(buf2), name=name)
         digest, per = formats.payload_digests(header, memoryview(buf2))
         damaged = [t for t, d in per.items() if t in expected and expected[t].digest != d]
-        return size, digest, damaged
+        known = {t: s.digest for t, s in expected.items()} if name in mf.tensors else None
+        intact = any(x.name == name and x.digest == digest for x in mf.files)
+        why = None if intact else formats.header_damage(header, per, known, mf.trees.get(name))
+        return size, digest, damaged, why
