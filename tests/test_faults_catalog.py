@@ -34,16 +34,33 @@ def catalog_ids() -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
-def test_functions() -> dict[str, list[str]]:
+# Trust, round two: a second range of ids, one per class of finding of the adversarial review
+# (README, "Security"). Each class needs a test named after it, like the F range.
+TRUST_IDS = {
+    "T01": "code execution through DCP (bytes items, planted directories, BUILD state on classes)",
+    "T02": "retention deleting the job's own progress (other compat or layout, unmirrored, prune)",
+    "T03": "one bad manifest stopping every save (numbers that do not round-trip)",
+    "T04": "hangs and quadratic work in the resume path",
+    "T05": "wrong or partial state reported as success",
+    "T06": "async save that is not a snapshot",
+    "T07": "bad arguments (unknown scheme, names ending in a newline)",
+    "T08": "memory and time bounded by what the attacker controls",
+    "T09": "saves that can never be resumed (a symlinked run dir)",
+    "T10": "damage outside the tensors (the state tree)",
+}
+TRUST_ID_RE = re.compile(r"T(\d{2})(?!\d)")
+
+
+def test_functions(id_re: re.Pattern[str] = ID_RE, letter: str = "F") -> dict[str, list[str]]:
     """id -> the test functions (``file::name``) whose name contains it."""
     out: dict[str, list[str]] = {}
-    for path in sorted(glob.glob(os.path.join(HERE, "*.py"))):
+    for path in sorted(glob.glob(os.path.join(HERE, "**", "*.py"), recursive=True)):
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read(), filename=path)
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test"):
-                for num in ID_RE.findall(node.name):
-                    out.setdefault(f"F{num}", []).append(f"{os.path.basename(path)}::{node.name}")
+                for num in id_re.findall(node.name):
+                    out.setdefault(f"{letter}{num}", []).append(f"{os.path.basename(path)}::{node.name}")
     return out
 
 
@@ -69,6 +86,13 @@ def test_every_catalog_fault_has_a_named_test():
     have = test_functions()
     missing = [i for i in catalog_ids() if not have.get(i)]
     assert not missing, f"fault scenarios without a test named after them: {missing}"
+
+
+def test_every_trust_finding_has_a_named_test():
+    have = test_functions(TRUST_ID_RE, "T")
+    missing = [i for i in TRUST_IDS if not have.get(i)]
+    assert not missing, f"trust findings without a test named after them: {missing}"
+    assert sorted(have) == sorted(TRUST_IDS), f"tests name unknown trust ids: {sorted(set(have) - set(TRUST_IDS))}"
 
 
 def test_the_scan_sees_real_names():
