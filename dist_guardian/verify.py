@@ -351,25 +351,20 @@ def verify_full(store: stores.Store, rel: str) -> tuple[str, list[str]]:
 
 
 def _digest_file(store: stores.Store, rel: str, name: str, mf: Manifest) -> tuple[int, str, list[str]]:
+    """Stream one file through the digests (:data:`formats.DIGEST_CHUNK` at a time, never the whole file)."""
     expected = mf.tensors.get(name, {})
     if store.is_local:
         fd = stores.open_regular(store.join(rel))
-        f = os.fdopen(fd, "rb")
         size = os.fstat(fd).st_size
+        f: Any = os.fdopen(fd, "rb")
     else:
-        import io
-
         size = stores.remote_size(store, rel)
-        buf = bytearray(size)
-        stores.read_range_into(store, rel, 0, memoryview(buf))
-        f = io.BytesIO(buf)
+        f = stores.RemoteReader(store, rel, size)
     with f:
         if not name.endswith(formats.NATIVE_SUFFIX):
             n, d = formats.file_digest_stream(f)
             return n, d, []
         header = formats.parse_header(f, size, name=name)
-        buf2 = bytearray(header.payload_size)
-        formats.read_payload_into(f, header, memoryview(buf2), name=name)
-        digest, per = formats.payload_digests(header, memoryview(buf2))
+        digest, per = formats.stream_digests(f, header, name=name)
         damaged = [t for t, d in per.items() if t in expected and expected[t].digest != d]
         return size, digest, damaged
