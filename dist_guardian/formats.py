@@ -459,8 +459,9 @@ TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 # inflated to 1 GiB drove ``ls`` to 2 GB RSS. Declared sizes are checked before anything is inflated.
 MAX_PICKLE_BYTES = 64 * 1024 * 1024
 # Walking a pickle's opcodes (pickletools.genops, linear) costs 0.5-1 us per opcode here: a 16 MB .metadata
-# of one-byte opcodes took 14 s, a real DCP .metadata scans at about 2 MB/s. Past this a candidate is R.
-PLANNING_SCAN_SECONDS = 2.0
+# of one-byte opcodes took 14 s, a real DCP .metadata scans at about 2 MB/s (5 s: 10 MB, ~50,000 chunks).
+# Past this a candidate is R.
+PLANNING_SCAN_SECONDS = 5.0
 # Zip CRCs checked at planning, per torch.save file, in bytes and seconds. Reading and CRC32 run at
 # 250-900 MB/s here: a sparse 4 GiB file cost 7-18 s of every listing (16 GiB: 115 s). Past the budget the
 # rest is left unchecked (tier L, ``crc_unchecked``): the load reads every byte and checks every CRC.
