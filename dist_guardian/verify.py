@@ -364,9 +364,8 @@ def _digest_file(store: stores.Store, rel: str, name: str, mf: Manifest) -> tupl
     """Stream one file through the digests (:data:`formats.DIGEST_CHUNK` at a time, never the whole file)."""
     expected = mf.tensors.get(name, {})
     if store.is_local:
-        fd = stores.open_regular(store.join(rel))
-        size = os.fstat(fd).st_size
-        f: Any = os.fdopen(fd, "rb")
+        f: Any = os.fdopen(stores.open_regular(store.join(rel)), "rb")
+        size = os.fstat(f.fileno()).st_size
     else:
         size = stores.remote_size(store, rel)
         f = stores.RemoteReader(store, rel, size)
