@@ -21,6 +21,14 @@ class CheckpointFormatError(DistGuardianError, ValueError):
     """A file or manifest is not what it claims to be (names the file and what is wrong)."""
 
 
+class PlanningCapExceeded(CheckpointFormatError):
+    """Verifying a candidate would cost more than planning allows one candidate (``what`` over ``cap``): tier R."""
+
+    def __init__(self, what: str, cap: str):
+        super().__init__(f"{what} is over the planning cap of {cap}")
+        self.what, self.cap = what, cap
+
+
 class PlanFormatError(DistGuardianError, ValueError):
     """A resume plan or candidate record (JSON from rank 0) is malformed: names the field and what is wrong."""
 

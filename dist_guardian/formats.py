@@ -27,6 +27,7 @@ import threading
 import pickletools
 import re
 import struct
+import time
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from typing import BinaryIO, Callable, Iterable, Sequence
 
 import xxhash
 
-from .errors import CheckpointFormatError
+from .errors import CheckpointFormatError, PlanningCapExceeded
 
 NATIVE_SUFFIX = ".dgt"
 MAX_HEADER_BYTES = 256 * 1024 * 1024
@@ -53,6 +54,10 @@ TREE_KEY = "dist_guardian.tree"
 VERSION_KEY = "dist_guardian.format"
 NATIVE_VERSION = "1"
 _CHUNK = 64 * 1024 * 1024
+# Full verification (``dist-guardian verify``, retention) streams each file through one reused buffer of
+# this size: its peak memory is one chunk, whatever the file size (a 1 GiB file read whole raised the
+# training process's peak RSS by 1 GB at every save with keep_last). xxh3 runs at memory speed either way.
+DIGEST_CHUNK = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,18 +341,6 @@ def parse_header(f: BinaryIO, file_size: int, *, name: str = "file") -> NativeHe
     return NativeHeader(header_bytes=head + blob, entries=tuple(entries), metadata=meta, payload_size=payload)
 
 
-def read_payload_into(f: BinaryIO, header: NativeHeader, buf: memoryview, *, name: str = "file") -> None:
-    """Read the payload (positioned right after the header) into ``buf`` with large readinto calls."""
-    if len(buf) != header.payload_size:
-        raise ValueError("buffer size does not match the payload")
-    pos = 0
-    while pos < len(buf):
-        n = f.readinto(buf[pos : pos + _CHUNK * 4])
-        if not n:
-            raise CheckpointFormatError(f"{name}: truncated payload ({pos} of {len(buf)} bytes)")
-        pos += n
-
-
 def read_and_hash(fd: int, header: NativeHeader, buf: memoryview, *, name: str = "file", threads: int = 4,
                   chunk: int = 32 * 1024 * 1024) -> tuple[str, dict[str, str]]:
     """Read the payload into ``buf`` with parallel ``pread`` calls while this thread hashes what has arrived.
@@ -412,12 +405,13 @@ class _TensorHasher:
         self.h = xxhash.xxh3_128()
         self.i += 1
 
-    def feed(self, buf: memoryview, lo: int, hi: int) -> None:
+    def feed(self, buf: memoryview, lo: int, hi: int, base: int = 0) -> None:
+        """Hash payload bytes ``lo..hi``, held in ``buf`` from payload offset ``base`` on."""
         pos = lo
         while pos < hi and self.i < len(self.entries):
             e = self.entries[self.i]
             take = min(hi, e.end)
-            self.h.update(buf[pos:take])
+            self.h.update(buf[pos - base : take - base])
             pos = take
             if pos == e.end:
                 self._close()
@@ -462,21 +456,57 @@ def payload_digests(header: NativeHeader, buf: memoryview) -> tuple[str, dict[st
     return tree_digest(header.header_bytes, raw), per
 
 
+def stream_digests(f: BinaryIO, header: NativeHeader, *, name: str = "file") -> tuple[str, dict[str, str]]:
+    """The file digest and per-tensor digests of the payload ``f`` is positioned at, read in
+    :data:`DIGEST_CHUNK` pieces into one buffer (a tensor larger than a chunk is hashed incrementally)."""
+    n = header.payload_size
+    buf = memoryview(bytearray(min(DIGEST_CHUNK, n)))
+    hasher = _TensorHasher(header)
+    pos = 0
+    while pos < n:
+        got = f.readinto(buf[: min(len(buf), n - pos)])
+        if not got:
+            raise CheckpointFormatError(f"{name}: truncated payload ({pos} of {n} bytes)")
+        hasher.feed(buf, pos, pos + got, base=pos)
+        pos += got
+    return hasher.finish()
+
+
 def file_digest_stream(f: BinaryIO) -> tuple[int, str]:
-    """Plain xxh3-128 and size of a whole stream (foreign files, mirrors)."""
+    """Plain xxh3-128 and size of a whole stream (foreign files, mirrors), read in :data:`DIGEST_CHUNK` pieces."""
     h = xxhash.xxh3_128()
+    buf = memoryview(bytearray(DIGEST_CHUNK))
     n = 0
     while True:
-        chunk = f.read(_CHUNK)
-        if not chunk:
+        got = f.readinto(buf)
+        if not got:
             return n, h.hexdigest()
-        h.update(chunk)
-        n += len(chunk)
+        h.update(buf[:got])
+        n += got
 
 
 # ----------------------------------------------------------------------------- foreign files
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+# Planning caps per foreign candidate (T08). Planning verifies every candidate of every store on rank 0
+# before anything loads, and the crash-loop journal does not cover it: what a file declares must not set
+# what it costs. What is over a cap is tier R (``planning_cap_exceeded``).
+# A pickle (torch.save's data.pkl, a DCP .metadata) is read whole: real ones are small (a DCP .metadata
+# measured 210 bytes per tensor chunk, so 64 MiB is 300,000 chunks), while a 1 MB zip bomb whose data.pkl
+# inflated to 1 GiB drove ``ls`` to 2 GB RSS. Declared sizes are checked before anything is inflated.
+MAX_PICKLE_BYTES = 64 * 1024 * 1024
+# Walking a pickle's opcodes (pickletools.genops, linear) costs 0.5-1 us per opcode here: a 16 MB .metadata
+# of one-byte opcodes took 14 s, a real DCP .metadata scans at about 2 MB/s (5 s: 10 MB, ~50,000 chunks).
+# Past this a candidate is R.
+PLANNING_SCAN_SECONDS = 5.0
+# Zip CRCs checked at planning, per torch.save file, in bytes and seconds. Reading and CRC32 run at
+# 250-900 MB/s here: a sparse 4 GiB file cost 7-18 s of every listing (16 GiB: 115 s). Past the budget the
+# rest is left unchecked (tier L, ``crc_unchecked``): the load reads every byte and checks every CRC.
+PLANNING_CRC_BYTES = 256 * 1024 * 1024
+PLANNING_CRC_SECONDS = 1.0
+# zipfile reads the whole central directory and makes an object per entry: 65,000 entries (7 MB) took
+# 0.33 s and 13 MB here, so 16 MiB is at most ~1.5 s, and still ~150,000 members (tensors) of torch.save.
+MAX_ZIP_DIRECTORY_BYTES = 16 * 1024 * 1024
 # A step is taken from a foreign name only where the name says it is one (``step_300``,
 # ``checkpoint-300``, ``global_step300``, ``iter_300``, ``epoch=3-step=900``): a bare number
 # (``model_7.pt``) or a date (``export_20240501.pt``) would outrank every native checkpoint.
@@ -540,32 +570,45 @@ class TorchFileReport:
     """What sniffing a torch.save file found, without unpickling it."""
 
     ok: bool  # structurally loadable (may still be suspect)
-    crc: str  # "ok" | "mismatch" | "off" | "none"
+    crc: str  # "ok" | "mismatch" | "off" | "none" | "partial" (clean as far as the planning budget went)
     problems: tuple[str, ...]
     unsafe_globals: tuple[str, ...]
     step_key: int | None  # the top-level step/global_step value, when the pickle shows one
+    crc_unchecked: int = 0  # member bytes whose CRC the planning budget left unchecked
+    over_cap: str | None = None  # what is over a planning cap (then ok is False)
 
 
-def sniff_torch_file(f: BinaryIO, size: int, name: str, extra_safe: Iterable[str] = ()) -> TorchFileReport:
+def sniff_torch_file(f: BinaryIO, size: int, name: str, extra_safe: Iterable[str] = (), *,
+                     planning: bool = True) -> TorchFileReport:
     """Check a torch.save zip: central directory, member CRC32s, and the globals its pickle needs.
 
     ``torch.load`` ignores zip CRCs, so a flipped bit loads silently in most cases; this
     catches it. All-zero CRCs mean CRC computation was switched off at save time ("off").
     Never raises for a damaged file: ``zipfile`` has many ways to fail on garbage (a bad local
     header, an encrypted flag, an unknown compression method); each is a report with ``ok=False``.
+    The pickle is capped at :data:`MAX_PICKLE_BYTES` (declared size, then bytes read). With
+    ``planning`` the CRC check stops at :data:`PLANNING_CRC_BYTES` / :data:`PLANNING_CRC_SECONDS`
+    (``crc="partial"``) and the pickle walk at :data:`PLANNING_SCAN_SECONDS`; the load passes
+    ``planning=False``: it holds every byte already, and checks every CRC.
     """
     try:
-        return _sniff_torch_file(f, size, name, extra_safe)
+        return _sniff_torch_file(f, size, name, extra_safe, planning)
+    except PlanningCapExceeded as e:
+        return TorchFileReport(False, "none", (f"{name}: {e}",), (), None, over_cap=str(e))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, OSError, EOFError,
             ValueError, KeyError, IndexError, OverflowError, struct.error, zlib.error) as e:
         return TorchFileReport(False, "none", (f"{name}: broken zip structure ({type(e).__name__}: {str(e)[:100]})",), (), None)
 
 
-def _sniff_torch_file(f: BinaryIO, size: int, name: str, extra_safe: Iterable[str]) -> TorchFileReport:
+def _sniff_torch_file(f: BinaryIO, size: int, name: str, extra_safe: Iterable[str], planning: bool) -> TorchFileReport:
     head = f.read(4)
     f.seek(0)
     if head != b"PK\x03\x04":
         return TorchFileReport(False, "none", (f"{name}: not a torch zip archive (legacy or foreign format)",), (), None)
+    end = zipfile._EndRecData(f)  # the end record ZipFile trusts next (private, unchanged since Python 2.6)
+    if end and end[zipfile._ECD_SIZE] > MAX_ZIP_DIRECTORY_BYTES:
+        raise PlanningCapExceeded(f"a {end[zipfile._ECD_SIZE]}-byte zip central directory", f"{MAX_ZIP_DIRECTORY_BYTES} bytes")
+    f.seek(0)
     try:
         zf = zipfile.ZipFile(f)
         infos = zf.infolist()
@@ -574,9 +617,15 @@ def _sniff_torch_file(f: BinaryIO, size: int, name: str, extra_safe: Iterable[st
     pkl = [i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
     if not pkl:
         return TorchFileReport(False, "none", (f"{name}: no data.pkl in the archive",), (), None)
+    if pkl[0].file_size > MAX_PICKLE_BYTES:
+        raise PlanningCapExceeded(f"{pkl[0].filename} (declared {pkl[0].file_size} bytes)", f"{MAX_PICKLE_BYTES} bytes")
     problems: list[str] = []
     crcs_off = all(i.CRC == 0 for i in infos if i.file_size > 0)
     mismatched: list[str] = []
+    budget = PLANNING_CRC_BYTES if planning else None
+    deadline = time.monotonic() + PLANNING_CRC_SECONDS if planning else None
+    unchecked = 0
+    buf = memoryview(bytearray(DIGEST_CHUNK))
     for info in infos:
         if info.compress_type != zipfile.ZIP_STORED:
             problems.append(f"{name}: member {info.filename} is compressed (not written by torch.save)")
@@ -585,19 +634,27 @@ def _sniff_torch_file(f: BinaryIO, size: int, name: str, extra_safe: Iterable[st
             return TorchFileReport(False, "none", (f"{name}: member {info.filename} extends past the end of the file",), (), None)
         if crcs_off:
             continue
+        if budget is not None and (info.file_size > budget or time.monotonic() > deadline):
+            unchecked += info.file_size  # a member's CRC is checked whole or not at all
+            continue
         try:
             with zf.open(info) as m:
-                crc = 0
-                while True:
-                    chunk = m.read(_CHUNK)
-                    if not chunk:
+                crc, complete = 0, True
+                while got := m.readinto(buf):
+                    crc = zlib.crc32(buf[:got], crc)
+                    if deadline is not None and time.monotonic() > deadline:
+                        complete = False
                         break
-                    crc = zlib.crc32(chunk, crc)
         except zipfile.BadZipFile:
             mismatched.append(info.filename)
             continue
         except (OSError, EOFError, ValueError) as e:
             return TorchFileReport(False, "none", (f"{name}: member {info.filename} unreadable ({e})",), (), None)
+        if not complete:
+            unchecked += info.file_size
+            continue
+        if budget is not None:
+            budget -= info.file_size
         if crc != info.CRC:
             mismatched.append(info.filename)
     try:
@@ -609,23 +666,25 @@ def _sniff_torch_file(f: BinaryIO, size: int, name: str, extra_safe: Iterable[st
             pickle_bytes = m.read()
     except (OSError, EOFError, ValueError) as e:
         return TorchFileReport(False, "none", (f"{name}: data.pkl unreadable ({e})",), (), None)
-    unsafe, step_key, pk_problem = scan_pickle(pickle_bytes, extra_safe)
+    unsafe, step_key, pk_problem = scan_pickle(pickle_bytes, extra_safe, PLANNING_SCAN_SECONDS if planning else None)
     if pk_problem:
         return TorchFileReport(False, "none", (f"{name}: {pk_problem}",), unsafe, step_key)
-    crc_state = "off" if crcs_off else ("mismatch" if mismatched else "ok")
+    crc_state = "off" if crcs_off else "mismatch" if mismatched else "partial" if unchecked else "ok"
     if mismatched:
         problems.append(f"{name}: zip CRC32 mismatch in {', '.join(mismatched[:5])}")
-    return TorchFileReport(True, crc_state, tuple(problems), unsafe, step_key)
+    return TorchFileReport(True, crc_state, tuple(problems), unsafe, step_key, crc_unchecked=unchecked)
 
 
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
 _INT_OPS = {"BININT", "BININT1", "BININT2", "LONG1", "INT", "LONG", "LONG4"}
 
 
-def scan_pickle(data: bytes, extra_safe: Iterable[str] = ()) -> tuple[tuple[str, ...], int | None, str | None]:
+def scan_pickle(data: bytes, extra_safe: Iterable[str] = (),
+                deadline_s: float | None = None) -> tuple[tuple[str, ...], int | None, str | None]:
     """The globals a pickle would import (those outside the weights-only allowlist) and a top-level step.
 
-    Walks opcodes with ``pickletools.genops``: nothing is executed or imported.
+    Walks opcodes with ``pickletools.genops``: nothing is executed or imported. A walk longer than
+    ``deadline_s`` seconds raises :class:`PlanningCapExceeded` (checked every 65,536 opcodes).
     """
     safe = SAFE_GLOBALS | set(extra_safe)
     unsafe: list[str] = []
@@ -633,8 +692,11 @@ def scan_pickle(data: bytes, extra_safe: Iterable[str] = ()) -> tuple[tuple[str,
     memo: dict[int, object] = {}
     step_key = None
     pending_step = False
+    deadline = None if deadline_s is None else time.monotonic() + deadline_s
     try:
-        for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
+        for k, (op, arg, _pos) in enumerate(pickletools.genops(io.BytesIO(data))):
+            if deadline is not None and not k & 0xFFFF and time.monotonic() > deadline:
+                raise PlanningCapExceeded(f"walking a {len(data)}-byte pickle", f"{deadline_s:g} s")
             nm = op.name
             if nm in _STRING_OPS:
                 recent.append(arg)
@@ -667,6 +729,8 @@ def scan_pickle(data: bytes, extra_safe: Iterable[str] = ()) -> tuple[tuple[str,
                 recent.append(None)
             if len(recent) > 64:
                 del recent[:32]
+    except PlanningCapExceeded:
+        raise
     except (ValueError, EOFError, KeyError, IndexError) as e:
         return tuple(unsafe), step_key, f"pickle stream is corrupt ({str(e)[:100]})"
     return tuple(dict.fromkeys(unsafe)), step_key, None

@@ -26,7 +26,6 @@ from .candidate import Candidate
 from .errors import CheckpointFormatError
 from .manifest import Manifest
 from .stores import Store
-from .verify import MAX_DCP_METADATA_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +335,8 @@ def load_torch_file(c: Candidate, store: Store, state: dict[str, Any], *, extra_
         data = bytes(buf)
     if not data:
         raise CheckpointFormatError(f"{c.path}: empty file")
-    rep = formats.sniff_torch_file(io.BytesIO(data), len(data), c.path, extra_names)
+    # Every CRC: the whole file is in memory anyway; planning checked only up to its budget.
+    rep = formats.sniff_torch_file(io.BytesIO(data), len(data), c.path, extra_names, planning=False)
     if rep.unsafe_globals:
         log.warning("security_event: %s needs unsafe_globals=%s; never loaded", c.path, list(rep.unsafe_globals))
         raise CheckpointFormatError(f"{c.path}: unsafe_globals={list(rep.unsafe_globals)}; loading it would run code")
@@ -474,9 +474,9 @@ def read_dcp_metadata(path: str, extra_safe_globals: Iterable[str] = ()) -> Any:
     """A DCP ``.metadata`` file, unpickled with the allowlist; every file it names must be a plain name."""
     fd = stores.open_regular(path)
     with os.fdopen(fd, "rb") as f:
-        raw = f.read(MAX_DCP_METADATA_BYTES + 1)
-    if len(raw) > MAX_DCP_METADATA_BYTES:
-        raise CheckpointFormatError(f"{path}: DCP metadata larger than {MAX_DCP_METADATA_BYTES} bytes; not read")
+        raw = f.read(formats.MAX_PICKLE_BYTES + 1)
+    if len(raw) > formats.MAX_PICKLE_BYTES:
+        raise CheckpointFormatError(f"{path}: DCP metadata larger than {formats.MAX_PICKLE_BYTES} bytes; not read")
     try:
         md = _DCPMetadataUnpickler(io.BytesIO(raw), formats.DCP_SAFE_GLOBALS | frozenset(extra_safe_globals)).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
