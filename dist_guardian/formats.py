@@ -515,14 +515,19 @@ _DATE_RE = re.compile(
     r"(?:(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])|(?:19|20)\d\d[_\-.]\d\d?[_\-.]\d\d?)(?!\d)")
 # Globals torch's weights_only unpickler accepts. Anything else makes a file R before load
 # (the final judge is still torch's own weights_only unpickler: we never load unsafely).
-_TORCH_SAFE_RE = re.compile(
-    r"^torch\.("
-    r"_utils\._rebuild_\w+|_tensor\._rebuild_from_type(_v2)?|\w*Storage|Size|device|strided|"
-    r"sparse_(coo|csr|csc|bsr|bsc)|nn\.parameter\.Parameter|serialization\._get_layout|"
+_TORCH_PLAIN = (
+    r"Size|device|strided|sparse_(coo|csr|csc|bsr|bsc)|serialization\._get_layout|"
     r"(float|bfloat|int|uint|complex)(8|16|32|64|128)?|half|double|long|short|bool|cfloat|cdouble|chalf|"
     r"float8_\w+|q(u)?int\w*"
-    r")\Z"
 )
+_TORCH_SAFE_RE = re.compile(
+    r"^torch\.(_utils\._rebuild_\w+|_tensor\._rebuild_from_type(_v2)?|\w*Storage|nn\.parameter\.Parameter|"
+    + _TORCH_PLAIN + r")\Z"
+)
+# A DCP .metadata holds plain values and DCP's own metadata classes: none of torch.save's tensor
+# rebuilders or storage classes, and no bytearray, either of which lets a planted file allocate any
+# size (``torch.UntypedStorage(2**40)``) while it is being unpickled.
+_DCP_TORCH_RE = re.compile(r"^torch\.(" + _TORCH_PLAIN + r")\Z")
 SAFE_GLOBALS = frozenset(
     {
         "collections.OrderedDict",
@@ -541,7 +546,8 @@ SAFE_GLOBALS = frozenset(
 # What a PyTorch DCP ``.metadata`` pickle may import. torch's own FileSystemReader unpickles that
 # file with plain ``pickle.load`` (any global: code execution), so dist_guardian checks it against
 # this list before a DCP directory becomes a candidate, and loads it with an unpickler limited to
-# the same list (together with SAFE_GLOBALS and torch's tensor/dtype globals).
+# the same list (together with plain containers and torch's dtype/Size/layout globals, never its
+# tensor rebuilders, storages or bytearray: see _DCP_TORCH_RE).
 DCP_SAFE_GLOBALS = frozenset(
     {f"torch.distributed.checkpoint.metadata.{n}" for n in (
         "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
@@ -549,11 +555,19 @@ DCP_SAFE_GLOBALS = frozenset(
     | {"torch.distributed.checkpoint.filesystem._StorageInfo", "pathlib.PosixPath", "pathlib.PurePosixPath",
        "pathlib._local.PosixPath", "pathlib._local.PurePosixPath"}
 )
+_DCP_PLAIN_GLOBALS = SAFE_GLOBALS - {"builtins.bytearray"}
 
 
-def is_safe_global(qualname: str, extra_safe: Iterable[str] = ()) -> bool:
-    """Whether a pickle global is on the weights-only allowlist (or the caller's extra names)."""
-    return qualname in SAFE_GLOBALS or qualname in extra_safe or bool(_TORCH_SAFE_RE.match(qualname))
+def is_safe_global(qualname: str, extra_safe: Iterable[str] = (), *, dcp: bool = False) -> bool:
+    """Whether a pickle global is on the weights-only allowlist (or the caller's extra names).
+
+    With ``dcp`` the list is the narrower one of a DCP ``.metadata`` (:data:`DCP_SAFE_GLOBALS`).
+    """
+    if qualname in extra_safe:
+        return True
+    if dcp:
+        return qualname in DCP_SAFE_GLOBALS or qualname in _DCP_PLAIN_GLOBALS or bool(_DCP_TORCH_RE.match(qualname))
+    return qualname in SAFE_GLOBALS or bool(_TORCH_SAFE_RE.match(qualname))
 
 
 def step_from_name(name: str) -> int | None:
@@ -679,14 +693,14 @@ _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHOR
 _INT_OPS = {"BININT", "BININT1", "BININT2", "LONG1", "INT", "LONG", "LONG4"}
 
 
-def scan_pickle(data: bytes, extra_safe: Iterable[str] = (),
-                deadline_s: float | None = None) -> tuple[tuple[str, ...], int | None, str | None]:
+def scan_pickle(data: bytes, extra_safe: Iterable[str] = (), deadline_s: float | None = None, *,
+                dcp: bool = False) -> tuple[tuple[str, ...], int | None, str | None]:
     """The globals a pickle would import (those outside the weights-only allowlist) and a top-level step.
 
     Walks opcodes with ``pickletools.genops``: nothing is executed or imported. A walk longer than
     ``deadline_s`` seconds raises :class:`PlanningCapExceeded` (checked every 65,536 opcodes).
     """
-    safe = SAFE_GLOBALS | set(extra_safe)
+    extra = frozenset(extra_safe)
     unsafe: list[str] = []
     recent: list[object] = []  # values of recent pushes, enough to resolve STACK_GLOBAL
     memo: dict[int, object] = {}
@@ -721,10 +735,10 @@ def scan_pickle(data: bytes, extra_safe: Iterable[str] = (),
                 recent.append(memo.get(int(arg)))
             elif nm in ("GLOBAL", "INST"):
                 mod, _, attr = str(arg).partition(" ")
-                _judge(f"{mod}.{attr}", safe, unsafe)
+                _judge(f"{mod}.{attr}", extra, unsafe, dcp)
             elif nm == "STACK_GLOBAL":
                 mod, attr = (recent[-2], recent[-1]) if len(recent) >= 2 else (None, None)
-                _judge(f"{mod}.{attr}", safe, unsafe)
+                _judge(f"{mod}.{attr}", extra, unsafe, dcp)
             else:
                 recent.append(None)
             if len(recent) > 64:
@@ -736,7 +750,6 @@ def scan_pickle(data: bytes, extra_safe: Iterable[str] = (),
     return tuple(dict.fromkeys(unsafe)), step_key, None
 
 
-def _judge(qualname: str, safe: set[str] | frozenset[str], unsafe: list[str]) -> None:
-    if qualname in safe or _TORCH_SAFE_RE.match(qualname):
-        return
-    unsafe.append(qualname)
+def _judge(qualname: str, extra: frozenset[str], unsafe: list[str], dcp: bool) -> None:
+    if not is_safe_global(qualname, extra, dcp=dcp):
+        unsafe.append(qualname)

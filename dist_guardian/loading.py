@@ -447,7 +447,7 @@ class _DCPMetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
 
     def find_class(self, module: str, name: str) -> Any:
         qual = f"{module}.{name}"
-        if not formats.is_safe_global(qual, self._extra):
+        if not formats.is_safe_global(qual, self._extra, dcp=True):
             raise pickle.UnpicklingError(f"unsafe_global {qual}")
         return super().find_class(module, name)
 
@@ -459,7 +459,7 @@ class _DCPMetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         qual = f"{type(inst).__module__}.{type(inst).__qualname__}"
         if isinstance(inst, enum.Enum):  # a member is one shared object: BUILD would change it for the process
             raise pickle.UnpicklingError(f"state_on_enum_member: BUILD would set attributes of {qual}.{inst.name}")
-        if not formats.is_safe_global(qual, self._extra):
+        if not formats.is_safe_global(qual, self._extra, dcp=True):
             raise pickle.UnpicklingError(f"unsafe_build: BUILD of a {qual[:100]} instance")
         for part in state if isinstance(state, tuple) and len(state) == 2 else (state,):
             bad = [k for k in part if not isinstance(k, str) or k.startswith("__")] if isinstance(part, dict) else []
@@ -478,7 +478,7 @@ def read_dcp_metadata(path: str, extra_safe_globals: Iterable[str] = ()) -> Any:
     if len(raw) > formats.MAX_PICKLE_BYTES:
         raise CheckpointFormatError(f"{path}: DCP metadata larger than {formats.MAX_PICKLE_BYTES} bytes; not read")
     try:
-        md = _DCPMetadataUnpickler(io.BytesIO(raw), formats.DCP_SAFE_GLOBALS | frozenset(extra_safe_globals)).load()
+        md = _DCPMetadataUnpickler(io.BytesIO(raw), frozenset(extra_safe_globals)).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
             KeyError, RecursionError) as e:
         if isinstance(e, pickle.UnpicklingError):

@@ -300,8 +300,7 @@ def _verify_dcp(s: Sighting, extra_safe: Iterable[str] = ()) -> Candidate:
         # globals are checked here, without executing anything, as for a torch.save file (F44).
         try:
             data = stores.read_small(s.store, f"{s.rel}/{DCP_METADATA}", formats.MAX_PICKLE_BYTES)
-            unsafe, _step, problem = formats.scan_pickle(data, formats.DCP_SAFE_GLOBALS | set(extra_safe),
-                                                         formats.PLANNING_SCAN_SECONDS)
+            unsafe, _step, problem = formats.scan_pickle(data, extra_safe, formats.PLANNING_SCAN_SECONDS, dcp=True)
         except PlanningCapExceeded as e:
             # Only the walk's time ran out (the size cap was checked above). A big real model's .metadata
             # (~50,000 chunks past 10 MB) must stay loadable: the load unpickles it through the allowlisting,

@@ -179,10 +179,11 @@ def test_T01_dcp_metadata_build_never_sets_state_on_an_allowed_function(tmp_path
     _save_native(root, "r", seed=3, step=100)
     d = os.path.join(root, "r", "dcp-step-300")
     _dcp_save(_model_tree(4, {"epoch": 1, "seen": 0})[1], d)
-    # GLOBAL torch._utils._rebuild_tensor (allowlisted), state {"dg_planted": 1}, BUILD: the function's __dict__
+    # GLOBAL torch._utils._rebuild_tensor, state {"dg_planted": 1}, BUILD: the function's __dict__. A DCP
+    # .metadata never needs it (planning rejects it); allowlisted by the user, BUILD on it is still refused.
     _prefix_metadata(d, b"\x80\x02ctorch._utils\n_rebuild_tensor\n}" + _u("dg_planted") + b"K\x01sb0")
     try:
-        r = Guardian(stores=[root], run="r").resume(_fresh())
+        r = Guardian(stores=[root], run="r", extra_safe_globals=["torch._utils._rebuild_tensor"]).resume(_fresh())
         assert not hasattr(torch._utils._rebuild_tensor, "dg_planted")
     finally:
         torch._utils._rebuild_tensor.__dict__.pop("dg_planted", None)
@@ -263,3 +264,19 @@ def test_T01_dcp_per_rank_metadata_goes_through_the_same_unpickler(tmp_path, mon
     with pytest.raises(CheckpointFormatError, match="state_on_class: BUILD would set attributes of the class pathlib"):
         reader.read_metadata(rank=0)
     assert pathlib.PosixPath.owner is owner
+
+
+@pytest.mark.parametrize("global_", [b"builtins\nbytearray", b"torch\nUntypedStorage"])
+def test_T01_dcp_metadata_may_not_allocate_through_storage_or_bytearray(tmp_path, global_):
+    """torch.save's allowlist has storages and bytearray; a DCP .metadata needs neither, and with them a planted
+    one allocates any size while it is unpickled (here 1 MB; 2**40 would take the process down)."""
+    root = str(tmp_path / "ck")
+    want = _save_native(root, "r", seed=3, step=100)
+    d = os.path.join(root, "r", "dcp-step-300")
+    _dcp_save(_model_tree(4, {"epoch": 1, "seen": 0})[1], d)
+    _prefix_metadata(d, b"\x80\x02c" + global_ + b"\nJ\x00\x00\x10\x00\x85R0")  # GLOBAL, BININT 2**20, REDUCE, POP
+    fresh = _fresh()
+    r = Guardian(stores=[root], run="r").resume(fresh)
+    assert r.resumed and r.step == 100 and helpers.same(helpers.model_tensors(fresh), want), r.to_json()
+    qual = global_.decode().replace("\n", ".")
+    assert [why for _path, why in r.rejected] == [f"unsafe_globals=[{qual!r}]"], r.to_json()
