@@ -137,7 +137,7 @@ def test_T04_foreign_files_are_verified_a_page_at_a_time(tmp_path, caplog):
     snap = _save_b(root)
     n = 400
     for i in range(n):  # not zips: each is opened and sniffed, then rejected
-        with open(os.path.join(root, RUN, f"dump-{1000 + i}.pt"), "wb") as f:
+        with open(os.path.join(root, RUN, f"dump-step-{1000 + i}.pt"), "wb") as f:
             f.write(b"not a torch file")
     for i in range(n // 4):  # no step in the name: after the named ones
         with open(os.path.join(root, RUN, f"junk-{chr(97 + i // 26)}{chr(97 + i % 26)}.pt"), "wb") as f:
