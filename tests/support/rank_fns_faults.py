@@ -1,4 +1,4 @@
-"""Rank functions for tests/test_faults_distributed.py (they must live in an importable module).
+"""Rank functions for tests/faults/test_faults_distributed.py (they must live in an importable module).
 
 Each function runs on every rank of a ``dg_harness.run_ranks`` call (real processes, real
 gloo). Results are plain dicts. A rank whose ``resume`` raises writes what it saw to

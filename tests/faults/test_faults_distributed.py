@@ -1,6 +1,6 @@
 """Distributed agreement faults (FAULTS.md F21-F30, F33, F38, F39) with real processes and real gloo.
 
-Every test runs 2 or 4 ranks as separate processes (tests/dg_harness.py), on real files,
+Every test runs 2 or 4 ranks as separate processes (tests/support/dg_harness.py), on real files,
 with the fault hook ``DIST_GUARDIAN_FAULT`` set per rank. Standard fixture: committed
 checkpoints A = step 100 and B = step 200 (and C = step 300 where a test needs it), saved
 once per world size by a real multi-rank save and copied into each test's own store.

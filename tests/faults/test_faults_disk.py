@@ -37,6 +37,7 @@ import torch
 import helpers
 from dist_guardian import Guardian, stores, verify
 from helpers import assert_nothing_lost, committed, make_state, same, snapshot
+import repo_paths
 
 RUN = "r"
 C = 300
@@ -184,7 +185,7 @@ def test_F11_rlimit_fsize_save_fails_cleanly_and_B_loads(tmp_path):
     fx = _save_a_b(root)
     env = {k: v for k, v in os.environ.items() if k != "DIST_GUARDIAN_FAULT"}
     env["OMP_NUM_THREADS"] = "1"
-    p = subprocess.run([sys.executable, "-c", CHILD, os.path.dirname(__file__), root, str(1 << 20)],
+    p = subprocess.run([sys.executable, "-c", CHILD, repo_paths.SUPPORT_DIR, root, str(1 << 20)],
                        capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])

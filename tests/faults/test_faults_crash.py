@@ -23,6 +23,7 @@ import pytest
 import helpers
 from dist_guardian import Guardian, formats, manifest, stores, verify
 from helpers import assert_nothing_lost, committed, make_state, same, snapshot
+import repo_paths
 
 RUN = "r"
 POINTS = ["before_data_write", "mid_data_write", "after_data_fsync", "before_manifest",
@@ -77,7 +78,7 @@ def crashed(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "DIST_GUARDIAN_FAULT"}
     env[stores.NODE_LOCAL_ENV] = str(nl)
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, "-c", CHILD, os.path.dirname(__file__), json.dumps([[p, roots[p]] for p in POINTS])],
+    proc = subprocess.run([sys.executable, "-c", CHILD, repo_paths.SUPPORT_DIR, json.dumps([[p, roots[p]] for p in POINTS])],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     status = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -13,8 +13,9 @@ import subprocess
 import sys
 
 import pytest
+import repo_paths
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = repo_paths.REPO_ROOT
 TRAIN = os.path.join(ROOT, "launch", "train.py")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
