@@ -65,13 +65,8 @@ def crashed(tmp_path_factory):
     roots, before, snaps = {}, {}, {}
     for p in POINTS:
         root = str(base / p)
-        state = make_state(seed=0)
-        g = Guardian(stores=[root], run=RUN)
-        assert g.save(state, step=100).committed
-        helpers.train(state, 1)
-        assert g.save(state, step=200).committed
-        g.close()
-        roots[p], before[p], snaps[p] = root, committed(root, RUN), snapshot(state)
+        snap_b = helpers.save_a_b([root], RUN).snap_b
+        roots[p], before[p], snaps[p] = root, committed(root, RUN), snap_b
         assert set(before[p]) == {"step-000000000100", "step-000000000200"}
     nl = base / "node_local"
     nl.mkdir(mode=0o700)

@@ -47,15 +47,10 @@ C = 300
 
 
 def _save_a_b(root: str) -> dict:
-    state = make_state(seed=0)
-    g = Guardian(stores=[root], run=RUN)
-    assert g.save(state, step=100).committed
-    helpers.train(state, 1)
-    assert g.save(state, step=200).committed
-    g.close()
+    saved = helpers.save_a_b([root], RUN)
     before = committed(root, RUN)
     assert set(before) == {"step-000000000100", "step-000000000200"}
-    return {"before": before, "snap_b": snapshot(state)}
+    return {"before": before, "snap_b": saved.snap_b}
 
 
 def _big_state(mib: int) -> dict:

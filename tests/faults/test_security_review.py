@@ -63,13 +63,7 @@ class _Evil:
 @pytest.fixture
 def ab(tmp_path):
     root = str(tmp_path / "ck")
-    state = make_state(seed=0)
-    g = Guardian(stores=[root], run=RUN)
-    assert g.save(state, step=100).committed
-    helpers.train(state, 1)
-    assert g.save(state, step=200).committed
-    g.close()
-    return {"root": root, "snap_b": snapshot(state), "before": committed(root, RUN)}
+    return {"root": root, "snap_b": helpers.save_a_b([root], RUN).snap_b, "before": committed(root, RUN)}
 
 
 def _dcp_dir(path: str, seed: int = 4) -> None:

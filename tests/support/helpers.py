@@ -1,41 +1,89 @@
-"""Test helpers: a small training state, damage to files, and the "nothing lost" invariant."""
+"""Test helpers: a small training state, how it trains, exact snapshots of it, and the "nothing lost" invariant.
+
+Damage to files is in ``corruption``; the rank-side functions of multi-rank tests in ``rank_fns*``.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import random
-import struct
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from dist_guardian import manifest
+from dist_guardian import Guardian, manifest
 
 
-def make_state(seed: int = 0, hidden: int = 16) -> dict[str, Any]:
-    """A small model + AdamW + scheduler + plain trainer state, trained a couple of steps."""
+def make_state(seed: int = 0, hidden: int = 16, *, device: str = "cpu", blob_mb: float = 0.0) -> dict[str, Any]:
+    """A small model + AdamW + scheduler + plain trainer state, trained a couple of steps.
+
+    ``device``: the model moves there and gets a fresh optimizer and scheduler on the moved
+    parameters (their state then lives there after the first step). ``blob_mb``: a plain float
+    tensor ``blob`` of that many MB, so files need several parts (S3 multipart, disk limits).
+    """
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
     state = {"model": model, "optim": opt, "sched": sched, "trainer": {"epoch": 0, "seen": 0}}
     train(state, 2)
+    if device != "cpu":
+        model.to(device)
+        state["optim"] = opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        state["sched"] = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+    if blob_mb:
+        state["blob"] = torch.randn(int(blob_mb * 1e6 / 4), generator=torch.Generator().manual_seed(seed))
     return state
+
+
+def _step(state: dict[str, Any], x: torch.Tensor) -> None:
+    model, opt, sched = state["model"], state["optim"], state["sched"]
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+    state["trainer"]["seen"] += 4
 
 
 def train(state: dict[str, Any], steps: int, generator: torch.Generator | None = None) -> None:
     """A few optimizer steps; pass the same ``generator`` on every rank for replicated (DDP-like) training."""
-    model, opt, sched = state["model"], state["optim"], state["sched"]
     for _ in range(steps):
-        x = torch.randn(4, 8, generator=generator)
-        loss = model(x).pow(2).mean()
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        state["trainer"]["seen"] += 4
+        _step(state, torch.randn(4, 8, generator=generator))
+
+
+def train_replicated(state: dict[str, Any], steps: int, device: str = "cpu") -> None:
+    """Steps identical on every rank (as under DDP: replicated state is the same everywhere), while
+    each rank's own RNG streams advance (as a per-rank data sampler's would)."""
+    for _ in range(steps):
+        random.random(), np.random.rand(), torch.rand(1)
+        gen = torch.Generator().manual_seed(state["trainer"]["seen"])
+        _step(state, torch.randn(4, 8, generator=gen).to(device))
+
+
+@dataclass(frozen=True)
+class SavedAB:
+    """What ``save_a_b`` left: exact snapshots of A and B, and what ``Guardian.close()`` reported unmirrored."""
+
+    snap_a: dict[str, Any]
+    snap_b: dict[str, Any]
+    unmirrored: list[str]
+
+
+def save_a_b(stores: list[str], run: str, **guardian_kw: Any) -> SavedAB:
+    """The two checkpoints most fault tests start from: A (step 100) and B (step 200) of
+    ``make_state(seed=0)``, one training step apart, each asserted committed."""
+    state = make_state(seed=0)
+    g = Guardian(stores=stores, run=run, **guardian_kw)
+    assert g.save(state, step=100).committed
+    snap_a = snapshot(state)
+    train(state, 1)
+    assert g.save(state, step=200).committed
+    snap_b = snapshot(state)
+    return SavedAB(snap_a=snap_a, snap_b=snap_b, unmirrored=g.close())
 
 
 def model_tensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -70,29 +118,16 @@ def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return True
 
 
-def next_randoms() -> tuple:
-    return (random.random(), float(np.random.rand()), torch.rand(3).tolist())
+def next_randoms(device: str = "cpu") -> tuple:
+    """What this process draws next from python, numpy and torch (and ``device``'s) RNG: equal after a resume."""
+    out: tuple = (random.random(), float(np.random.rand()), torch.rand(3).tolist())
+    if device != "cpu":
+        out += (torch.rand(3, device=device).tolist(),)
+    return out
 
 
 def step_dir(root: str, run: str, step: int) -> str:
     return os.path.join(root, run, f"step-{step:012d}")
-
-
-def flip_bit_in_tensor(path: str, tensor: str | None = None, bit: int = 6, byte_in_elem: int | None = None) -> None:
-    """Flip one bit inside a tensor's bytes of a native file (the first float tensor by default)."""
-    with open(path, "r+b") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        names = [k for k, v in header.items() if v["dtype"] in ("F32", "F64") and v["data_offsets"][1] > v["data_offsets"][0]]
-        name = tensor or names[0]
-        begin, _end = header[name]["data_offsets"]
-        size = {"F32": 4, "F64": 8}[header[name]["dtype"]]
-        pos = 8 + n + begin + (size - 1 if byte_in_elem is None else byte_in_elem)
-        f.seek(pos)
-        b = f.read(1)
-        f.seek(pos)
-        f.write(bytes([b[0] ^ (1 << bit)]))
 
 
 def committed(root: str, run: str) -> dict[str, str]:
