@@ -20,7 +20,11 @@ from typing import Any, Callable
 _CTX = None
 
 
-def ctx():
+def ctx() -> Any:
+    """The forkserver context every harness run (and the S3 tests' child processes) starts from.
+
+    Preloaded modules are named as the children import them: ``support/`` is on ``sys.path``.
+    """
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
@@ -33,6 +37,8 @@ def ctx():
 
 @dataclass
 class RankOutcome:
+    """What each rank of one run returned or raised, how it exited, and how long the run took."""
+
     results: dict[int, Any] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)  # rank -> "Type: message\ntraceback"
     exitcodes: dict[int, int | None] = field(default_factory=dict)
