@@ -1,4 +1,11 @@
-"""Shared fixtures: a private node-local root per test, the S3 server, the multi-rank harness path."""
+"""Shared fixtures: a private node-local root per test, the S3 server, the multi-rank harness path.
+
+The tests are in folders by kind (``unit/``, ``contract/``, ``integration/``, ``faults/``, ``e2e/``);
+what they share is in ``support/``, put on ``sys.path`` here so it is imported by plain module name
+(``import helpers``, ``import rank_fns``). Those names must stay stable: the forkserver of
+``dg_harness.ctx()`` preloads modules by name, and rank functions are pickled by module name; the
+forkserver and its children inherit this ``sys.path``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "support"))
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")

@@ -1,4 +1,4 @@
-"""Rank functions for tests/test_faults_distributed.py (they must live in an importable module).
+"""Rank functions for tests/faults/test_faults_distributed.py (they must live in an importable module).
 
 Each function runs on every rank of a ``dg_harness.run_ranks`` call (real processes, real
 gloo). Results are plain dicts. A rank whose ``resume`` raises writes what it saw to
@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+import helpers
 
 
 # ----------------------------------------------------------------------------- small tools
@@ -88,41 +90,11 @@ def state_digest(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def make_state(seed: int, *, blob_mb: float = 0.0, device: str = "cpu") -> dict[str, Any]:
-    import helpers
-
-    state = helpers.make_state(seed)
-    if device != "cpu":
-        state["model"].to(device)
-        # Rebuild the optimizer on the moved parameters, then train once so its state lives there too.
-        opt = torch.optim.AdamW(state["model"].parameters(), lr=1e-2)
-        state["optim"] = opt
-        state["sched"] = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+def _rank_state(seed: int, *, blob_mb: float = 0.0, device: str = "cpu") -> dict[str, Any]:
+    """``helpers.make_state`` plus a replicated ``extra.blob`` of ``blob_mb`` MB of zeros (always present)."""
+    state = helpers.make_state(seed, device=device)
     state["extra"] = {"blob": torch.zeros(max(1, int(blob_mb * (1 << 20)) // 4), dtype=torch.float32)}
     return state
-
-
-def train(state: dict[str, Any], steps: int, device: str = "cpu") -> None:
-    """One step, identical on every rank (as under DDP: replicated state is the same everywhere),
-    while each rank's own RNG streams advance (as a per-rank data sampler's would)."""
-    model, opt, sched = state["model"], state["optim"], state["sched"]
-    for _ in range(steps):
-        random.random(), np.random.rand(), torch.rand(1)
-        gen = torch.Generator().manual_seed(state["trainer"]["seen"])
-        x = torch.randn(4, 8, generator=gen).to(device)
-        loss = model(x).pow(2).mean()
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        state["trainer"]["seen"] += 4
-
-
-def next_randoms(device: str = "cpu") -> list:
-    out = [random.random(), float(np.random.rand()), torch.rand(3).tolist()]
-    if device != "cpu":
-        out.append(torch.rand(3, device=device).tolist())
-    return out
 
 
 def _write_report(report_dir: str | None, rank: int, doc: dict[str, Any]) -> None:
@@ -173,7 +145,7 @@ def save_fixture(rank: int, world: int, *, stores: list[str], run: str, steps: l
     from dist_guardian import Guardian
 
     logs = capture_logs()
-    state = make_state(seed)
+    state = _rank_state(seed)
     torch.manual_seed(1000 + rank)
     random.seed(2000 + rank)
     np.random.seed(3000 + rank)
@@ -181,7 +153,7 @@ def save_fixture(rank: int, world: int, *, stores: list[str], run: str, steps: l
     g = Guardian(stores=stores, run=run, timeout=dg_timeout, per_rank=("data",))
     out: dict[str, Any] = {"committed": {}, "reasons": {}, "digests": {}, "next": {}}
     for s in steps:
-        train(state, 1)
+        helpers.train_replicated(state, 1)
         state["data"]["position"] += 1
         mb = (blob_mb or {}).get(s, 0.0)
         state["extra"] = {"blob": torch.full((max(1, int(mb * (1 << 20)) // 4),), float(s), dtype=torch.float32)}
@@ -198,7 +170,7 @@ def save_fixture(rank: int, world: int, *, stores: list[str], run: str, steps: l
         out["digests"][s] = digest
         # What a resumed run must draw next: draw on a copy of the RNG state, then put it back.
         saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        out["next"][s] = next_randoms()
+        out["next"][s] = helpers.next_randoms()
         random.setstate(saved[0])
         np.random.set_state(saved[1])
         torch.set_rng_state(saved[2])
@@ -228,7 +200,7 @@ def resume_fixture(rank: int, world: int, *, stores: list[str], run: str, dg_tim
     logs = capture_logs()
     if watchdog_s is not None and report_dir:
         _agent_watchdog(report_dir, rank, watchdog_s)
-    state = make_state(seed, blob_mb=blob_mb)
+    state = _rank_state(seed, blob_mb=blob_mb)
     state["data"] = {"position": -1}
     before = state_digest(state)
     g = Guardian(stores=stores, run=run, timeout=dg_timeout, per_rank=("data",), suspect=suspect,
@@ -271,7 +243,7 @@ def resume_fixture(rank: int, world: int, *, stores: list[str], run: str, dg_tim
     g.close()
     return {"resumed": r.resumed, "step": r.step, "path": r.path, "store": r.store, "tier": r.tier,
             "record": json.loads(r.to_json()), "warnings": list(r.warnings), "digest": digest,
-            "unchanged": digest == before, "data": dict(state["data"]), "next": next_randoms(),
+            "unchanged": digest == before, "data": dict(state["data"]), "next": helpers.next_randoms(),
             "logs": logs.lines, "elapsed": elapsed, "limit": limit_info}
 
 
@@ -298,7 +270,7 @@ def independent_writer(rank: int, world: int, *, root: str, run: str, step: int,
     logs = capture_logs()
     if fault and rank in fault:
         os.environ["DIST_GUARDIAN_FAULT"] = fault[rank]
-    state = make_state(seed + 17 * rank)
+    state = _rank_state(seed + 17 * rank)
     torch.manual_seed(500 + rank)
     state["data"] = {"position": 7 + rank}
     g = Guardian(stores=[root], run=run, timeout=10.0, per_rank=("data",), storage_options=storage_options)
@@ -332,7 +304,7 @@ def resume_then_save(rank: int, world: int, *, stores: list[str], run: str, step
     from dist_guardian import Guardian
 
     logs = capture_logs()
-    state = make_state(seed)
+    state = _rank_state(seed)
     state["data"] = {"position": 0}
     before = state_digest(state)
     g = Guardian(stores=stores, run=run, timeout=dg_timeout, per_rank=("data",), keep_last=keep_last)
@@ -340,7 +312,7 @@ def resume_then_save(rank: int, world: int, *, stores: list[str], run: str, step
     out: dict[str, Any] = {"resumed": r.resumed, "record": json.loads(r.to_json()),
                            "unchanged": state_digest(state) == before, "committed": []}
     for s in steps:
-        train(state, 1)
+        helpers.train_replicated(state, 1)
         out["committed"].append(g.save(state, step=s).committed)
     g.close()
     out["logs"] = logs.lines
@@ -348,42 +320,6 @@ def resume_then_save(rank: int, world: int, *, stores: list[str], run: str, step
 
 
 # ----------------------------------------------------------------------------- NCCL default group (gpu)
-
-
-def backend_entry(fn, rank: int, world: int, port: int, backend: str, q, kwargs: dict) -> None:
-    """A harness rank whose *default* group is ``backend`` (NCCL on CUDA for the gpu test).
-
-    dist_guardian still coordinates on its own gloo group; this proves it coexists with an NCCL
-    default group. Spawned (CUDA must not be initialized before the fork).
-    """
-    import datetime
-    import traceback
-
-    import torch.distributed as dist
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    code = 0
-    try:
-        kw = {}
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-            kw["device_id"] = torch.device("cuda", rank)
-        store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=datetime.timedelta(seconds=60))
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60), **kw)
-        q.put((rank, "ok", fn(rank, world, **kwargs)))
-    except BaseException as e:
-        q.put((rank, "err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-        code = 3
-    finally:
-        try:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:
-            pass
-    q.close()
-    q.join_thread()
-    os._exit(code)
 
 
 def round_trip_on_device(rank: int, world: int, *, phase: str, root: str, run: str, device_kind: str) -> dict[str, Any]:
@@ -394,11 +330,11 @@ def round_trip_on_device(rank: int, world: int, *, phase: str, root: str, run: s
 
     device = f"cuda:{rank}" if device_kind == "cuda" else "cpu"
     torch.manual_seed(0)
-    state = make_state(0, device=device)
+    state = _rank_state(0, device=device)
     state["data"] = {"position": 100 * rank}
 
     def step() -> None:
-        train(state, 1, device=device)
+        helpers.train_replicated(state, 1, device)
         # The default group (NCCL on GPUs) is in use between saves, as in a DDP job.
         t = torch.ones(1, device=device) * (rank + 1)
         dist.all_reduce(t)
@@ -419,12 +355,12 @@ def round_trip_on_device(rank: int, world: int, *, phase: str, root: str, run: s
             out["committed"].append(g.save(state, step=s).committed)
         g.close()
         out["digest"] = digest
-        out["next"] = next_randoms(device)
+        out["next"] = helpers.next_randoms(device)
         return out
     state["data"] = {"position": -1}
     r = g.resume(state)
     digest = state_digest(state)
-    nxt = next_randoms(device)
+    nxt = helpers.next_randoms(device)
     step()  # training continues on the default group after the resume
     g.close()
     return {"resumed": r.resumed, "step": r.step, "digest": digest, "next": nxt,

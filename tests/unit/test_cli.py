@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+import corruption
 import helpers
 from dist_guardian import Guardian
 from helpers import committed, make_state, same, snapshot
@@ -173,7 +174,7 @@ def test_verify_exit_codes(four):
     p = cli("verify", "file://" + d, "--json")
     assert p.returncode == 0 and json.loads(p.stdout) == {"path": "file://" + d, "tier": "V", "reasons": []}
     # Suspect: one flipped mantissa bit; exit 4, and the damaged tensor is named.
-    helpers.flip_bit_in_tensor(os.path.join(d, REPL), tensor="model/2.weight", bit=0, byte_in_elem=0)
+    corruption.flip_bit_in_tensor(os.path.join(d, REPL), tensor="model/2.weight", bit=0, byte_in_elem=0)
     p = cli("verify", d, "--json")
     assert p.returncode == 4
     doc = json.loads(p.stdout)

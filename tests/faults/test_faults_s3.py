@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import pytest
 
+import corruption
 import helpers
 import rank_fns
 import s3_rank_fns
@@ -77,18 +78,12 @@ class S3Std:
 def _save_a_b(tmp_path, bucket, **kw) -> S3Std:
     root = str(tmp_path / "ck")
     so = opts(bucket)
-    state = make_state(seed=0)
-    g = Guardian(stores=[root, bucket.url], run=RUN, storage_options=so, **kw)
-    assert g.save(state, step=100).committed
-    snap_a = snapshot(state)
-    helpers.train(state, 1)
-    assert g.save(state, step=200).committed
-    snap_b = snapshot(state)
-    assert g.close() == []
+    saved = helpers.save_a_b([root, bucket.url], RUN, storage_options=so, **kw)
+    assert saved.unmirrored == []
     before, before_s3 = committed(root, RUN), s3_committed(bucket)
     assert set(before) == set(before_s3) == {A, B}
     assert before == before_s3  # byte-identical manifests: the same checkpoints
-    return S3Std(root=root, bucket=bucket, url=bucket.url, so=so, snap_a=snap_a, snap_b=snap_b,
+    return S3Std(root=root, bucket=bucket, url=bucket.url, so=so, snap_a=saved.snap_a, snap_b=saved.snap_b,
                  before=before, before_s3=before_s3)
 
 
@@ -121,7 +116,7 @@ def resume(stores_, so, *, seed: int = 42, **kw):
 def only_s3_checkpoint(tmp_path, bucket, so, step: int, *, seed: int = 7, blob_mb: float = 0.0) -> dict:
     """A checkpoint at ``step`` that exists in the bucket only (saved elsewhere, copied, removed locally)."""
     src = str(tmp_path / f"elsewhere-{step}")
-    state = s3_rank_fns.big_state(seed, blob_mb)
+    state = helpers.make_state(seed, blob_mb=blob_mb)
     g = Guardian(stores=[src], run=RUN)
     assert g.save(state, step=step).committed
     g.close()
@@ -172,7 +167,7 @@ def test_F05_local_bit_flip_loads_the_intact_s3_replica_and_reports_repair(std, 
     """Local B has a flipped mantissa bit (sizes fine, checksum not, values plausible): it is tried,
     found suspect and deferred; the intact S3 replica of the same step is loaded next, before any
     older checkpoint and before the suspect copy would be used."""
-    helpers.flip_bit_in_tensor(os.path.join(std.dir(B), REPL), bit=0, byte_in_elem=0)
+    corruption.flip_bit_in_tensor(os.path.join(std.dir(B), REPL), bit=0, byte_in_elem=0)
     r, state, _ = resume([std.root, std.url], std.so)
     assert (r.step, r.store, r.tier) == (200, std.url, "V")
     assert r.path == f"{std.url}/{RUN}/{B}"
@@ -189,7 +184,7 @@ def test_F05_local_bit_flip_loads_the_intact_s3_replica_and_reports_repair(std, 
 
 
 def test_F05_repair_refetches_the_local_copy_from_s3_and_keeps_the_damaged_one_aside(std, caplog):
-    helpers.flip_bit_in_tensor(os.path.join(std.dir(B), REPL))
+    corruption.flip_bit_in_tensor(os.path.join(std.dir(B), REPL))
     r, _, _ = resume([std.root, std.url], std.so, repair=True)  # close() waits for the repair
     assert (r.step, r.store) == (200, std.url)
     assert logged(caplog, "replica_repaired")
@@ -211,7 +206,7 @@ def test_F13_exception_mid_multipart_upload_publishes_no_object_and_no_manifest(
     final data key never exists, nor the manifest, so C is no remote candidate. Then it catches up."""
     root = str(tmp_path / "ck")
     so = opts(s3, upload_part_size=5 << 20, upload_concurrency=1)
-    state = s3_rank_fns.big_state(0, blob_mb=12)
+    state = helpers.make_state(0, blob_mb=12)
     monkeypatch.setenv("DIST_GUARDIAN_FAULT", "mid_s3_data@300:0:raise")
     g = Guardian(stores=[root, s3.url], run=RUN, storage_options=so, mirror_timeout=20)
     assert g.save(state, step=300).committed
@@ -233,7 +228,7 @@ def test_F13_connection_cut_mid_put_leaves_no_object_at_the_final_key(tmp_path, 
     so = opts(s3, proxy.endpoint)
     proxy.mode, proxy.cut_after = "cut", 256 * 1024
     g = Guardian(stores=[root, s3.url], run=RUN, storage_options=so, mirror_timeout=20)
-    assert g.save(s3_rank_fns.big_state(0, blob_mb=3), step=300).committed
+    assert g.save(helpers.make_state(0, blob_mb=3), step=300).committed
     wait_for(lambda: logged(caplog, "mirror_deferred step=300"), 15, "the failed mirror")
     assert keys_under(s3, C) == []
     assert any(p.endswith(f"/{C}/{REPL}") for p in put_paths(proxy, f"/{C}/"))
@@ -549,7 +544,7 @@ def test_F40_local_retention_counts_only_verified_checkpoints(std, damage, caplo
     if damage == "truncated":
         os.truncate(os.path.join(c, REPL), 100)
     elif damage == "bit_flip":  # sizes still match: only a full verification sees it
-        helpers.flip_bit_in_tensor(os.path.join(c, REPL))
+        corruption.flip_bit_in_tensor(os.path.join(c, REPL))
     else:
         os.rename(c, os.path.join(std.root, RUN, ".staging-step-000000000300-0123456789abcdef"))
     assert saving.retain(stores.resolve(std.root), RUN, 2) == []

@@ -1,6 +1,6 @@
 """Distributed agreement faults (FAULTS.md F21-F30, F33, F38, F39) with real processes and real gloo.
 
-Every test runs 2 or 4 ranks as separate processes (tests/dg_harness.py), on real files,
+Every test runs 2 or 4 ranks as separate processes (tests/support/dg_harness.py), on real files,
 with the fault hook ``DIST_GUARDIAN_FAULT`` set per rank. Standard fixture: committed
 checkpoints A = step 100 and B = step 200 (and C = step 300 where a test needs it), saved
 once per world size by a real multi-rank save and copied into each test's own store.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import glob
 import json
-import multiprocessing as mp
 import os
 import shutil
 import time
@@ -23,8 +22,9 @@ import torch
 
 import dg_harness
 import rank_fns_faults as rf
-from dg_harness import RankOutcome, run_ranks
-from helpers import assert_nothing_lost, committed, flip_bit_in_tensor, step_dir
+from dg_harness import RankOutcome, run_ranks, run_ranks_backend
+from corruption import flip_bit_in_tensor
+from helpers import assert_nothing_lost, committed, step_dir
 
 from dist_guardian import journal, manifest
 
@@ -808,38 +808,6 @@ def test_F38_two_writers_same_step_same_s3_prefix_exactly_one_commit_wins(tmp_pa
 
 
 # ----------------------------------------------------------------------------- NCCL default group
-
-
-def run_ranks_backend(fn, world: int, backend: str, *, timeout: float = 120.0, **kwargs) -> RankOutcome:
-    """``run_ranks`` for a default group other than gloo (NCCL): spawned ranks, same reporting."""
-    import torch.distributed as dist
-
-    store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=rf.backend_entry, args=(fn, r, world, store.port, backend, q, kwargs), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    out = RankOutcome()
-    t0 = time.monotonic()
-    try:
-        while len(out.results) + len(out.errors) < world and time.monotonic() - t0 < timeout:
-            try:
-                rank, kind, val = q.get(timeout=0.2)
-                (out.results if kind == "ok" else out.errors)[rank] = val
-            except Exception:
-                if all(p.exitcode is not None for p in procs):
-                    break
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        out.exitcodes = {i: p.exitcode for i, p in enumerate(procs)}
-        out.seconds = time.monotonic() - t0
-    return out
 
 
 def _round_trip(tmp_path, backend: str, device_kind: str) -> None:

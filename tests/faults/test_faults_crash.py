@@ -23,6 +23,7 @@ import pytest
 import helpers
 from dist_guardian import Guardian, formats, manifest, stores, verify
 from helpers import assert_nothing_lost, committed, make_state, same, snapshot
+import repo_paths
 
 RUN = "r"
 POINTS = ["before_data_write", "mid_data_write", "after_data_fsync", "before_manifest",
@@ -64,20 +65,15 @@ def crashed(tmp_path_factory):
     roots, before, snaps = {}, {}, {}
     for p in POINTS:
         root = str(base / p)
-        state = make_state(seed=0)
-        g = Guardian(stores=[root], run=RUN)
-        assert g.save(state, step=100).committed
-        helpers.train(state, 1)
-        assert g.save(state, step=200).committed
-        g.close()
-        roots[p], before[p], snaps[p] = root, committed(root, RUN), snapshot(state)
+        snap_b = helpers.save_a_b([root], RUN).snap_b
+        roots[p], before[p], snaps[p] = root, committed(root, RUN), snap_b
         assert set(before[p]) == {"step-000000000100", "step-000000000200"}
     nl = base / "node_local"
     nl.mkdir(mode=0o700)
     env = {k: v for k, v in os.environ.items() if k != "DIST_GUARDIAN_FAULT"}
     env[stores.NODE_LOCAL_ENV] = str(nl)
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, "-c", CHILD, os.path.dirname(__file__), json.dumps([[p, roots[p]] for p in POINTS])],
+    proc = subprocess.run([sys.executable, "-c", CHILD, repo_paths.SUPPORT_DIR, json.dumps([[p, roots[p]] for p in POINTS])],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     status = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -23,14 +23,8 @@ REPL = "replicated.dgt"
 
 def _save_a_b(root: str) -> tuple[dict, dict]:
     """Native checkpoints A (step 100) and B (step 200); returns their snapshots."""
-    state = helpers.make_state(seed=0)
-    g = Guardian(stores=[root], run=RUN)
-    assert g.save(state, step=100).committed
-    snap_a = helpers.snapshot(state)
-    helpers.train(state, 1)
-    assert g.save(state, step=200).committed
-    g.close()
-    return snap_a, helpers.snapshot(state)
+    saved = helpers.save_a_b([root], RUN)
+    return saved.snap_a, saved.snap_b
 
 
 def _resume(root: str, state: dict | None = None, **kw):

@@ -18,7 +18,7 @@ There is no subprocess in the package. The findings:
 5. A plan (JSON broadcast by rank 0) was turned into candidates with ``cls(**d)``: a malformed one
    crashed with a bare TypeError deep inside, and ``rel``/file names were joined to local roots
    unchecked. Now :class:`PlanFormatError` names the field, and paths that leave the root are refused.
-6. Parsers of untrusted bytes raised outside their contract (found by tests/test_fuzz.py):
+6. Parsers of untrusted bytes raised outside their contract (found by tests/unit/test_fuzz.py):
    ``sniff_torch_file`` on a zip with a bad local header (BadZipFile), ``parse_header`` on an
    unhashable dtype (TypeError), ``manifest.parse`` on ``created_unix: 10**400`` (OverflowError).
 7. ``dist-guardian verify tmp://NAME/<run>/<dir>`` looked for a local directory literally named ``tmp:``.
@@ -47,6 +47,7 @@ from dist_guardian.candidate import Candidate
 from dist_guardian.errors import CheckpointFormatError, PlanFormatError
 from dist_guardian.planning import Plan
 from helpers import assert_nothing_lost, committed, make_state, same, snapshot
+import repo_paths
 
 RUN = "r"
 
@@ -62,13 +63,7 @@ class _Evil:
 @pytest.fixture
 def ab(tmp_path):
     root = str(tmp_path / "ck")
-    state = make_state(seed=0)
-    g = Guardian(stores=[root], run=RUN)
-    assert g.save(state, step=100).committed
-    helpers.train(state, 1)
-    assert g.save(state, step=200).committed
-    g.close()
-    return {"root": root, "snap_b": snapshot(state), "before": committed(root, RUN)}
+    return {"root": root, "snap_b": helpers.save_a_b([root], RUN).snap_b, "before": committed(root, RUN)}
 
 
 def _dcp_dir(path: str, seed: int = 4) -> None:
@@ -291,7 +286,7 @@ def test_cli_verify_accepts_a_node_local_checkpoint(tmp_path, capsys):
 def test_torch_floor_excludes_the_weights_only_rce():
     import tomllib
 
-    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "pyproject.toml"), "rb") as f:
+    with open(os.path.join(repo_paths.REPO_ROOT, "pyproject.toml"), "rb") as f:
         deps = tomllib.load(f)["project"]["dependencies"]
     spec = next(d for d in deps if re.match(r"^torch\b", d))
     m = re.search(r">=\s*(\d+)\.(\d+)", spec)

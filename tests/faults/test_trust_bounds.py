@@ -21,9 +21,10 @@ import helpers
 from dist_guardian import Guardian, cli, coordinator, journal, manifest, planning, stores
 from dist_guardian.errors import AttemptCapReached, InsecurePathError
 from helpers import make_state, same, snapshot
+import repo_paths
 
 RUN = "r"
-PKG = pathlib.Path(__file__).resolve().parent.parent / "dist_guardian"
+PKG = pathlib.Path(repo_paths.PACKAGE_DIR)
 
 
 def _save_b(root: str) -> dict:

@@ -17,13 +17,13 @@ import shutil
 import stat
 import struct
 import time
-import zipfile
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 import helpers
+from corruption import flip_bit_in_tensor, flip_byte, tensor_offset, zip_member_span
 from dist_guardian import Guardian, ResumeFailed, manifest, saving, stores
 from dist_guardian.errors import InsecurePathError
 from helpers import assert_nothing_lost, committed, make_state, same, snapshot
@@ -52,18 +52,11 @@ class Std:
 
 
 def _save_a_b(root: str, run: str = RUN, **kw) -> Std:
-    state = make_state(seed=0)
-    g = Guardian(stores=[root], run=run, **kw)
-    assert g.save(state, step=100).committed
-    snap_a = snapshot(state)
-    helpers.train(state, 1)
-    assert g.save(state, step=200).committed
-    snap_b = snapshot(state)
-    g.close()
+    saved = helpers.save_a_b([root], run, **kw)
     before = committed(root, run)
     assert set(before) == {"step-000000000100", "step-000000000200"}
     return Std(root=root, run=run, a=helpers.step_dir(root, run, 100), b=helpers.step_dir(root, run, 200),
-               snap_a=snap_a, snap_b=snap_b, before=before)
+               snap_a=saved.snap_a, snap_b=saved.snap_b, before=before)
 
 
 @pytest.fixture
@@ -144,33 +137,6 @@ def torch_state_file(path: str, seed: int, **extra) -> dict:
            "trainer": dict(st["trainer"]), **extra}
     torch.save(obj, path)
     return snapshot(st)
-
-
-def zip_member_span(path: str, suffix: str) -> tuple[int, int]:
-    """(offset of the member's data in the file, its size) for a stored zip member."""
-    with zipfile.ZipFile(path) as zf:
-        info = next(i for i in zf.infolist() if i.filename.endswith(suffix))
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        head = f.read(30)
-    n, m = struct.unpack("<HH", head[26:30])
-    return info.header_offset + 30 + n + m, info.file_size
-
-
-def flip_byte(path: str, pos: int, mask: int = 0x01) -> None:
-    with open(path, "r+b") as f:
-        f.seek(pos)
-        b = f.read(1)
-        f.seek(pos)
-        f.write(bytes([b[0] ^ mask]))
-
-
-def tensor_offset(path: str, tensor: str) -> int:
-    """Absolute offset of a tensor's first byte in a native file."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return 8 + n + header[tensor]["data_offsets"][0]
 
 
 def tree_listing(top: str, *, exclude: tuple[str, ...] = ()) -> dict[str, tuple]:
@@ -278,7 +244,7 @@ def test_F02_zero_byte_manifest_and_damaged_data_falls_back_to_A(std):
 
 def _flip_b(std: Std, *, bit: int, byte_in_elem: int) -> tuple[str, str]:
     path = os.path.join(std.b, REPL)
-    helpers.flip_bit_in_tensor(path, tensor="model/0.weight", bit=bit, byte_in_elem=byte_in_elem)
+    flip_bit_in_tensor(path, tensor="model/0.weight", bit=bit, byte_in_elem=byte_in_elem)
     with open(path, "rb") as f:
         return path, f.read()
 
@@ -397,7 +363,7 @@ def test_F03_intact_replica_in_second_local_store_loads_first(tmp_path):
     assert g.close() == []
     before = committed(root, RUN)
     b = helpers.step_dir(root, RUN, 200)
-    helpers.flip_bit_in_tensor(os.path.join(b, REPL), tensor="model/0.weight", bit=0, byte_in_elem=0)
+    flip_bit_in_tensor(os.path.join(b, REPL), tensor="model/0.weight", bit=0, byte_in_elem=0)
     r, fresh = resume([root, "file://" + mirror])
     assert r.step == 200 and r.tier == "V" and r.store == "file://" + mirror
     assert same(snapshot(fresh), snap_b)  # the intact copy, bit for bit

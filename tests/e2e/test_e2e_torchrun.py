@@ -14,7 +14,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import repo_paths
+
+ROOT = repo_paths.REPO_ROOT
 TRAIN = os.path.join(ROOT, "launch", "train.py")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -72,14 +74,14 @@ def test_killed_rank_restarted_by_torchrun_ends_bit_identical(work, uninterrupte
 
 def test_fallback_past_corrupt_newest_is_bit_identical(work, uninterrupted):
     """Train to 30; damage step 30 everywhere beyond the sanity gate; resume falls back to 20, trains to 40."""
-    import helpers
+    import corruption
 
     rc, _, log = torchrun(work, "fb1", [*stores(work, "fb"), "--steps", "30", "--save-every", "10"])
     assert rc == 0, log[-3000:]
     copies = [os.path.join(work, "fb", "ckpt", "e2e"), os.path.join(node_root(work), "fb", "e2e"),
               os.path.join(work, "fb", "remote", "e2e")]
     for base in copies:
-        helpers.flip_bit_in_tensor(os.path.join(base, "step-000000000030", "replicated.dgt"), bit=6, byte_in_elem=3)
+        corruption.flip_bit_in_tensor(os.path.join(base, "step-000000000030", "replicated.dgt"), bit=6, byte_in_elem=3)
     rc, summary, log = torchrun(work, "fb2", [*stores(work, "fb"), "--steps", "40", "--save-every", "10"])
     assert rc == 0, log[-3000:]
     rec = summary["resume"]

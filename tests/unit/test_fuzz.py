@@ -474,19 +474,12 @@ def _check_candidate(c: Candidate) -> None:
 def template(tmp_path_factory, torch_files):
     """A store with A (step 100) and B (step 200), and the snapshots of both."""
     root = str(tmp_path_factory.mktemp("fuzz_tpl") / "ck")
-    state = helpers.make_state(seed=0)
-    g = Guardian(stores=[root], run=RUN)
-    assert g.save(state, step=100).committed
-    snap_a = helpers.snapshot(state)
-    helpers.train(state, 1)
-    assert g.save(state, step=200).committed
-    snap_b = helpers.snapshot(state)
-    g.close()
+    saved = helpers.save_a_b([root], RUN)
     parent = tmp_path_factory.mktemp("fuzz_runs")
     outside = parent / "outside"  # a neighbour of every fuzzed store: nothing may appear or change here
     outside.mkdir()
     (outside / "keep.txt").write_text("untouched")
-    return {"root": root, "snap_a": snap_a, "snap_b": snap_b, "parent": str(parent)}
+    return {"root": root, "snap_a": saved.snap_a, "snap_b": saved.snap_b, "parent": str(parent)}
 
 
 def _listing(path: str) -> dict[str, tuple]:

@@ -16,6 +16,7 @@ import uuid
 
 import pytest
 
+import corruption
 import helpers
 from dist_guardian import Guardian, discovery, loading, saving, stores, verify
 from dist_guardian.errors import ConfigError, StoreUnavailable
@@ -242,7 +243,7 @@ def test_damaged_bytes_are_found_while_they_arrive(backend, tmp_path):
     kind, store, write, _ = backend
     _, src_dir, _ = _local_checkpoint(tmp_path)
     name = os.path.basename(src_dir)
-    helpers.flip_bit_in_tensor(os.path.join(src_dir, "replicated.dgt"), bit=0, byte_in_elem=0)
+    corruption.flip_bit_in_tensor(os.path.join(src_dir, "replicated.dgt"), bit=0, byte_in_elem=0)
     for f in sorted(os.listdir(src_dir)):
         with open(os.path.join(src_dir, f), "rb") as fh:
             write(f"{RUN}/{name}/{f}", fh.read())

@@ -3,7 +3,7 @@
 FAULTS.md lives beside the repository, in ``../shared/FAULTS.md`` (CI checks out the project with
 ``shared/`` next to it). When it is absent, the ids come from ``tests/data/FAULTS_ids.txt``, a copy
 generated from it (one id per line); when both exist they must agree, so the copy cannot go stale.
-The test functions are found with ``ast`` in ``tests/*.py``: a function ``test_...`` covers every
+The test functions are found with ``ast`` in ``tests/**/*.py``: a function ``test_...`` covers every
 id its name contains (``test_F11_F12_...`` covers both), so ``pytest -k F21`` runs F21's tests.
 """
 
@@ -14,8 +14,10 @@ import glob
 import os
 import re
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+import repo_paths
+
+HERE = repo_paths.TESTS_DIR  # every test folder is scanned from here
+REPO = repo_paths.REPO_ROOT
 FAULTS_MD = os.path.join(REPO, "..", "shared", "FAULTS.md")
 IDS_COPY = os.path.join(HERE, "data", "FAULTS_ids.txt")
 ID_RE = re.compile(r"F(\d{2})(?!\d)")

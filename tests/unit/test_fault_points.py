@@ -10,8 +10,9 @@ import os
 import pytest
 
 from dist_guardian import Guardian, _faults
+import repo_paths
 
-PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dist_guardian")
+PKG = repo_paths.PACKAGE_DIR
 
 
 def _call_site_points() -> set[str]:

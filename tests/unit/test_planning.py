@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from corruption import flip_in_zip_member
 from dist_guardian import Guardian, planning, stores
 from helpers import committed
 
@@ -61,21 +62,3 @@ def test_last_resort_suspects_come_after_every_page(tmp_path):
     plan = planning.make_plan([stores.resolve(root, 0)], run="r", compat=None, suspect="last_resort", use_journal=False)
     tiers = [(c.step, c.tier) for c in plan.candidates]
     assert tiers[-1] == (50, "S") and [t for _, t in tiers[:-1]] == ["V"] * 12
-
-
-def flip_in_zip_member(path: str, member_suffix: str) -> None:
-    """Flip one bit inside a zip member's stored bytes (its CRC32 then mismatches)."""
-    import struct
-    import zipfile
-
-    with zipfile.ZipFile(path) as zf:
-        info = next(i for i in zf.infolist() if i.filename.endswith(member_suffix))
-    with open(path, "r+b") as f:
-        f.seek(info.header_offset)
-        local = f.read(30)
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        pos = info.header_offset + 30 + name_len + extra_len
-        f.seek(pos)
-        b = f.read(1)
-        f.seek(pos)
-        f.write(bytes([b[0] ^ 0x01]))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dist_guardian import Guardian
+import repo_paths
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -35,7 +36,7 @@ def test_resume_into_cuda_model_through_pinned_staging(tmp_path):
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_benchmark_runs(tmp_path):
-    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_gpu.py")
+    bench = os.path.join(repo_paths.REPO_ROOT, "benchmarks", "bench_gpu.py")
     p = subprocess.run([sys.executable, bench, "--size-mb", "64", "--runs", "2", "--out", str(tmp_path / "g.jsonl")],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr

@@ -33,6 +33,7 @@ import torch
 
 from dist_guardian import Guardian, manifest, stores, verify
 from helpers import assert_nothing_lost, committed
+import repo_paths
 
 RUN = "r"
 BIG_MIB = 20
@@ -152,7 +153,7 @@ class Driver:
         env = {k: v for k, v in os.environ.items() if k != "DIST_GUARDIAN_FAULT"}
         env["OMP_NUM_THREADS"] = "1"
         self.log = open(tmp_path / f"driver-{cfg['world']}.log", "w")
-        self.p = subprocess.Popen([sys.executable, "-c", DRIVER, os.path.dirname(__file__), json.dumps(cfg)],
+        self.p = subprocess.Popen([sys.executable, "-c", DRIVER, repo_paths.SUPPORT_DIR, json.dumps(cfg)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
 
     def save(self, step: int, delay: float | None, victims=(0,), **extra) -> dict:

@@ -37,6 +37,7 @@ import torch
 import helpers
 from dist_guardian import Guardian, stores, verify
 from helpers import assert_nothing_lost, committed, make_state, same, snapshot
+import repo_paths
 
 RUN = "r"
 C = 300
@@ -46,15 +47,10 @@ C = 300
 
 
 def _save_a_b(root: str) -> dict:
-    state = make_state(seed=0)
-    g = Guardian(stores=[root], run=RUN)
-    assert g.save(state, step=100).committed
-    helpers.train(state, 1)
-    assert g.save(state, step=200).committed
-    g.close()
+    saved = helpers.save_a_b([root], RUN)
     before = committed(root, RUN)
     assert set(before) == {"step-000000000100", "step-000000000200"}
-    return {"before": before, "snap_b": snapshot(state)}
+    return {"before": before, "snap_b": saved.snap_b}
 
 
 def _big_state(mib: int) -> dict:
@@ -184,7 +180,7 @@ def test_F11_rlimit_fsize_save_fails_cleanly_and_B_loads(tmp_path):
     fx = _save_a_b(root)
     env = {k: v for k, v in os.environ.items() if k != "DIST_GUARDIAN_FAULT"}
     env["OMP_NUM_THREADS"] = "1"
-    p = subprocess.run([sys.executable, "-c", CHILD, os.path.dirname(__file__), root, str(1 << 20)],
+    p = subprocess.run([sys.executable, "-c", CHILD, repo_paths.SUPPORT_DIR, root, str(1 << 20)],
                        capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])

@@ -13,17 +13,6 @@ from typing import Any
 import torch
 
 
-def big_state(seed: int = 0, blob_mb: float = 0.0) -> dict[str, Any]:
-    """helpers.make_state plus a plain float tensor of ``blob_mb`` MB (so files need several S3 parts)."""
-    import helpers
-
-    state = helpers.make_state(seed)
-    if blob_mb:
-        g = torch.Generator().manual_seed(seed)
-        state["blob"] = torch.randn(int(blob_mb * 1e6 / 4), generator=g)
-    return state
-
-
 def child_save(stores: list[str], run: str, steps: list[int], storage_options: dict, env: dict[str, str], q: Any,
                *, blob_mb: float = 0.0, seed: int = 0, start_at: float | None = None,
                mirror_timeout: float = 30.0) -> None:
@@ -32,7 +21,9 @@ def child_save(stores: list[str], run: str, steps: list[int], storage_options: d
     os.environ.setdefault("RANK", "0")
     from dist_guardian import Guardian
 
-    state = big_state(seed, blob_mb)
+    import helpers
+
+    state = helpers.make_state(seed, blob_mb=blob_mb)
     g = Guardian(stores=stores, run=run, storage_options=storage_options, mirror_timeout=mirror_timeout)
     if start_at is not None:
         time.sleep(max(0.0, start_at - time.time()))
