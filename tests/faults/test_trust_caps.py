@@ -24,11 +24,12 @@ import zlib
 
 import torch
 
+import repo_paths
 from dist_guardian import Guardian, discovery, formats, loading, stores, verify
 
 RUN = "r"
 REPL = "replicated.dgt"
-ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT_DIR = repo_paths.REPO_ROOT
 
 _PEAK_CHILD = r"""
 import json, sys
