@@ -351,7 +351,7 @@ def test_measured_concurrency_is_remembered_for_the_store(s3):
         assert set(rates) == {1, 4} and all(r > 0 for r in rates.values())
         assert stores.read_concurrency(store) == max(rates, key=rates.get)
     finally:
-        stores._tuned.pop(store.key, None)
+        stores.remote._tuned.pop(store.key, None)
 
 
 def test_progress_line_only_when_asked_or_on_a_tty(monkeypatch):

@@ -112,6 +112,7 @@ def test_F37_planted_checkpoint_by_another_user(tmp_path, node_local_root, monke
         return real_load(f, *a, **k)
 
     monkeypatch.setattr(stores, "open_regular", spy_open)
+    monkeypatch.setattr(stores.local, "open_regular", spy_open)  # where the package's own reads look it up
     monkeypatch.setattr(formats, "sniff_torch_file", spy_sniff)
     monkeypatch.setattr(torch, "load", spy_load)
 

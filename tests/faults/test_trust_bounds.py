@@ -114,7 +114,8 @@ def test_T04_every_local_write_refuses_a_fifo_without_blocking(tmp_path, write):
 def test_T04_every_open_in_the_package_goes_through_the_safe_helpers():
     """No builtin open() and no os.open() outside the two checked helpers of ``stores`` (a sweep of the source)."""
     found = []
-    for path in sorted(PKG.glob("*.py")):
+    for path in sorted(PKG.rglob("*.py")):
+        mod = ".".join(path.relative_to(PKG).with_suffix("").parts)
         tree = ast.parse(path.read_text(), str(path))
         for fn in ast.walk(tree):
             if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -124,10 +125,10 @@ def test_T04_every_open_in_the_package_goes_through_the_safe_helpers():
                     continue
                 f = node.func
                 if isinstance(f, ast.Name) and f.id == "open":
-                    found.append((path.stem, fn.name, "open"))
+                    found.append((mod, fn.name, "open"))
                 elif isinstance(f, ast.Attribute) and f.attr == "open" and ast.unparse(f.value) == "os":
-                    found.append((path.stem, fn.name, "os.open"))
-    assert sorted(set(found)) == [("stores", "_open_checked", "os.open"), ("stores", "fsync_dir", "os.open")]
+                    found.append((mod, fn.name, "os.open"))
+    assert sorted(set(found)) == [("stores.local", "_open_checked", "os.open"), ("stores.local", "fsync_dir", "os.open")]
 
 
 # ----------------------------------------------------------------------------- (b) foreign files are paged

@@ -18,7 +18,7 @@ PKG = repo_paths.PACKAGE_DIR
 def _call_site_points() -> set[str]:
     """Literal point names at every ``_faults.hit("...")`` and ``hook("...")`` call in the package."""
     found: set[str] = set()
-    for path in glob.glob(os.path.join(PKG, "*.py")):
+    for path in glob.glob(os.path.join(PKG, "**", "*.py"), recursive=True):
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read(), filename=path)
         for node in ast.walk(tree):
