@@ -35,16 +35,15 @@ from .commit import (
     writer_info,
 )
 from .config import GuardianConfig
+from .discovery import REPLICATED_FILE
 from .errors import CommitConflict, ConfigError, SaveFailed
 from .mirror import Upkeep
 from .stores import Store
 
 log = logging.getLogger(__name__)
 
-REPLICATED_FILE = "replicated.dgt"
-
-
 def rank_file_name(rank: int, world_size: int) -> str:
+    """The per-rank file's name (``discovery.RANK_FILE_RE`` reads it back)."""
     return f"rank-{rank:05d}-of-{world_size:05d}.dgt"
 
 
