@@ -16,7 +16,7 @@ LAYERS = [
     {"verify"},
     {"journal", "planning"},
     {"comm"},
-    {"statetree", "loading", "coordinator", "saving"},
+    {"statetree", "staging", "foreign_loading", "loading", "coordinator", "saving"},
     {"guardian"},
     {"cli", "bench", "__init__"},
 ]
