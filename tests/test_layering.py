@@ -9,14 +9,14 @@ import dist_guardian
 
 LAYERS = [
     {"errors", "_faults"},
-    {"candidate", "manifest"},
+    {"candidate", "policy", "manifest"},
     {"formats"},
     {"stores"},
     {"discovery"},
     {"verify"},
     {"journal", "planning"},
     {"comm"},
-    {"statetree", "staging", "foreign_loading", "loading", "coordinator", "saving"},
+    {"statetree", "staging", "foreign_loading", "loading", "attempts", "coordinator", "saving"},
     {"guardian"},
     {"cli", "bench", "__init__"},
 ]
