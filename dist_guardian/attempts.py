@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from . import _faults, journal
 from .candidate import Attempt, Candidate, Loaded, ResumeResult
@@ -236,7 +236,7 @@ def _decide(ctx: LoopContext, verdict: int, remaining: list[Candidate], idx: int
     suspect = ctx.suspect
     policy = "last_resort" if verdict == VOTE_LAST_RESORT and suspect != "reject" else suspect
     if better_remains(c, remaining[idx + 1 :], policy) or policy == "reject":
-        outcome = "failed" if suspect == "reject" else "deferred"
+        outcome: Literal["failed", "deferred"] = "failed" if suspect == "reject" else "deferred"
         rec.attempts.append(Attempt(candidate_id=c.id, step=c.step, store=c.store, path=c.path, tier="S",
                                     outcome=outcome, reasons=reasons, seconds=tried.elapsed))
         if ctx.comm.rank == 0:

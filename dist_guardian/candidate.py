@@ -95,7 +95,8 @@ class Candidate:
             raise PlanFormatError(f"malformed plan: candidate {cid!r} lacks {missing}")
 
         def bad(field: str, why: str) -> PlanFormatError:
-            return PlanFormatError(f"malformed plan: candidate {str(cid)[:200]!r}: {field} {why} (got {str(d.get(field))[:80]!r})")
+            return PlanFormatError(f"malformed plan: candidate {str(cid)[:200]!r}: {field} {why} "
+                                   f"(got {str(d.get(field))[:80]!r})")
 
         for k in ("id", "store", "path", "replica_key"):
             if k in d and not isinstance(d[k], str):

@@ -36,7 +36,8 @@ __all__ = ["MAX_ATTEMPTS", "ON_EXHAUSTED", "available_locally", "resolve_stores"
 ON_EXHAUSTED = ("fresh", "raise")
 
 
-def available_locally(c: Candidate, store_list: Sequence[Store], rank: int, world_size: int, listings: dict[int, Any]) -> str | None:
+def available_locally(c: Candidate, store_list: Sequence[Store], rank: int, world_size: int,
+                      listings: dict[int, Any]) -> str | None:
     """Why this rank cannot reach ``c`` (None when it can): files present, regular, right size."""
     store = next((s for s in store_list if s.index == c.store_index), None)
     if store is None:

@@ -71,7 +71,8 @@ def load_torch_file(c: Candidate, store: Store, state: dict[str, Any], *, extra_
         with torch.serialization.safe_globals(safe):
             obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as e:
-        raise CheckpointFormatError(f"{c.path}: torch.load(weights_only=True) refused it: {str(e).splitlines()[0][:300]}") from e
+        why = str(e).splitlines()[0][:300]
+        raise CheckpointFormatError(f"{c.path}: torch.load(weights_only=True) refused it: {why}") from e
     tree, warnings = match_foreign(obj, state, path=c.path, foreign_loader=foreign_loader, required=required)
     step = c.step
     if step < 0 and isinstance(obj, dict):
@@ -82,7 +83,9 @@ def load_torch_file(c: Candidate, store: Store, state: dict[str, Any], *, extra_
     return Staged(tree=tree, rng=None, step=step, suspect=suspect, warnings=warnings)
 
 
-def match_foreign(obj: Any, state: dict[str, Any], *, path: str, foreign_loader=None, required: Iterable[str] = ()) -> tuple[dict[str, Any], list[str]]:
+def match_foreign(obj: Any, state: dict[str, Any], *, path: str,
+                  foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
+                  required: Iterable[str] = ()) -> tuple[dict[str, Any], list[str]]:
     """Map a foreign object's top-level keys onto ``state``: same name, then common aliases, or the user's function."""
     if foreign_loader is not None:
         tree = foreign_loader(obj, state)

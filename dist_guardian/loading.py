@@ -32,6 +32,9 @@ from .stores import Store
 
 log = logging.getLogger(__name__)
 
+# One native file read: its header, the payload buffer, the file digest, and the digest of each tensor.
+NativeRead = tuple[formats.NativeHeader, torch.Tensor, str, dict[str, str]]
+
 # Names guardian.py and tests reach through ``loading`` today; their homes are ``staging`` and ``foreign_loading``.
 __all__ = ["LoadOptions", "Staged", "SANITY_FACTOR", "accept", "apply", "check_structure", "load_and_check",
            "load_candidate", "load_dcp", "load_native", "load_torch_file", "match_foreign", "read_dcp_metadata",
@@ -93,7 +96,7 @@ def read_manifest(c: Candidate, store: Store) -> Manifest:
 
 
 def read_native_file(store: Store, rel: str, expected_size: int, *, concurrency: int | None = None,
-                     transfer: stores.Transfer | None = None) -> tuple[formats.NativeHeader, torch.Tensor, str, dict[str, str]]:
+                     transfer: stores.Transfer | None = None) -> NativeRead:
     """One native file into a fresh uint8 buffer, with its file and per-tensor digests.
 
     Local: secure open, parallel ``pread`` into the buffer with hashing overlapped. Remote:
@@ -213,7 +216,7 @@ def _prefault(buf: torch.Tensor) -> threading.Thread | None:
 
 
 def _read_native_remote(store: Store, rel: str, expected_size: int, *, concurrency: int | None,
-                        transfer: stores.Transfer | None) -> tuple[formats.NativeHeader, torch.Tensor, str, dict[str, str]]:
+                        transfer: stores.Transfer | None) -> NativeRead:
     """A remote native file straight into a fresh buffer, hashed as bytes arrive.
 
     One connection (a server that copies the object for every GET, like moto): a single
@@ -316,7 +319,8 @@ def load_native(c: Candidate, store: Store, *, rank: int, world_size: int, concu
             if saved_ws != world_size:
                 if rank >= saved_ws:
                     rng = statetree.reseed_rng(rng, rank)
-                warnings.append(f"world_size_changed from={saved_ws} to={world_size}: rank {rank} took per-rank state of rank {f.rank}"
+                warnings.append(f"world_size_changed from={saved_ws} to={world_size}: rank {rank} took per-rank "
+                                f"state of rank {f.rank}"
                                 + (" with a re-derived RNG" if rank >= saved_ws else ""))
         tree.update(sub)
     if transfer is not None:

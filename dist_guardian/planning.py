@@ -68,13 +68,14 @@ class Plan:
         if not isinstance(d, dict):
             raise PlanFormatError(f"malformed plan: a {type(d).__name__}, not an object")
         unknown = sorted(map(str, set(d) - _PLAN_KEYS))
-        missing = [k for k in ("candidates", "rejected", "unreachable", "warnings", "generation", "sightings") if k not in d]
+        missing = [k for k in _PLAN_REQUIRED if k not in d]
         if unknown or missing:
             raise PlanFormatError(f"malformed plan: unknown fields {unknown[:5]}, missing fields {missing}")
 
         def pairs(key: str) -> tuple[tuple[str, str], ...]:
             v = d[key]
-            if not isinstance(v, list) or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in v):
+            if not isinstance(v, list) or not all(
+                    isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in v):
                 raise PlanFormatError(f"malformed plan: {key} must be a list of [text, text] pairs")
             return tuple((p[0], p[1]) for p in v)
 
@@ -107,7 +108,8 @@ class Plan:
         )
 
 
-_PLAN_KEYS = frozenset({"candidates", "rejected", "unreachable", "warnings", "generation", "sightings", "demoted", "error", "more"})
+_PLAN_REQUIRED = ("candidates", "rejected", "unreachable", "warnings", "generation", "sightings")
+_PLAN_KEYS = frozenset(_PLAN_REQUIRED + ("demoted", "error", "more"))
 
 
 def resolve_stores(urls: Sequence[str], storage_options: dict | None) -> tuple[list[Store], list[tuple[str, str]]]:
@@ -255,7 +257,8 @@ class PlanCursor:
         for c in ordered:
             n = journal.unfinished(self.store_list[0], self.request.run, c)
             if n >= journal.UNFINISHED_LIMIT:
-                self._held.append(c.with_verdict(c.tier, f"crash_loop: {n} attempts never finished; demoted to the end"))
+                why = f"crash_loop: {n} attempts never finished; demoted to the end"
+                self._held.append(c.with_verdict(c.tier, why))
                 demoted.append(c.path)
                 log.warning("crash_loop_demoted %s: %d attempts killed the job; tried last", c.path, n)
             else:
@@ -271,7 +274,8 @@ def _lineage_warnings(ordered: Sequence[Candidate]) -> list[str]:
             gens.setdefault(c.step, set()).add(c.generation)
     for step, g in sorted(gens.items(), reverse=True):
         if len(g) > 1:  # F36: two lineages committed the same step (a rollback, a zombie writer)
-            msg = f"lineage_fork step={step} generations={sorted(g, reverse=True)}: the newest lineage is tried first; all are kept"
+            msg = (f"lineage_fork step={step} generations={sorted(g, reverse=True)}: the newest lineage is tried "
+                   "first; all are kept")
             log.warning("%s", msg)
             out.append(msg)
     return out

@@ -68,32 +68,44 @@ def check_structure(staged: Staged, state: dict[str, Any], required: Iterable[st
             continue
         got = staged.tree[k]
         if isinstance(live, torch.nn.Module):
-            if not isinstance(got, dict):
-                raise CheckpointFormatError(f"{k!r}: checkpoint holds a {type(got).__name__}, not a module state")
-            want = live.state_dict()
-            miss = [n for n in want if n not in got]
-            extra = [n for n in got if n not in want]
-            if miss or extra:
-                raise CheckpointFormatError(f"{k!r}: parameter names differ: missing {miss[:10]}, unexpected {extra[:10]}")
-            for n, t in want.items():
-                g = got[n]
-                if isinstance(t, torch.Tensor) and (not isinstance(g, torch.Tensor) or g.shape != t.shape or g.dtype != t.dtype):
-                    gdesc = f"{tuple(g.shape)} {g.dtype}" if isinstance(g, torch.Tensor) else type(g).__name__
-                    raise CheckpointFormatError(f"{k!r}.{n}: checkpoint has {gdesc}, model has {tuple(t.shape)} {t.dtype}")
+            _check_module(k, live, got)
         elif isinstance(live, torch.Tensor):
             if not isinstance(got, torch.Tensor) or got.shape != live.shape:
                 raise CheckpointFormatError(f"{k!r}: checkpoint tensor does not match the live tensor's shape")
         elif isinstance(live, torch.optim.Optimizer) and isinstance(got, dict):
-            groups = got.get("param_groups")
-            if not isinstance(groups, list) or len(groups) != len(live.param_groups) or any(
-                len(g.get("params", ())) != len(lg["params"]) for g, lg in zip(groups, live.param_groups)
-            ):
-                raise CheckpointFormatError(f"{k!r}: optimizer param groups differ from the live optimizer's")
-            for i, (group, lacks) in enumerate(zip(groups, _groups_as_loaded(live, groups))):
-                if lacks:
-                    raise CheckpointFormatError(
-                        f"{k!r}: optimizer param_groups[{i}] lacks {lacks[:10]} that {type(live).__name__} uses "
-                        f"(it has {sorted(map(str, group))[:12]}): saved by another optimizer class?")
+            _check_optimizer(k, live, got)
+
+
+def _check_module(k: str, live: torch.nn.Module, got: Any) -> None:
+    """Same parameter and buffer names as the live module, each tensor of the same shape and dtype."""
+    if not isinstance(got, dict):
+        raise CheckpointFormatError(f"{k!r}: checkpoint holds a {type(got).__name__}, not a module state")
+    want = live.state_dict()
+    miss = [n for n in want if n not in got]
+    extra = [n for n in got if n not in want]
+    if miss or extra:
+        raise CheckpointFormatError(f"{k!r}: parameter names differ: missing {miss[:10]}, unexpected {extra[:10]}")
+    for n, t in want.items():
+        g = got[n]
+        if not isinstance(t, torch.Tensor):
+            continue
+        if not isinstance(g, torch.Tensor) or g.shape != t.shape or g.dtype != t.dtype:
+            gdesc = f"{tuple(g.shape)} {g.dtype}" if isinstance(g, torch.Tensor) else type(g).__name__
+            raise CheckpointFormatError(f"{k!r}.{n}: checkpoint has {gdesc}, model has {tuple(t.shape)} {t.dtype}")
+
+
+def _check_optimizer(k: str, live: torch.optim.Optimizer, got: dict[str, Any]) -> None:
+    """As many param groups as the live optimizer, each as long, with every hyperparameter its class uses."""
+    groups = got.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(live.param_groups) or any(
+        len(g.get("params", ())) != len(lg["params"]) for g, lg in zip(groups, live.param_groups, strict=True)
+    ):
+        raise CheckpointFormatError(f"{k!r}: optimizer param groups differ from the live optimizer's")
+    for i, (group, lacks) in enumerate(zip(groups, _groups_as_loaded(live, groups), strict=True)):
+        if lacks:
+            raise CheckpointFormatError(
+                f"{k!r}: optimizer param_groups[{i}] lacks {lacks[:10]} that {type(live).__name__} uses "
+                f"(it has {sorted(map(str, group))[:12]}): saved by another optimizer class?")
 
 
 def _groups_as_loaded(live: torch.optim.Optimizer, groups: list[Any]) -> list[list[str]]:
@@ -121,7 +133,7 @@ def sanity_gate(staged: Staged) -> None:
             continue
         tname = staged.names.get(id(t), name)
         st = staged.stats.get(tname)
-        x = t.float() if t.dtype in (torch.float16, torch.bfloat16) or t.dtype not in (torch.float32, torch.float64) else t
+        x = t if t.dtype in (torch.float32, torch.float64) else t.float()
         if not bool(torch.isfinite(x).all()):
             if st is not None and not st.finite:
                 continue  # it was already non-finite when saved
@@ -130,7 +142,8 @@ def sanity_gate(staged: Staged) -> None:
             m = float(x.abs().max())
             bound = SANITY_FACTOR * st.max_abs if st.max_abs > 0 else 1e-30
             if m > bound:
-                raise CheckpointFormatError(f"sanity_gate_failed: tensor {tname} max|x|={m:.3g} > {SANITY_FACTOR:g}x saved {st.max_abs:.3g}")
+                raise CheckpointFormatError(f"sanity_gate_failed: tensor {tname} max|x|={m:.3g} > "
+                                            f"{SANITY_FACTOR:g}x saved {st.max_abs:.3g}")
 
 
 def _iter_tensors(v: Any, path: str):
