@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .candidate import Attempt, Candidate, Loaded, ResumeResult, order
+from .candidate import Attempt, Candidate, Loaded, ResumeResult
+from .policy import order
 from .errors import (
     AgreementTimeout,
     CandidateListMismatch,

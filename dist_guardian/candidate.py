@@ -1,8 +1,8 @@
-"""Frozen values that cross ranks and the pure ordering policy.
+"""Frozen values that cross ranks: candidates, attempts, the resume result.
 
 Everything here is small and plain (JSON-able primitives), because candidates travel from
-rank 0 to every rank as JSON bytes and end up in the decision record. ``order()`` is pure
-so the plan is a function of the verdicts alone: timestamps never order anything (F35).
+rank 0 to every rank as JSON bytes and end up in the decision record. The ordering and
+deferral rules that act on these values live in ``policy``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from .errors import ConfigError, PlanFormatError
 
@@ -95,7 +95,8 @@ class Candidate:
             raise PlanFormatError(f"malformed plan: candidate {cid!r} lacks {missing}")
 
         def bad(field: str, why: str) -> PlanFormatError:
-            return PlanFormatError(f"malformed plan: candidate {str(cid)[:200]!r}: {field} {why} (got {str(d.get(field))[:80]!r})")
+            return PlanFormatError(f"malformed plan: candidate {str(cid)[:200]!r}: {field} {why} "
+                                   f"(got {str(d.get(field))[:80]!r})")
 
         for k in ("id", "store", "path", "replica_key"):
             if k in d and not isinstance(d[k], str):
@@ -225,49 +226,6 @@ def validate_suspect_policy(suspect: str) -> SuspectPolicy:
     if suspect not in SUSPECT_POLICIES:
         raise ConfigError(f"suspect={suspect!r} is not a policy; use one of {', '.join(SUSPECT_POLICIES)}")
     return suspect  # type: ignore[return-value]
-
-
-def _key(c: Candidate) -> tuple:
-    # Newest step, then newest lineage (F36), then V < L < S, then the user's store order.
-    return (-c.step, -c.generation, TIER_RANK[c.tier], c.store_index, c.path)
-
-
-def order(candidates: Iterable[Candidate], suspect: str = "after_same_step") -> list[Candidate]:
-    """The plan: the order in which resume tries candidates (FAULTS.md policy).
-
-    R candidates are dropped. ``after_same_step`` keeps a suspect right after the other
-    replicas of its step; ``last_resort`` moves every suspect after every V and L;
-    ``reject`` drops suspects. Pure: the same verdicts always give the same plan.
-    """
-    policy = validate_suspect_policy(suspect)
-    usable = sorted((c for c in candidates if c.tier != "R"), key=_key)
-    if policy == "reject":
-        return [c for c in usable if c.tier != "S"]
-    if policy == "last_resort":
-        return [c for c in usable if c.tier != "S"] + [c for c in usable if c.tier == "S"]
-    return usable
-
-
-def defer_suspect(plan: list[Candidate], index: int, suspect: str, reason: str) -> list[Candidate]:
-    """Re-place plan[index], found suspect while loading, where the policy puts an S candidate.
-
-    Returns the remaining plan after ``index`` (all ranks compute the same). With
-    ``after_same_step`` it goes after the remaining entries of its step; with ``last_resort``
-    after every remaining non-suspect entry; with ``reject`` it is dropped.
-    """
-    cand = plan[index].with_verdict("S", reason)
-    rest = list(plan[index + 1 :])
-    if suspect == "reject":
-        return rest
-    if suspect == "last_resort":
-        pos = len(rest)
-        while pos > 0 and rest[pos - 1].tier == "S":
-            pos -= 1
-        return rest[:pos] + [cand] + rest[pos:]
-    pos = 0
-    while pos < len(rest) and rest[pos].step == cand.step and rest[pos].generation == cand.generation:
-        pos += 1
-    return rest[:pos] + [cand] + rest[pos:]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

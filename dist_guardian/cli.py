@@ -101,9 +101,8 @@ def _ls_plan(args: argparse.Namespace, opts: Any, compat: Any) -> int:
     from . import planning
 
     store_list, refused = planning.resolve_stores(args.stores, opts)
-    plan = planning.make_plan(store_list, run=args.run, compat=compat,
-                              suspect=getattr(args, "suspect", "after_same_step"), refused=refused,
-                              include_rejected=args.cmd == "ls")
+    request = planning.PlanRequest(run=args.run, compat=compat, suspect=getattr(args, "suspect", "after_same_step"))
+    plan = planning.make_plan(store_list, request, refused=refused, include_rejected=args.cmd == "ls")
     rows = plan.listing if args.cmd == "ls" else plan.candidates
     if args.json:
         doc = plan.to_json()

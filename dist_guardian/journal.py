@@ -5,6 +5,10 @@ records the outcome. A candidate whose attempts never finished twice (the job di
 kill, segfault, a hang killed by the agent) is demoted to the end of the plan on the next
 launch, so ``torchrun --max-restarts`` cannot loop forever on it (DESIGN section 5).
 The journal is advisory: failing to write it is logged, never fatal.
+
+Belongs here: the entry's name (one per checkpoint, not per copy), its counters, and
+:func:`record`/:func:`unfinished`. Bytes go through ``stores`` helpers; the two filesystem
+helpers at the bottom have no ``stores`` counterpart yet and move there after the split.
 """
 
 from __future__ import annotations
@@ -56,20 +60,8 @@ def unfinished(store: Store, run: str, c: Candidate) -> int:
     return max(0, doc["started"] - doc["finished"])
 
 
-def _refuse_symlinks(root: str, rel_dir: str) -> None:
-    """Raise InsecurePathError when an existing component of ``root/rel_dir`` is a symlink."""
-    cur = root
-    for part in rel_dir.split("/"):
-        cur = os.path.join(cur, part)
-        try:
-            st = os.lstat(cur)
-        except FileNotFoundError:
-            return  # what is missing, makedirs creates as real directories
-        if stat.S_ISLNK(st.st_mode):
-            raise InsecurePathError(errno.ELOOP, f"{cur} is a symlink; the journal is not written through it")
-
-
-def record(store: Store, run: str, c: Candidate, *, started: int = 0, finished: int = 0, outcome: str | None = None) -> None:
+def record(store: Store, run: str, c: Candidate, *, started: int = 0, finished: int = 0,
+           outcome: str | None = None) -> None:
     """Add to a candidate's counters (rank 0 only). Atomic replace on local stores."""
     try:
         doc = read(store, run, c)
@@ -79,18 +71,44 @@ def record(store: Store, run: str, c: Candidate, *, started: int = 0, finished: 
         doc["step"] = c.step
         if outcome:
             doc["last_outcome"] = outcome
-        data = json.dumps(doc).encode()
-        rel = _rel(run, c)
-        if store.is_local:
-            d = store.join(run, JOURNAL_DIR)
-            # A planted symlink (<run> or <run>/.journal -> elsewhere) must not make us create or write
-            # anything outside the store: checked before makedirs (which would follow it) and after.
-            _refuse_symlinks(store.root, f"{run}/{JOURNAL_DIR}")
-            os.makedirs(d, mode=0o700, exist_ok=True)
-            stores.check_dirs_no_symlink(store.root, rel)
-            stores.replace_file(store.join(rel), data)
-        else:
-            fs = stores.filesystem(store)
-            stores.call(store, f"journal {rel}", lambda: fs.pipe_file(store.join(rel), data))
+        _write(store, run, _rel(run, c), json.dumps(doc).encode())
     except OSError as e:
         log.warning("could not write the resume journal in %s: %s", store.url, e)
+
+
+def _write(store: Store, run: str, rel: str, data: bytes) -> None:
+    """One entry, whole: an atomic replace on a local store, one PUT on a remote one."""
+    if not store.is_local:
+        put_small(store, f"journal {rel}", rel, data)
+        return
+    # A planted symlink (<run> or <run>/.journal -> elsewhere) must not make us create or write
+    # anything outside the store: checked before the directories are made (which would follow it) and after.
+    makedirs_no_symlink(store.root, f"{run}/{JOURNAL_DIR}", mode=0o700)
+    stores.check_dirs_no_symlink(store.root, rel)
+    stores.replace_file(store.join(rel), data)
+
+
+# ----------------------------------------------------------------------------- for stores/ after the split
+
+
+def makedirs_no_symlink(root: str, rel_dir: str, *, mode: int) -> None:
+    """Create ``root/rel_dir`` (private ``mode``), refusing when an existing component is a symlink.
+
+    ``os.makedirs`` follows a planted link: every existing component is checked before it runs.
+    """
+    cur = root
+    for part in rel_dir.split("/"):
+        cur = os.path.join(cur, part)
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            break  # what is missing, makedirs creates as real directories
+        if stat.S_ISLNK(st.st_mode):
+            raise InsecurePathError(errno.ELOOP, f"{cur} is a symlink; the journal is not written through it")
+    os.makedirs(os.path.join(root, rel_dir), mode=mode, exist_ok=True)
+
+
+def put_small(store: Store, what: str, rel: str, data: bytes) -> None:
+    """Write a small object of a remote store in one request, under the store's deadline."""
+    fs = stores.filesystem(store)
+    stores.call(store, what, lambda: fs.pipe_file(store.join(rel), data))

@@ -1,22 +1,37 @@
 """Rank 0's half of resume, without torch: resolve stores, discover, verify, order, consult the journal.
 
-Kept apart from ``coordinator`` so that ``dist-guardian plan`` prints exactly the plan a
-resume would follow, without importing torch.
+Belongs here: :class:`PlanRequest` (what a plan is made for), :class:`Plan` (what rank 0
+broadcasts, decoded strictly), :class:`PlanCursor` (the plan one page at a time) and
+:func:`make_plan` (the whole plan, for the CLI). Kept apart from ``coordinator`` so that
+``dist-guardian plan`` prints exactly the plan a resume would follow, without importing torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from . import discovery, journal, manifest, stores, verify
-from .candidate import Candidate, order
+from .candidate import Candidate
 from .errors import ConfigError, PlanFormatError, StoreError
-from .discovery import Sighting
+from .discovery import Discovery, Sighting
+from .policy import order
 from .stores import Store
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PlanRequest:
+    """What rank 0 plans for: the run, what a candidate must match, and the suspect policy."""
+
+    run: str
+    compat: dict[str, Any] | None = None  # the caller's compatibility fingerprint inputs (None: accept any)
+    suspect: str = "after_same_step"
+    extra_safe_globals: tuple[str, ...] = ()  # qualnames a foreign pickle may name, besides the built-in allowlist
+    use_journal: bool = True  # demote crash-looping candidates (reads <primary>/<run>/.journal/)
+    layout: dict[str, str] | None = None  # the live state's layout fingerprints (T02)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,13 +68,14 @@ class Plan:
         if not isinstance(d, dict):
             raise PlanFormatError(f"malformed plan: a {type(d).__name__}, not an object")
         unknown = sorted(map(str, set(d) - _PLAN_KEYS))
-        missing = [k for k in ("candidates", "rejected", "unreachable", "warnings", "generation", "sightings") if k not in d]
+        missing = [k for k in _PLAN_REQUIRED if k not in d]
         if unknown or missing:
             raise PlanFormatError(f"malformed plan: unknown fields {unknown[:5]}, missing fields {missing}")
 
         def pairs(key: str) -> tuple[tuple[str, str], ...]:
             v = d[key]
-            if not isinstance(v, list) or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in v):
+            if not isinstance(v, list) or not all(
+                    isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in v):
                 raise PlanFormatError(f"malformed plan: {key} must be a list of [text, text] pairs")
             return tuple((p[0], p[1]) for p in v)
 
@@ -92,7 +108,8 @@ class Plan:
         )
 
 
-_PLAN_KEYS = frozenset({"candidates", "rejected", "unreachable", "warnings", "generation", "sightings", "demoted", "error", "more"})
+_PLAN_REQUIRED = ("candidates", "rejected", "unreachable", "warnings", "generation", "sightings")
+_PLAN_KEYS = frozenset(_PLAN_REQUIRED + ("demoted", "error", "more"))
 
 
 def resolve_stores(urls: Sequence[str], storage_options: dict | None) -> tuple[list[Store], list[tuple[str, str]]]:
@@ -128,28 +145,34 @@ class PlanCursor:
     policy holds across pages.
     """
 
-    def __init__(self, store_list: Sequence[Store], *, run: str, compat: dict[str, Any] | None, suspect: str,
-                 extra_safe_globals: Iterable[str] = (), refused: Sequence[tuple[str, str]] = (),
-                 use_journal: bool = True, layout: dict[str, str] | None = None, page_steps: int | None = PAGE_STEPS):
-        self.store_list, self.run, self.compat, self.suspect = list(store_list), run, compat, suspect
-        self.extra_safe_globals, self.use_journal, self.layout = list(extra_safe_globals), use_journal, layout
+    def __init__(self, store_list: Sequence[Store], request: PlanRequest, *,
+                 refused: Sequence[tuple[str, str]] = (), page_steps: int | None = PAGE_STEPS):
+        """No I/O here: the stores are listed by the first :meth:`next_page`."""
+        self.store_list, self.request, self.refused = list(store_list), request, tuple(refused)
         self.page_steps = page_steps
-        self.found = discovery.discover(self.store_list, run)
-        self.refused = tuple(refused)
-        native = sorted((s for s in self.found.sightings if s.kind == "native"),
-                        key=lambda s: (-(s.step if s.step is not None else -1), -(s.generation_hint or 0), s.store.index))
-        self._foreign = sorted((s for s in self.found.sightings if s.kind != "native"),
-                               key=lambda s: (s.step is None, -(s.step or 0), s.store.index, s.rel))
-        self._native = native
+        self.found: Discovery | None = None
+        self._native: list[Sighting] = []
+        self._foreign: list[Sighting] = []
         self._pos = 0
         self._foreign_pos = 0
         self._held: list[Candidate] = []  # last_resort suspects and demoted candidates, for the final page
         self._final_sent = False
         self.max_generation, self._max_generation_from, self._capped = 0, "", False
-        for s in native:
-            self._saw_generation(s.generation_hint or 0, s.store.uri(s.rel))
         self.pages = 0
         self.all_candidates: list[Candidate] = []
+
+    def _discover(self) -> Discovery:
+        """One listing per store (on the first page): native sightings newest first, foreign ones by name."""
+        found = discovery.discover(self.store_list, self.request.run)
+        self._native = sorted((s for s in found.sightings if s.kind == "native"),
+                              key=lambda s: (-(s.step if s.step is not None else -1), -(s.generation_hint or 0),
+                                             s.store.index))
+        self._foreign = sorted((s for s in found.sightings if s.kind != "native"),
+                               key=lambda s: (s.step is None, -(s.step or 0), s.store.index, s.rel))
+        for s in self._native:
+            self._saw_generation(s.generation_hint or 0, s.store.uri(s.rel))
+        self.found = found
+        return found
 
     def _take(self) -> list[Sighting]:
         end = len(self._foreign) if self.page_steps is None else self._foreign_pos + PAGE_FOREIGN
@@ -193,31 +216,23 @@ class PlanCursor:
         return self._listed_all and (self._final_sent or not self._held) and self.pages > 0
 
     def next_page(self) -> Plan:
+        """The next page of the plan (rank 0 only); the first one lists every store."""
         first = self.pages == 0
+        found = self._discover() if self.found is None else self.found
         sightings = self._take()
         self.pages += 1
-        checked = verify.verify_all(sightings, run=self.run, compat=self.compat,
-                                    extra_safe_globals=self.extra_safe_globals, layout=self.layout)
+        req = self.request
+        checked = verify.verify_all(sightings, run=req.run, compat=req.compat,
+                                    extra_safe_globals=list(req.extra_safe_globals), layout=req.layout)
         self.all_candidates += checked.candidates
         self._saw_generation(checked.max_generation, next(
             (c.path for c in checked.candidates if c.generation == checked.max_generation), "a manifest"))
-        ordered = order(checked.candidates, self.suspect)
-        if self.suspect == "last_resort":
+        ordered = order(checked.candidates, req.suspect)
+        if req.suspect == "last_resort":
             self._held += [c for c in ordered if c.tier == "S"]
             ordered = [c for c in ordered if c.tier != "S"]
         warnings = list(checked.warnings) + _lineage_warnings(ordered) + self._generation_warnings()
-        demoted: list[str] = []
-        if self.use_journal and self.store_list and ordered:
-            keep = []
-            for c in ordered:
-                n = journal.unfinished(self.store_list[0], self.run, c)
-                if n >= journal.UNFINISHED_LIMIT:
-                    self._held.append(c.with_verdict(c.tier, f"crash_loop: {n} attempts never finished; demoted to the end"))
-                    demoted.append(c.path)
-                    log.warning("crash_loop_demoted %s: %d attempts killed the job; tried last", c.path, n)
-                else:
-                    keep.append(c)
-            ordered = keep
+        ordered, demoted = self._demote_crash_loops(ordered)
         if self._listed_all and self._held and not self._final_sent:
             # Last page of the listing: append what the policy holds back until the very end.
             ordered += self._held
@@ -225,13 +240,30 @@ class PlanCursor:
         return Plan(
             candidates=tuple(ordered),
             rejected=tuple((c.path, "; ".join(c.reasons)) for c in checked.candidates if c.tier == "R"),
-            unreachable=(tuple(self.found.unreachable) + self.refused) if first else (),
-            warnings=tuple(warnings) + (self.found.notes if first else ()),
+            unreachable=(tuple(found.unreachable) + self.refused) if first else (),
+            warnings=tuple(warnings) + (found.notes if first else ()),
             generation=self.next_generation,
-            sightings=len(self.found.sightings),
+            sightings=len(found.sightings),
             demoted=tuple(demoted),
             more=not self.exhausted,
         )
+
+    def _demote_crash_loops(self, ordered: list[Candidate]) -> tuple[list[Candidate], list[str]]:
+        """Hold back, for the final page, every candidate whose attempts killed the job twice (DESIGN 5)."""
+        if not (self.request.use_journal and self.store_list and ordered):
+            return ordered, []
+        keep: list[Candidate] = []
+        demoted: list[str] = []
+        for c in ordered:
+            n = journal.unfinished(self.store_list[0], self.request.run, c)
+            if n >= journal.UNFINISHED_LIMIT:
+                why = f"crash_loop: {n} attempts never finished; demoted to the end"
+                self._held.append(c.with_verdict(c.tier, why))
+                demoted.append(c.path)
+                log.warning("crash_loop_demoted %s: %d attempts killed the job; tried last", c.path, n)
+            else:
+                keep.append(c)
+        return keep, demoted
 
 
 def _lineage_warnings(ordered: Sequence[Candidate]) -> list[str]:
@@ -242,27 +274,21 @@ def _lineage_warnings(ordered: Sequence[Candidate]) -> list[str]:
             gens.setdefault(c.step, set()).add(c.generation)
     for step, g in sorted(gens.items(), reverse=True):
         if len(g) > 1:  # F36: two lineages committed the same step (a rollback, a zombie writer)
-            msg = f"lineage_fork step={step} generations={sorted(g, reverse=True)}: the newest lineage is tried first; all are kept"
+            msg = (f"lineage_fork step={step} generations={sorted(g, reverse=True)}: the newest lineage is tried "
+                   "first; all are kept")
             log.warning("%s", msg)
             out.append(msg)
     return out
 
 
-def make_plan(
-    store_list: Sequence[Store],
-    *,
-    run: str,
-    compat: dict[str, Any] | None,
-    suspect: str,
-    extra_safe_globals: Iterable[str] = (),
-    refused: Sequence[tuple[str, str]] = (),
-    use_journal: bool = True,
-    include_rejected: bool = False,
-    layout: dict[str, str] | None = None,
-) -> Plan:
-    """The whole plan at once (every manifest read): what ``dist-guardian plan`` prints. Rank 0 only; never raises for a bad store or candidate."""
-    cur = PlanCursor(store_list, run=run, compat=compat, suspect=suspect, extra_safe_globals=extra_safe_globals,
-                     refused=refused, use_journal=use_journal, layout=layout, page_steps=None)
+def make_plan(store_list: Sequence[Store], request: PlanRequest, *, refused: Sequence[tuple[str, str]] = (),
+              include_rejected: bool = False) -> Plan:
+    """The whole plan at once (every manifest read): what ``dist-guardian plan`` prints.
+
+    Rank 0 only; never raises for a bad store or candidate. ``include_rejected`` fills
+    ``listing`` with every candidate, R included (what ``dist-guardian ls`` shows).
+    """
+    cur = PlanCursor(store_list, request, refused=refused, page_steps=None)
     pages = [cur.next_page()]
     while not cur.exhausted:
         pages.append(cur.next_page())

@@ -92,8 +92,9 @@ def plan_of(stores_, run: str = RUN, *, compat=None, suspect="after_same_step", 
     from dist_guardian import planning
 
     store_list, refused = planning.resolve_stores(stores_ if isinstance(stores_, list) else [stores_], None)
-    return planning.make_plan(store_list, run=run, compat=compat, suspect=suspect, extra_safe_globals=extra_safe,
-                              refused=refused, use_journal=False, include_rejected=True)
+    request = planning.PlanRequest(run=run, compat=compat, suspect=suspect, extra_safe_globals=tuple(extra_safe),
+                                   use_journal=False)
+    return planning.make_plan(store_list, request, refused=refused, include_rejected=True)
 
 
 def verdict(plan, path: str):

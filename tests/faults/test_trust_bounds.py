@@ -46,8 +46,8 @@ def _resume(root: str, **kw):
 
 
 def _journal_path(root: str, step: int) -> str:
-    plan = planning.make_plan(planning.resolve_stores([root], None)[0], run=RUN, compat=None,
-                              suspect="after_same_step", use_journal=False)
+    plan = planning.make_plan(planning.resolve_stores([root], None)[0],
+                              planning.PlanRequest(run=RUN, suspect="after_same_step", use_journal=False))
     (c,) = [c for c in plan.candidates if c.step == step]
     return os.path.join(root, journal._rel(RUN, c))
 
@@ -145,7 +145,7 @@ def test_T04_foreign_files_are_verified_a_page_at_a_time(tmp_path, caplog):
         with open(os.path.join(root, RUN, f"junk-{chr(97 + i // 26)}{chr(97 + i % 26)}.pt"), "wb") as f:
             f.write(b"not a torch file")
     store_list, _ = planning.resolve_stores([root], None)
-    cur = planning.PlanCursor(store_list, run=RUN, compat=None, suspect="after_same_step", use_journal=False)
+    cur = planning.PlanCursor(store_list, planning.PlanRequest(run=RUN, suspect="after_same_step", use_journal=False))
     first = cur.next_page()
     assert len(first.rejected) == planning.PAGE_FOREIGN and first.more
     assert [c.step for c in first.candidates] == [200]
@@ -157,7 +157,7 @@ def test_T04_foreign_files_are_verified_a_page_at_a_time(tmp_path, caplog):
     sniffed = [rec for rec in caplog.records if rec.getMessage().startswith("candidate_rejected")]
     assert len(sniffed) == planning.PAGE_FOREIGN
     # `ls` still shows everything.
-    full = planning.make_plan(store_list, run=RUN, compat=None, suspect="after_same_step", use_journal=False,
+    full = planning.make_plan(store_list, planning.PlanRequest(run=RUN, suspect="after_same_step", use_journal=False),
                               include_rejected=True)
     assert len(full.listing) == 1 + n + n // 4
 

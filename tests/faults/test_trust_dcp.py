@@ -249,7 +249,7 @@ def test_T01_pt_file_build_on_an_allowed_class_is_refused_by_weights_only(tmp_pa
 
 def test_T01_dcp_per_rank_metadata_goes_through_the_same_unpickler(tmp_path, monkeypatch):
     """DCP reads ``__N.metadata`` (``read_metadata(rank=N)``) when collectives are off: the same unpickler."""
-    from dist_guardian import loading
+    from dist_guardian import foreign_loading
     from dist_guardian.errors import CheckpointFormatError
 
     owner = pathlib.PosixPath.owner
@@ -259,7 +259,7 @@ def test_T01_dcp_per_rank_metadata_goes_through_the_same_unpickler(tmp_path, mon
     genuine = open(os.path.join(d, ".metadata"), "rb").read()
     with open(os.path.join(d, "__0.metadata"), "wb") as f:
         f.write(b"\x80\x02cpathlib\nPosixPath\nN}" + _u("owner") + _u("pwned") + b"s\x86b0" + genuine)
-    reader = loading._safe_dcp_reader(d, ())
+    reader = foreign_loading._safe_dcp_reader(d, ())
     assert reader.read_metadata().storage_data  # the genuine .metadata reads
     with pytest.raises(CheckpointFormatError, match="state_on_class: BUILD would set attributes of the class pathlib"):
         reader.read_metadata(rank=0)

@@ -221,5 +221,5 @@ def test_T03_every_written_number_round_trips_through_every_reader(tmp_path):
     assert Candidate.from_json(json.loads(json.dumps(c.to_json()))) == c
     big_c = dataclasses.replace(c, files=(FileRef(name=big.name, size=big.size, digest=big.digest, rank=big.rank),))
     assert Candidate.from_json(json.loads(json.dumps(big_c.to_json()))) == big_c
-    plan = planning.make_plan([store], run=RUN, compat=None, suspect="after_same_step")
+    plan = planning.make_plan([store], planning.PlanRequest(run=RUN, suspect="after_same_step"))
     assert plan.generation == gen and planning.Plan.from_json(json.loads(json.dumps(plan.to_json()))) == plan

@@ -409,7 +409,7 @@ def plan_doc(tmp_path_factory):
     assert g.save(state, step=100).committed and g.save(state, step=200).committed
     g.close()
     (store,), _ = planning.resolve_stores([root], None)
-    doc = planning.make_plan([store], run=RUN, compat=None, suspect="after_same_step").to_json()
+    doc = planning.make_plan([store], planning.PlanRequest(run=RUN, suspect="after_same_step")).to_json()
     assert len(doc["candidates"]) == 2
     return doc
 

@@ -9,7 +9,7 @@ import dist_guardian
 
 LAYERS = [
     {"errors", "_faults"},
-    {"candidate", "manifest"},
+    {"candidate", "policy", "manifest"},
     {"formats"},
     # the stores package, bottom up: the value and error translation, then calls, then operations
     {"stores.base", "stores.errors"},
@@ -27,7 +27,7 @@ LAYERS = [
     {"retention"},
     {"mirror"},
     {"comm"},
-    {"statetree", "loading", "coordinator", "save"},
+    {"statetree", "staging", "foreign_loading", "loading", "attempts", "coordinator", "save"},
     {"guardian"},
     {"cli", "bench", "__init__"},
 ]

@@ -26,7 +26,7 @@ def test_first_page_reads_only_the_newest_manifests(tmp_path, monkeypatch):
     real = stores.read_small
     monkeypatch.setattr(stores, "read_small", lambda store, rel, cap: reads.append(rel) or real(store, rel, cap))
     store = stores.resolve(root, 0)
-    cur = planning.PlanCursor([store], run="r", compat=None, suspect="after_same_step", use_journal=False)
+    cur = planning.PlanCursor([store], planning.PlanRequest(run="r", suspect="after_same_step", use_journal=False))
     page = cur.next_page()
     assert [c.step for c in page.candidates] == list(range(29, 21, -1))
     assert page.more and len(reads) == planning.PAGE_STEPS  # one manifest per step of the page, none older
@@ -59,6 +59,6 @@ def test_last_resort_suspects_come_after_every_page(tmp_path):
     path = os.path.join(root, "step_50.pt")
     torch.save(obj, path)
     flip_in_zip_member(path, "data/0")
-    plan = planning.make_plan([stores.resolve(root, 0)], run="r", compat=None, suspect="last_resort", use_journal=False)
+    plan = planning.make_plan([stores.resolve(root, 0)], planning.PlanRequest(run="r", suspect="last_resort", use_journal=False))
     tiers = [(c.step, c.tier) for c in plan.candidates]
     assert tiers[-1] == (50, "S") and [t for _, t in tiers[:-1]] == ["V"] * 12
