@@ -60,7 +60,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .coordinator import resume
     from .guardian import Guardian
-    from .saving import SaveResult
+    from .commit import SaveResult
 
 
 def __getattr__(name: str) -> Any:
@@ -73,7 +73,7 @@ def __getattr__(name: str) -> Any:
 
         return resume
     if name == "SaveResult":
-        from .saving import SaveResult
+        from .commit import SaveResult
 
         return SaveResult
     raise AttributeError(f"module 'dist_guardian' has no attribute {name!r}")

@@ -169,13 +169,13 @@ def _prune(args: argparse.Namespace, opts: Any, compat: Any) -> int:
 
     Without live state, every (compat, layout) group is pruned on its own; ``--compat`` restricts to that compat.
     """
-    from . import planning, saving
+    from . import planning, retention
 
     store_list, refused = planning.resolve_stores(args.stores, opts)
     out: dict[str, Any] = {}
     for i, s in enumerate(store_list):
-        out[s.url] = saving.retain(s, args.run, args.keep_last, dry_run=args.dry_run, compat=compat,
-                                   mirrors=store_list[1:] if i == 0 else [])
+        out[s.url] = retention.retain(s, args.run, args.keep_last, dry_run=args.dry_run, compat=compat,
+                                      mirrors=store_list[1:] if i == 0 else [])
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, "deleted": out, "refused": refused}, indent=2))
     else:

@@ -18,7 +18,7 @@ import pytest
 
 import corruption
 import helpers
-from dist_guardian import Guardian, discovery, loading, saving, stores, verify
+from dist_guardian import Guardian, copying, discovery, loading, stores, verify
 from dist_guardian.errors import ConfigError, StoreUnavailable
 
 BACKENDS = ["local", "memory", "s3"]
@@ -224,10 +224,10 @@ def test_copied_checkpoint_is_discovered_verified_and_loads_identically(backend,
         store = stores.resolve(store.url, 0, {store.url: dict(store.storage_options, concurrency=concurrency, part_size=4096)})
     _, src_dir, tensors = _local_checkpoint(tmp_path)
     name = os.path.basename(src_dir)
-    saving.copy_checkpoint(src_dir, store, RUN, name)
-    saving.copy_checkpoint(src_dir, store, RUN, name)  # a mirror is idempotent
+    copying.copy_checkpoint(src_dir, store, RUN, name)
+    copying.copy_checkpoint(src_dir, store, RUN, name)  # a mirror is idempotent
     with pytest.raises(FileExistsError):
-        saving.copy_checkpoint(src_dir, store, RUN, name, exclusive=True)
+        copying.copy_checkpoint(src_dir, store, RUN, name, exclusive=True)
     checked = verify.verify_all(discovery.discover_store(store, RUN), run=RUN, compat=None).candidates
     assert [(c.step, c.tier) for c in checked] == [(100, "V")]
     tier, reasons = verify.verify_full(store, checked[0].rel)

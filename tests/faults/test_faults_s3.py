@@ -27,7 +27,7 @@ import helpers
 import rank_fns
 import s3_rank_fns
 from dg_harness import ctx, run_ranks
-from dist_guardian import Guardian, NoReachableCheckpoint, discovery, manifest, saving, stores, verify
+from dist_guardian import Guardian, NoReachableCheckpoint, copying, discovery, manifest, retention, stores, verify
 from helpers import assert_nothing_lost, committed, make_state, same, snapshot
 from s3_helpers import ChaosProxy, MotoProcess
 
@@ -121,7 +121,7 @@ def only_s3_checkpoint(tmp_path, bucket, so, step: int, *, seed: int = 7, blob_m
     assert g.save(state, step=step).committed
     g.close()
     name = stores.step_dir_name(step)
-    saving.copy_checkpoint(os.path.join(src, RUN, name), stores.resolve(bucket.url, 1, so), RUN, name)
+    copying.copy_checkpoint(os.path.join(src, RUN, name), stores.resolve(bucket.url, 1, so), RUN, name)
     shutil.rmtree(src)
     return snapshot(state)
 
@@ -547,7 +547,7 @@ def test_F40_local_retention_counts_only_verified_checkpoints(std, damage, caplo
         corruption.flip_bit_in_tensor(os.path.join(c, REPL))
     else:
         os.rename(c, os.path.join(std.root, RUN, ".staging-step-000000000300-0123456789abcdef"))
-    assert saving.retain(stores.resolve(std.root), RUN, 2) == []
+    assert retention.retain(stores.resolve(std.root), RUN, 2) == []
     assert {A, B} <= set(committed(std.root, RUN))
     if damage == "bit_flip":
         assert logged(caplog, f"retention_not_counted {c}")
@@ -559,7 +559,7 @@ def test_F40_keep_last_1_is_raised_to_2_and_the_newest_verified_is_never_deleted
     assert g.save(make_state(5), step=300).committed
     g.close()
     store = stores.resolve(std.root)
-    assert saving.retain(store, RUN, 1) == [std.dir(A)]
+    assert retention.retain(store, RUN, 1) == [std.dir(A)]
     assert logged(caplog, "keep_last=1 raised to 2")
     assert set(committed(std.root, RUN)) == {B, C}
 
@@ -574,7 +574,7 @@ def test_F40_s3_retention_counts_only_committed_verified_checkpoints(tmp_path, s
     else:
         key = f"ckpt/{RUN}/{C}/{REPL}"
         std.bucket.put(key, std.bucket.get(key)[:1000])
-    assert saving.retain(s3store, RUN, 2) == []
+    assert retention.retain(s3store, RUN, 2) == []
     assert set(s3_committed(std.bucket)) >= {A, B}
     assert s3_committed(std.bucket)[A] == std.before_s3[A]
 
@@ -597,7 +597,7 @@ def test_F41_kill_during_local_retention_never_leaves_a_half_deleted_committed_c
     assert A not in names and any(n.startswith(f".trash-{A}-") for n in names)  # renamed aside, atomically
     r, state, _ = resume([std.root], None)
     assert r.step == 300 and all(a.path != std.dir(A) for a in r.attempts)
-    assert saving.retain(stores.resolve(std.root), RUN, 2) == []
+    assert retention.retain(stores.resolve(std.root), RUN, 2) == []
     assert not any(n.startswith(".trash-") for n in os.listdir(os.path.join(std.root, RUN)))  # cleaned next time
     assert set(committed(std.root, RUN)) == {B, C}
 
@@ -613,7 +613,7 @@ def test_F41_kill_during_s3_retention_manifest_first_then_leftovers_cleaned(tmp_
     assert sorted((c.step, c.tier) for c in checked) == [(100, "R"), (200, "V"), (300, "V")]
     r, _, _ = resume([str(tmp_path / "empty"), std.url], std.so)
     assert r.step == 300
-    assert saving.retain(s3store, RUN, 2) == []  # nothing more to delete; the leftovers go
+    assert retention.retain(s3store, RUN, 2) == []  # nothing more to delete; the leftovers go
     assert keys_under(std.bucket, A) == []
     assert logged(caplog, "stale_upload_removed")
     assert set(s3_committed(std.bucket)) == {B, C}

@@ -24,7 +24,7 @@ import torch
 
 import helpers
 from corruption import flip_bit_in_tensor, flip_byte, tensor_offset, zip_member_span
-from dist_guardian import Guardian, ResumeFailed, manifest, saving, stores
+from dist_guardian import Guardian, ResumeFailed, manifest, retention, stores
 from dist_guardian.errors import InsecurePathError
 from helpers import assert_nothing_lost, committed, make_state, same, snapshot
 
@@ -535,13 +535,13 @@ def test_F08_legacy_is_never_counted_by_retention_as_verified(std):
     g.close()
     os.unlink(os.path.join(std.b, manifest.MANIFEST_NAME))
     store = stores.resolve(std.root)
-    assert saving.retain(store, RUN, 2) == []
+    assert retention.retain(store, RUN, 2) == []
     assert os.path.isdir(std.a) and os.path.isdir(std.b)
     # Control: a third verified checkpoint D makes A (the oldest verified) go; legacy B stays.
     g = Guardian(stores=[std.root], run=RUN)
     assert g.save(state, step=400).committed
     g.close()
-    assert saving.retain(store, RUN, 2) == [std.a]
+    assert retention.retain(store, RUN, 2) == [std.a]
     assert not os.path.exists(std.a) and os.path.isdir(std.b)
 
 

@@ -2,7 +2,7 @@
 
 Reviewed: every open of a path that comes from a store or a user, every deserialisation
 (``torch.load``, pickle, JSON), every place a remote or listed name becomes a local path
-(stores, saving.copy_checkpoint/repair_replica, verify, loading, journal, cli verify/prune).
+(stores, copying.copy_checkpoint/repair_replica, verify, loading, journal, cli verify/prune).
 There is no subprocess in the package. The findings:
 
 1. DCP ``.metadata`` was unpickled by torch's ``FileSystemReader`` with plain ``pickle.load``: a

@@ -181,7 +181,7 @@ def test_T03_a_commit_at_the_largest_generation_is_visible_to_the_next_start(tmp
 def test_T03_every_written_number_round_trips_through_every_reader(tmp_path):
     from dist_guardian import discovery, verify
     from dist_guardian.candidate import Candidate, FileRef
-    from dist_guardian.guardian import _write_tree, rank_file_name
+    from dist_guardian.save import rank_file_name, write_tree
 
     for step in (0, 1, manifest.MAX_STEP):
         for gen in (None, 0, 1, manifest.MAX_GENERATION):
@@ -206,7 +206,7 @@ def test_T03_every_written_number_round_trips_through_every_reader(tmp_path):
     root = str(tmp_path / "ck")
     d = os.path.join(root, RUN, stores.step_dir_name(step, gen))
     os.makedirs(d)
-    w = _write_tree(os.path.join(d, big.name), {"x": torch.zeros(3)}, rank=world - 1, step=step, file_rank=world - 1)
+    w = write_tree(os.path.join(d, big.name), {"x": torch.zeros(3)}, rank=world - 1, step=step, file_rank=world - 1)
     with open(os.path.join(d, manifest.MANIFEST_NAME), "wb") as f:
         f.write(manifest.build(run=RUN, step=step, generation=gen, world_size=world, created_unix=0.0, compat={},
                                metrics={}, files=[w.entry], tensors={w.entry.name: w.stats}, torch_version="x",

@@ -33,11 +33,11 @@ def test_async_buffers_are_reused_and_saves_serialise(tmp_path):
     state = helpers.make_state(seed=2)
     g = Guardian(stores=[str(tmp_path / "ck")], run="r", keep_last=2)
     f1 = g.save(state, step=1, blocking=False)
-    bufs = dict(g._buffers._bufs)
+    bufs = dict(g._saver.buffers._bufs)
     helpers.train(state, 1)
     f2 = g.save(state, step=2, blocking=False)  # waits for f1 first: one background save at a time
     assert f1.done() and f1.result().committed
-    assert all(g._buffers._bufs[k] is v for k, v in bufs.items())  # same memory, no reallocation
+    assert all(g._saver.buffers._bufs[k] is v for k, v in bufs.items())  # same memory, no reallocation
     assert g.wait().committed and f2.done()
     g.close()
     assert sorted(helpers.committed(str(tmp_path / "ck"), "r")) == ["step-000000000001", "step-000000000002"]

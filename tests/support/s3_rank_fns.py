@@ -39,10 +39,10 @@ def child_retain(url: str, storage_options: dict, run: str, keep_last: int, env:
     """Retention of one store in its own process (a fault rule may kill it half-way, F41)."""
     os.environ.update(env)
     os.environ.setdefault("RANK", "0")
-    from dist_guardian import saving, stores
+    from dist_guardian import retention, stores
 
     store = stores.resolve(url, 0, storage_options)
-    q.put(saving.retain(store, run, keep_last))
+    q.put(retention.retain(store, run, keep_last))
 
 
 def resume_deleting_before_load(rank: int, world: int, *, stores: list[str], run: str, storage_options: dict,

@@ -19,15 +19,19 @@ LAYERS = [
     {"stores.remote"},
     {"stores.reader", "stores.publish"},
     {"stores"},
+    {"config", "commit"},
     {"discovery"},
     {"verify"},
     {"journal", "planning"},
+    {"copying"},
+    {"retention"},
+    {"mirror"},
     {"comm"},
-    {"statetree", "loading", "coordinator", "saving"},
+    {"statetree", "loading", "coordinator", "save"},
     {"guardian"},
     {"cli", "bench", "__init__"},
 ]
-TORCH_FREE = set().union(*LAYERS[: LAYERS.index({"journal", "planning"}) + 1]) | {"saving", "cli", "__init__"}
+TORCH_FREE = set().union(*LAYERS[: LAYERS.index({"comm"})]) | {"cli", "__init__"}
 
 
 def _level(mod: str) -> int:
@@ -95,7 +99,7 @@ def test_cli_listing_imports_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, dist_guardian.cli, dist_guardian.planning, dist_guardian.saving; print('torch' in sys.modules)"
+    code = "import sys, dist_guardian.cli, dist_guardian.planning, dist_guardian.mirror; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
