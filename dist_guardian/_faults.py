@@ -25,19 +25,37 @@ import time
 log = logging.getLogger(__name__)
 
 ENV = "DIST_GUARDIAN_FAULT"
-POINTS = frozenset({
-    # saving (local commit, F10)
-    "before_data_write", "mid_data_write", "after_data_fsync", "before_manifest", "after_manifest_before_rename",
-    "after_rename_before_dirsync",
-    # saving (object-store commit, F10, F13, F14)
-    "before_s3_data", "mid_s3_data", "before_s3_manifest", "after_s3_manifest",
-    # retention (F41)
-    "mid_retention",
-    # resume (F20, F23-F27)
-    "after_broadcast", "during_load", "load_file", "before_vote", "mid_vote",
-})
-_EXCEPTIONS = {"raise": RuntimeError, "raise-MemoryError": MemoryError, "raise-KeyError": KeyError,
-               "raise-KeyboardInterrupt": KeyboardInterrupt, "raise-SystemExit": SystemExit}
+POINTS = frozenset(
+    {
+        # saving (local commit, F10)
+        "before_data_write",
+        "mid_data_write",
+        "after_data_fsync",
+        "before_manifest",
+        "after_manifest_before_rename",
+        "after_rename_before_dirsync",
+        # saving (object-store commit, F10, F13, F14)
+        "before_s3_data",
+        "mid_s3_data",
+        "before_s3_manifest",
+        "after_s3_manifest",
+        # retention (F41)
+        "mid_retention",
+        # resume (F20, F23-F27)
+        "after_broadcast",
+        "during_load",
+        "load_file",
+        "before_vote",
+        "mid_vote",
+    }
+)
+_EXCEPTIONS = {
+    "raise": RuntimeError,
+    "raise-MemoryError": MemoryError,
+    "raise-KeyError": KeyError,
+    "raise-KeyboardInterrupt": KeyboardInterrupt,
+    "raise-SystemExit": SystemExit,
+}
 _PLAIN_ACTIONS = frozenset({"kill", "exit", "hang", "corrupt", "raise-OSError"}) | frozenset(_EXCEPTIONS)
 _cache: tuple[str, list[tuple[str, int | None, str, str]]] | None = None
 _warned = False

@@ -22,12 +22,14 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def run_bench(store_url: str, *, size_mb: int = 256, runs: int = 3, storage_options: dict | None = None,
-              concurrency: int = 1) -> list[dict[str, Any]]:
+def run_bench(
+    store_url: str, *, size_mb: int = 256, runs: int = 3, storage_options: dict | None = None, concurrency: int = 1
+) -> list[dict[str, Any]]:
     import torch
 
     from . import stores
     from .guardian import Guardian
+    from .commit import SaveResult
 
     store = stores.resolve(store_url, 0, storage_options)
     run = f"dg-bench-{uuid.uuid4().hex[:8]}"
@@ -36,7 +38,7 @@ def run_bench(store_url: str, *, size_mb: int = 256, runs: int = 3, storage_opti
     rows = [max(1, n // 4096), 4096] if n >= 4096 else [1, n]
     state = {"weights": {f"w{i}": torch.randn(rows[0] // 8 or 1, rows[1]) for i in range(8)}}
     payload = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
-    mv = memoryview(payload.numpy())
+    mv = payload.numpy().data
     times: dict[str, list[float]] = {}
 
     def add(name: str, t: float) -> None:
@@ -65,25 +67,38 @@ def run_bench(store_url: str, *, size_mb: int = 256, runs: int = 3, storage_opti
             t0 = time.perf_counter()
             if store.is_local:
                 with os.fdopen(stores.open_regular(store.join(rel)), "rb", buffering=0) as f:
-                    out = memoryview(buf.numpy())
+                    dst = buf.numpy().data
                     pos = 0
                     while pos < nbytes:
-                        pos += f.readinto(out[pos : pos + (8 << 20)])
+                        pos += f.readinto(dst[pos : pos + (8 << 20)]) or 0
             else:
-                stores.read_range_into(store, rel, 0, memoryview(buf.numpy()), concurrency=1)
+                stores.read_range_into(store, rel, 0, buf.numpy().data, concurrency=1)
             add("raw read", time.perf_counter() - t0)
-            g = Guardian(stores=[store_url], run=run, rng=False, storage_options=storage_options,
-                         remote_concurrency=concurrency, timeout=3600)
+            g = Guardian(
+                stores=[store_url],
+                run=run,
+                rng=False,
+                storage_options=storage_options,
+                remote_concurrency=concurrency,
+                timeout=3600,
+            )
             t0 = time.perf_counter()
             res = g.save(state, step=r)
             add("dist_guardian save", time.perf_counter() - t0)
+            assert isinstance(res, SaveResult)  # blocking save
             g.close()
             if not res.committed:
                 raise RuntimeError(f"bench save failed: {res.reason}")
             target: dict[str, Any] = {"weights": {}}
             t0 = time.perf_counter()
-            rr = Guardian(stores=[store_url], run=run, rng=False, storage_options=storage_options,
-                          remote_concurrency=concurrency, timeout=3600).resume(target)
+            rr = Guardian(
+                stores=[store_url],
+                run=run,
+                rng=False,
+                storage_options=storage_options,
+                remote_concurrency=concurrency,
+                timeout=3600,
+            ).resume(target)
             add("dist_guardian resume", time.perf_counter() - t0)
             if not rr.resumed:
                 raise RuntimeError("bench resume found nothing")
@@ -143,7 +158,9 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
 def main(args) -> int:
     opts = json.loads(args.storage_options) if args.storage_options else None
-    rows = run_bench(args.store, size_mb=args.size_mb, runs=args.runs, storage_options=opts, concurrency=args.concurrency)
+    rows = run_bench(
+        args.store, size_mb=args.size_mb, runs=args.runs, storage_options=opts, concurrency=args.concurrency
+    )
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -84,7 +84,11 @@ class Comm:
             else:
                 n = torch.zeros(1, dtype=torch.int64)
             dist.broadcast(n, src=0, group=self.group)
-            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0 else torch.empty(int(n.item()), dtype=torch.uint8)
+            buf = (
+                torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                if self.rank == 0
+                else torch.empty(int(n.item()), dtype=torch.uint8)
+            )
             if int(n.item()):
                 dist.broadcast(buf, src=0, group=self.group)
         except (RuntimeError, ValueError) as e:
@@ -134,10 +138,11 @@ class Comm:
             dist.all_gather(out, mine, group=self.group)
         except (RuntimeError, ValueError) as e:
             raise self._fail(step, e) from e
-        return [bytes(o[: int(s.item())].numpy()).decode(errors="replace") for o, s in zip(out, sizes)]
+        return [bytes(o[: int(s.item())].numpy()).decode(errors="replace") for o, s in zip(out, sizes, strict=True)]
 
     def check_same(self, payload: bytes, step: str) -> None:
-        """Collective: call on every rank. Raise :class:`CandidateListMismatch` unless every rank holds the same bytes (F27).
+        """Collective: call on every rank. Raise :class:`CandidateListMismatch` unless every rank holds
+        the same bytes (F27).
 
         MIN and MAX all-reduce of the SHA-256 digest, as DeepSpeed validates checkpoint tags.
         """

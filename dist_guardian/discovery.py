@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 from . import formats, manifest, stores
 from .errors import StoreError
@@ -147,10 +148,28 @@ def _from_entries(store: Store, prefix: str, entries: list[Entry], *, ours: bool
             )
             continue
         if e.kind in ("dir", "symlink") and any(k.rel == DCP_METADATA for k in kids):
-            out.append(Sighting(store=store, rel=rel, kind="dcp", step=formats.step_from_name(name), entry_kind=e.kind, children=kids))
+            out.append(
+                Sighting(
+                    store=store,
+                    rel=rel,
+                    kind="dcp",
+                    step=formats.step_from_name(name),
+                    entry_kind=e.kind,
+                    children=kids,
+                )
+            )
             continue
         if name.lower().endswith(formats.TORCH_SUFFIXES) and e.kind in ("file", "symlink", "other"):
-            out.append(Sighting(store=store, rel=rel, kind="torch", step=formats.step_from_name(name), entry_kind=e.kind, size=e.size))
+            out.append(
+                Sighting(
+                    store=store,
+                    rel=rel,
+                    kind="torch",
+                    step=formats.step_from_name(name),
+                    entry_kind=e.kind,
+                    size=e.size,
+                )
+            )
     return out
 
 

@@ -22,16 +22,17 @@ import concurrent.futures as cf
 import io
 import json
 import os
-import queue
-import threading
 import pickletools
+import queue
 import re
 import struct
+import threading
 import time
 import zipfile
 import zlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterable, Sequence
+from typing import Any, BinaryIO, Protocol, cast
 
 import xxhash
 
@@ -43,10 +44,22 @@ MAX_TENSORS = 10_000_000
 MAX_DIMS = 64
 # safetensors dtype names and their element sizes.
 DTYPE_SIZES = {
-    "F64": 8, "I64": 8, "U64": 8, "C64": 8,
-    "F32": 4, "I32": 4, "U32": 4,
-    "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "C64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
 }
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 META_KEY = "__metadata__"
@@ -129,12 +142,12 @@ def tree_key_digests(tree: object) -> dict[str, str]:
     return {str(k): xxhash.xxh3_128_hexdigest(json.dumps(v, separators=(",", ":")).encode()) for k, v in items}
 
 
-def encode_header(tree_json: str, specs: Sequence[TensorSpec], extra_meta: dict[str, str] | None = None) -> tuple[bytes, list[TensorSpec]]:
+def encode_header(
+    tree_json: str, specs: Sequence[TensorSpec], extra_meta: dict[str, str] | None = None
+) -> tuple[bytes, list[TensorSpec]]:
     """The on-disk header and the tensors in file order (decreasing element size, stable)."""
     ordered = sorted(specs, key=lambda s: -DTYPE_SIZES[s.dtype])
-    header: dict[str, object] = {
-        META_KEY: {VERSION_KEY: NATIVE_VERSION, TREE_KEY: tree_json, **(extra_meta or {})}
-    }
+    header: dict[str, object] = {META_KEY: {VERSION_KEY: NATIVE_VERSION, TREE_KEY: tree_json, **(extra_meta or {})}}
     off = 0
     for s in ordered:
         n = len(s.data)
@@ -145,8 +158,14 @@ def encode_header(tree_json: str, specs: Sequence[TensorSpec], extra_meta: dict[
     return struct.pack("<Q", len(blob)) + blob, ordered
 
 
-def write_native(fd: int, tree_json: str, specs: Sequence[TensorSpec], *, hook=None,
-                 stats_fn: Callable[[TensorSpec], object] | None = None) -> WrittenFile:
+def write_native(
+    fd: int,
+    tree_json: str,
+    specs: Sequence[TensorSpec],
+    *,
+    hook=None,
+    stats_fn: Callable[[TensorSpec], object] | None = None,
+) -> WrittenFile:
     """Stream a native file to ``fd``, hashing each tensor as it goes out. The caller fsyncs.
 
     Two stages overlap: this thread hashes a chunk (and runs ``stats_fn`` on each tensor,
@@ -187,7 +206,9 @@ def write_native(fd: int, tree_json: str, specs: Sequence[TensorSpec], *, hook=N
         pipe.flush()
     finally:
         pipe.close()
-    return WrittenFile(size=len(header) + total, digest=tree_digest(header, raw_digests), tensor_digests=digests, stats=stats)
+    return WrittenFile(
+        size=len(header) + total, digest=tree_digest(header, raw_digests), tensor_digests=digests, stats=stats
+    )
 
 
 class _WritePipe:
@@ -203,7 +224,7 @@ class _WritePipe:
 
     def __init__(self, fd: int, depth: int = 4):
         self.fd = fd
-        self.q: "queue.Queue[list[memoryview] | None]" = queue.Queue(maxsize=depth)
+        self.q: queue.Queue[list[memoryview] | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self._batch: list[memoryview] = []
         self._batch_bytes = 0
@@ -275,6 +296,12 @@ def _write_all(fd: int, mv: memoryview) -> None:
         mv = mv[n:]
 
 
+class _ReadInto(Protocol):
+    """What the streaming readers need of a file (typeshed's ``BinaryIO`` has no ``readinto``)."""
+
+    def readinto(self, b: Any, /) -> int | None: ...
+
+
 def parse_header(f: BinaryIO, file_size: int, *, name: str = "file") -> NativeHeader:
     """Read and check a native header: caps, dtypes, shapes and offsets against the file size.
 
@@ -302,10 +329,10 @@ def parse_header(f: BinaryIO, file_size: int, *, name: str = "file") -> NativeHe
     if len(doc) > MAX_TENSORS:
         raise CheckpointFormatError(f"{name}: {len(doc)} tensors > cap {MAX_TENSORS}")
     entries = []
-    for tname, e in doc.items():
-        if not isinstance(e, dict):
+    for tname, ent in doc.items():
+        if not isinstance(ent, dict):
             raise CheckpointFormatError(f"{name}: tensor {tname!r} entry is not an object")
-        dtype, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        dtype, shape, offs = ent.get("dtype"), ent.get("shape"), ent.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:  # a list or dict would be unhashable here
             raise CheckpointFormatError(f"{name}: tensor {tname!r} has unknown dtype {dtype!r}")
         if (
@@ -333,7 +360,9 @@ def parse_header(f: BinaryIO, file_size: int, *, name: str = "file") -> NativeHe
     pos = 0
     for t in entries:
         if t.begin != pos:
-            raise CheckpointFormatError(f"{name}: tensor {t.name!r} starts at {t.begin}, expected {pos} (gap or overlap)")
+            raise CheckpointFormatError(
+                f"{name}: tensor {t.name!r} starts at {t.begin}, expected {pos} (gap or overlap)"
+            )
         pos = t.end
     payload = file_size - 8 - n
     if pos != payload:
@@ -341,8 +370,15 @@ def parse_header(f: BinaryIO, file_size: int, *, name: str = "file") -> NativeHe
     return NativeHeader(header_bytes=head + blob, entries=tuple(entries), metadata=meta, payload_size=payload)
 
 
-def read_and_hash(fd: int, header: NativeHeader, buf: memoryview, *, name: str = "file", threads: int = 4,
-                  chunk: int = 32 * 1024 * 1024) -> tuple[str, dict[str, str]]:
+def read_and_hash(
+    fd: int,
+    header: NativeHeader,
+    buf: memoryview,
+    *,
+    name: str = "file",
+    threads: int = 4,
+    chunk: int = 32 * 1024 * 1024,
+) -> tuple[str, dict[str, str]]:
     """Read the payload into ``buf`` with parallel ``pread`` calls while this thread hashes what has arrived.
 
     Staging must be fresh memory (nothing live may change before the vote), and on this
@@ -372,7 +408,7 @@ def read_and_hash(fd: int, header: NativeHeader, buf: memoryview, *, name: str =
     with cf.ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="dist_guardian-read") as ex:
         futs = [ex.submit(read, lo, hi) for lo, hi in spans]
         try:
-            for (lo, hi), fut in zip(spans, futs):
+            for (lo, hi), fut in zip(spans, futs, strict=True):
                 fut.result()
                 hasher.feed(buf, lo, hi)
         except BaseException:
@@ -423,8 +459,9 @@ class _TensorHasher:
         return tree_digest(self.header.header_bytes, self.raw), self.per
 
 
-def header_damage(header: NativeHeader, per: dict[str, str], expected: dict[str, str] | None,
-                  trees: dict[str, str] | None) -> str | None:
+def header_damage(
+    header: NativeHeader, per: dict[str, str], expected: dict[str, str] | None, trees: dict[str, str] | None
+) -> str | None:
     """Why a file whose digest disagrees is damaged outside its tensors, or None when only tensors are (T10).
 
     ``per``: the tensor digests as read; ``expected``: the manifest's (None: unknown); ``trees``:
@@ -464,7 +501,7 @@ def stream_digests(f: BinaryIO, header: NativeHeader, *, name: str = "file") -> 
     hasher = _TensorHasher(header)
     pos = 0
     while pos < n:
-        got = f.readinto(buf[: min(len(buf), n - pos)])
+        got = cast(_ReadInto, f).readinto(buf[: min(len(buf), n - pos)])
         if not got:
             raise CheckpointFormatError(f"{name}: truncated payload ({pos} of {n} bytes)")
         hasher.feed(buf, pos, pos + got, base=pos)
@@ -478,7 +515,7 @@ def file_digest_stream(f: BinaryIO) -> tuple[int, str]:
     buf = memoryview(bytearray(DIGEST_CHUNK))
     n = 0
     while True:
-        got = f.readinto(buf)
+        got = cast(_ReadInto, f).readinto(buf)
         if not got:
             return n, h.hexdigest()
         h.update(buf[:got])
@@ -512,7 +549,8 @@ MAX_ZIP_DIRECTORY_BYTES = 16 * 1024 * 1024
 # (``model_7.pt``) or a date (``export_20240501.pt``) would outrank every native checkpoint.
 _STEP_RE = re.compile(r"(?:global_step|step|checkpoint|ckpt|iteration|iter)[_\-.=]?(\d{1,15})(?!\d)", re.IGNORECASE)
 _DATE_RE = re.compile(
-    r"(?:(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])|(?:19|20)\d\d[_\-.]\d\d?[_\-.]\d\d?)(?!\d)")
+    r"(?:(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])|(?:19|20)\d\d[_\-.]\d\d?[_\-.]\d\d?)(?!\d)"
+)
 # Globals torch's weights_only unpickler accepts. Anything else makes a file R before load
 # (the final judge is still torch's own weights_only unpickler: we never load unsafely).
 _TORCH_PLAIN = (
@@ -522,7 +560,8 @@ _TORCH_PLAIN = (
 )
 _TORCH_SAFE_RE = re.compile(
     r"^torch\.(_utils\._rebuild_\w+|_tensor\._rebuild_from_type(_v2)?|\w*Storage|nn\.parameter\.Parameter|"
-    + _TORCH_PLAIN + r")\Z"
+    + _TORCH_PLAIN
+    + r")\Z"
 )
 # A DCP .metadata holds plain values and DCP's own metadata classes: none of torch.save's tensor
 # rebuilders or storage classes, and no bytearray, either of which lets a planted file allocate any
@@ -549,11 +588,26 @@ SAFE_GLOBALS = frozenset(
 # the same list (together with plain containers and torch's dtype/Size/layout globals, never its
 # tensor rebuilders, storages or bytearray: see _DCP_TORCH_RE).
 DCP_SAFE_GLOBALS = frozenset(
-    {f"torch.distributed.checkpoint.metadata.{n}" for n in (
-        "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")}
-    | {"torch.distributed.checkpoint.filesystem._StorageInfo", "pathlib.PosixPath", "pathlib.PurePosixPath",
-       "pathlib._local.PosixPath", "pathlib._local.PurePosixPath"}
+    {
+        f"torch.distributed.checkpoint.metadata.{n}"
+        for n in (
+            "Metadata",
+            "MetadataIndex",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    }
+    | {
+        "torch.distributed.checkpoint.filesystem._StorageInfo",
+        "pathlib.PosixPath",
+        "pathlib.PurePosixPath",
+        "pathlib._local.PosixPath",
+        "pathlib._local.PurePosixPath",
+    }
 )
 _DCP_PLAIN_GLOBALS = SAFE_GLOBALS - {"builtins.bytearray"}
 
@@ -592,8 +646,9 @@ class TorchFileReport:
     over_cap: str | None = None  # what is over a planning cap (then ok is False)
 
 
-def sniff_torch_file(f: BinaryIO, size: int, name: str, extra_safe: Iterable[str] = (), *,
-                     planning: bool = True) -> TorchFileReport:
+def sniff_torch_file(
+    f: BinaryIO, size: int, name: str, extra_safe: Iterable[str] = (), *, planning: bool = True
+) -> TorchFileReport:
     """Check a torch.save zip: central directory, member CRC32s, and the globals its pickle needs.
 
     ``torch.load`` ignores zip CRCs, so a flipped bit loads silently in most cases; this
@@ -609,19 +664,36 @@ def sniff_torch_file(f: BinaryIO, size: int, name: str, extra_safe: Iterable[str
         return _sniff_torch_file(f, size, name, extra_safe, planning)
     except PlanningCapExceeded as e:
         return TorchFileReport(False, "none", (f"{name}: {e}",), (), None, over_cap=str(e))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, OSError, EOFError,
-            ValueError, KeyError, IndexError, OverflowError, struct.error, zlib.error) as e:
-        return TorchFileReport(False, "none", (f"{name}: broken zip structure ({type(e).__name__}: {str(e)[:100]})",), (), None)
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        NotImplementedError,
+        RuntimeError,
+        OSError,
+        EOFError,
+        ValueError,
+        KeyError,
+        IndexError,
+        OverflowError,
+        struct.error,
+        zlib.error,
+    ) as e:
+        return TorchFileReport(
+            False, "none", (f"{name}: broken zip structure ({type(e).__name__}: {str(e)[:100]})",), (), None
+        )
 
 
 def _sniff_torch_file(f: BinaryIO, size: int, name: str, extra_safe: Iterable[str], planning: bool) -> TorchFileReport:
     head = f.read(4)
     f.seek(0)
     if head != b"PK\x03\x04":
-        return TorchFileReport(False, "none", (f"{name}: not a torch zip archive (legacy or foreign format)",), (), None)
-    end = zipfile._EndRecData(f)  # the end record ZipFile trusts next (private, unchanged since Python 2.6)
-    if end and end[zipfile._ECD_SIZE] > MAX_ZIP_DIRECTORY_BYTES:
-        raise PlanningCapExceeded(f"a {end[zipfile._ECD_SIZE]}-byte zip central directory", f"{MAX_ZIP_DIRECTORY_BYTES} bytes")
+        return TorchFileReport(
+            False, "none", (f"{name}: not a torch zip archive (legacy or foreign format)",), (), None
+        )
+    end = zipfile._EndRecData(f)  # type: ignore[attr-defined]  # the end record ZipFile trusts next (private, unchanged since Python 2.6)
+    ecd_size = zipfile._ECD_SIZE  # type: ignore[attr-defined]
+    if end and end[ecd_size] > MAX_ZIP_DIRECTORY_BYTES:
+        raise PlanningCapExceeded(f"a {end[ecd_size]}-byte zip central directory", f"{MAX_ZIP_DIRECTORY_BYTES} bytes")
     f.seek(0)
     try:
         zf = zipfile.ZipFile(f)
@@ -645,16 +717,18 @@ def _sniff_torch_file(f: BinaryIO, size: int, name: str, extra_safe: Iterable[st
             problems.append(f"{name}: member {info.filename} is compressed (not written by torch.save)")
             continue
         if info.header_offset + info.file_size > size:
-            return TorchFileReport(False, "none", (f"{name}: member {info.filename} extends past the end of the file",), (), None)
+            return TorchFileReport(
+                False, "none", (f"{name}: member {info.filename} extends past the end of the file",), (), None
+            )
         if crcs_off:
             continue
-        if budget is not None and (info.file_size > budget or time.monotonic() > deadline):
+        if budget is not None and (info.file_size > budget or (deadline is not None and time.monotonic() > deadline)):
             unchecked += info.file_size  # a member's CRC is checked whole or not at all
             continue
         try:
             with zf.open(info) as m:
                 crc, complete = 0, True
-                while got := m.readinto(buf):
+                while got := cast(_ReadInto, m).readinto(buf):
                     crc = zlib.crc32(buf[:got], crc)
                     if deadline is not None and time.monotonic() > deadline:
                         complete = False
@@ -693,8 +767,9 @@ _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHOR
 _INT_OPS = {"BININT", "BININT1", "BININT2", "LONG1", "INT", "LONG", "LONG4"}
 
 
-def scan_pickle(data: bytes, extra_safe: Iterable[str] = (), deadline_s: float | None = None, *,
-                dcp: bool = False) -> tuple[tuple[str, ...], int | None, str | None]:
+def scan_pickle(
+    data: bytes, extra_safe: Iterable[str] = (), deadline_s: float | None = None, *, dcp: bool = False
+) -> tuple[tuple[str, ...], int | None, str | None]:
     """The globals a pickle would import (those outside the weights-only allowlist) and a top-level step.
 
     Walks opcodes with ``pickletools.genops``: nothing is executed or imported. A walk longer than
@@ -725,20 +800,20 @@ def scan_pickle(data: bytes, extra_safe: Iterable[str] = (), deadline_s: float |
                 recent.append(arg)
                 continue
             if nm in ("BINPUT", "LONG_BINPUT", "PUT"):  # memoizing the key does not end "key, then value"
-                memo[int(arg)] = recent[-1] if recent else None
+                memo[int(cast(int, arg))] = recent[-1] if recent else None
                 continue
             if nm == "MEMOIZE":
                 memo[len(memo)] = recent[-1] if recent else None
                 continue
             pending_step = False
             if nm in ("BINGET", "LONG_BINGET", "GET"):
-                recent.append(memo.get(int(arg)))
+                recent.append(memo.get(int(cast(int, arg))))
             elif nm in ("GLOBAL", "INST"):
                 mod, _, attr = str(arg).partition(" ")
                 _judge(f"{mod}.{attr}", extra, unsafe, dcp)
             elif nm == "STACK_GLOBAL":
-                mod, attr = (recent[-2], recent[-1]) if len(recent) >= 2 else (None, None)
-                _judge(f"{mod}.{attr}", extra, unsafe, dcp)
+                smod, sattr = (recent[-2], recent[-1]) if len(recent) >= 2 else (None, None)
+                _judge(f"{smod}.{sattr}", extra, unsafe, dcp)
             else:
                 recent.append(None)
             if len(recent) > 64:

@@ -140,8 +140,7 @@ def build(
         },
         "tensors": {
             fname: {
-                tname: {"xxh3_128": s.digest, "max_abs": s.max_abs, "finite": s.finite}
-                for tname, s in stats.items()
+                tname: {"xxh3_128": s.digest, "max_abs": s.max_abs, "finite": s.finite} for tname, s in stats.items()
             }
             for fname, stats in tensors.items()
         },
@@ -254,11 +253,14 @@ def parse(data: bytes) -> Manifest:
         tensors[fname] = per
     writer = doc.get("writer", {})
     layout = doc.get("layout", {})
-    if not isinstance(layout, dict) or not all(isinstance(k, str) and isinstance(v, str) and len(v) <= 128 for k, v in layout.items()):
+    if not isinstance(layout, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and len(v) <= 128 for k, v in layout.items()
+    ):
         raise ManifestError("bad_field", "layout must map state keys to short fingerprints")
     trees = doc.get("trees", {})
     if not isinstance(trees, dict) or not all(
-        fname in files_doc and isinstance(per, dict)
+        fname in files_doc
+        and isinstance(per, dict)
         and all(isinstance(k, str) and isinstance(d, str) and DIGEST_RE.fullmatch(d) for k, d in per.items())
         for fname, per in trees.items()
     ):

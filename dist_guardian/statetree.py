@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -19,12 +19,24 @@ from .errors import CheckpointFormatError
 from .formats import FLOAT_DTYPES, TensorSpec
 
 TO_ST = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-for _name, _st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
-                   ("uint32", "U32"), ("uint64", "U64")):
+for _name, _st in (
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("uint16", "U16"),
+    ("uint32", "U32"),
+    ("uint64", "U64"),
+):
     if hasattr(torch, _name):
         TO_ST[getattr(torch, _name)] = _st
 FROM_ST = {v: k for k, v in TO_ST.items()}
@@ -73,8 +85,12 @@ class Encoder:
         if isinstance(value, dict):
             if all(isinstance(k, str) and not k.startswith("__") for k in value):
                 return {k: self.encode(v, f"{path}/{k}" if path else k) for k, v in value.items()}
-            return {"__dict__": [[self.encode(k, f"{path}/key"), self.encode(v, f"{path}/{k}" if path else str(k))]
-                                 for k, v in value.items()]}
+            return {
+                "__dict__": [
+                    [self.encode(k, f"{path}/key"), self.encode(v, f"{path}/{k}" if path else str(k))]
+                    for k, v in value.items()
+                ]
+            }
         if isinstance(value, torch.dtype):
             return {"__dtype__": str(value).removeprefix("torch.")}
         if isinstance(value, torch.device):
@@ -95,7 +111,7 @@ def decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if not isinstance(value, dict):
         return value
     if len(value) == 1:
-        (tag, inner), = value.items()
+        ((tag, inner),) = value.items()
         if tag == "__tensor__":
             try:
                 return tensors[inner]
@@ -138,7 +154,7 @@ def tensor_spec(name: str, t: torch.Tensor) -> TensorSpec:
     shape = tuple(c.shape)
     flat = c.reshape(-1)
     raw = flat.view(torch.uint8)
-    data = memoryview(raw.numpy()) if raw.numel() else memoryview(b"")
+    data = raw.numpy().data if raw.numel() else memoryview(b"")
     return TensorSpec(name=name, dtype=TO_ST[t.dtype], shape=shape, data=data)
 
 
@@ -171,14 +187,19 @@ def tensors_from_buffer(entries, buf: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def layout_fingerprints(state: dict[str, Any]) -> dict[str, str]:
-    """Per module key, a hash of its sorted (name, shape, dtype) list: a changed architecture is found before any read (F31)."""
+    """Per module key, a hash of its sorted (name, shape, dtype) list.
+
+    A changed architecture is found before any read (F31).
+    """
     import hashlib
     import json
 
     out = {}
     for k, v in state.items():
         if isinstance(v, torch.nn.Module):
-            items = sorted((n, list(t.shape), str(t.dtype)) for n, t in v.state_dict().items() if isinstance(t, torch.Tensor))
+            items = sorted(
+                (n, list(t.shape), str(t.dtype)) for n, t in v.state_dict().items() if isinstance(t, torch.Tensor)
+            )
             out[k] = hashlib.sha256(json.dumps(items).encode()).hexdigest()[:32]
     return out
 
@@ -233,11 +254,16 @@ class SnapshotBuffers:
 def rng_state() -> dict[str, Any]:
     """This rank's RNG states: python, numpy, torch CPU and every initialized CUDA device."""
     version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
+    np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))
     out: dict[str, Any] = {
         "python": (version, tuple(internal), gauss),
-        "numpy": (str(np_state[0]), torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])),
+        "numpy": (
+            str(np_state[0]),
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -265,7 +291,7 @@ def reseed_rng(s: dict[str, Any], salt: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     r = random.Random(seed)
     np_rs = np.random.RandomState(seed)
-    st = np_rs.get_state()
+    st = cast(tuple[Any, ...], np_rs.get_state(legacy=True))
     return {
         "python": r.getstate(),
         "numpy": (str(st[0]), torch.from_numpy(st[1].astype(np.int64)), int(st[2]), int(st[3]), float(st[4])),

@@ -14,8 +14,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import xxhash
 
@@ -55,8 +56,9 @@ def verify_all(
     max_gen = 0
     for s in sightings:
         try:
-            c, gen, warns = verify_sighting(s, run=run, compat=compat, extra_safe_globals=extra_safe_globals, now=now,
-                                            layout=layout)
+            c, gen, warns = verify_sighting(
+                s, run=run, compat=compat, extra_safe_globals=extra_safe_globals, now=now, layout=layout
+            )
         except Exception as e:  # never let one candidate break discovery
             log.exception("verification of %s crashed", s.rel)
             c = _base(s).with_verdict("R", f"verification_error: {type(e).__name__}: {e}")
@@ -83,14 +85,23 @@ def _base(s: Sighting, **kw: Any) -> Candidate:
 
 
 def verify_sighting(
-    s: Sighting, *, run: str, compat: dict[str, Any] | None, extra_safe_globals: Iterable[str] = (), now: float,
+    s: Sighting,
+    *,
+    run: str,
+    compat: dict[str, Any] | None,
+    extra_safe_globals: Iterable[str] = (),
+    now: float,
     layout: dict[str, str] | None = None,
 ) -> tuple[Candidate, int, tuple[str, ...]]:
     """One sighting's verdict, the lineage generation it shows, and warnings worth logging."""
     if s.entry_kind == "symlink":
         return _base(s).with_verdict("R", f"insecure: {s.store.uri(s.rel)} is a symlink; refusing to follow it"), 0, ()
     if s.entry_kind == "other":
-        return _base(s).with_verdict("R", f"not_regular: {s.store.uri(s.rel)} is not a regular file or directory"), 0, ()
+        return (
+            _base(s).with_verdict("R", f"not_regular: {s.store.uri(s.rel)} is not a regular file or directory"),
+            0,
+            (),
+        )
     planted = foreign_owner(s.store, [s.rel] + [f"{s.rel}/{e.rel}" for e in s.children])
     if planted:
         # F37: decided from lstat alone, before anything of the candidate is opened.
@@ -99,7 +110,13 @@ def verify_sighting(
     if s.kind == "native":
         if s.step is not None and s.step > manifest.MAX_STEP:
             # F49: a planted step-<2**64> would otherwise be "newest" forever.
-            return _base(s).with_verdict("R", f"bad_step: step {s.step} in the name is beyond the cap of {manifest.MAX_STEP}"), 0, ()
+            return (
+                _base(s).with_verdict(
+                    "R", f"bad_step: step {s.step} in the name is beyond the cap of {manifest.MAX_STEP}"
+                ),
+                0,
+                (),
+            )
         return _verify_native(s, run=run, compat=compat, now=now, layout=layout)
     if s.kind == "torch":
         return _verify_torch(s, extra_safe_globals), 0, ()
@@ -125,16 +142,26 @@ def foreign_owner(store: stores.Store, rels: Iterable[str]) -> str | None:
         except OSError as e:
             return f"unreadable: {store.uri(rel)}: {e}"
         if st.st_uid != me:
-            return f"insecure: {store.uri(rel)} is owned by uid {st.st_uid}, not by us (uid {me}); a node-local candidate must be ours"
+            return (
+                f"insecure: {store.uri(rel)} is owned by uid {st.st_uid}, not by us (uid {me}); "
+                "a node-local candidate must be ours"
+            )
     return None
 
 
-def _verify_native(s: Sighting, *, run: str, compat: dict[str, Any] | None, now: float,
-                   layout: dict[str, str] | None = None) -> tuple[Candidate, int, tuple[str, ...]]:
+def _verify_native(
+    s: Sighting, *, run: str, compat: dict[str, Any] | None, now: float, layout: dict[str, str] | None = None
+) -> tuple[Candidate, int, tuple[str, ...]]:
     mf_entry = s.child(manifest.MANIFEST_NAME)
     if mf_entry is None:
         if not s.store.is_local:
-            return _base(s).with_verdict("R", "uncommitted: no manifest.json (an object store without a manifest holds no candidate)"), 0, ()
+            return (
+                _base(s).with_verdict(
+                    "R", "uncommitted: no manifest.json (an object store without a manifest holds no candidate)"
+                ),
+                0,
+                (),
+            )
         return _verify_native_legacy(s), 0, ()
     try:
         if mf_entry.kind != "file":
@@ -172,30 +199,49 @@ def _verify_native(s: Sighting, *, run: str, compat: dict[str, Any] | None, now:
         created_unix=mf.created_unix,
     )
     if s.step is not None and mf.step != s.step:
-        return c.with_verdict("R", f"step_mismatch: directory says {s.step}, manifest says {mf.step}"), mf.generation, ()
+        return (
+            c.with_verdict("R", f"step_mismatch: directory says {s.step}, manifest says {mf.step}"),
+            mf.generation,
+            (),
+        )
     if mf.run != run:
         return c.with_verdict("R", f"run_mismatch: manifest run {mf.run!r} is not {run!r}"), 0, ()
     warnings: list[str] = []
     if mf.created_unix > now + CLOCK_SKEW_S:
-        warnings.append(f"clock_skew_detected: {c.path} was created {mf.created_unix - now:.0f}s in the future (ignored for ordering)")
+        warnings.append(
+            f"clock_skew_detected: {c.path} was created {mf.created_unix - now:.0f}s in the future "
+            "(ignored for ordering)"
+        )
     if compat is not None and mf.compat_fingerprint != manifest.compat_fingerprint(compat):
-        return c.with_verdict("R", "incompatible: " + describe_compat_diff(mf.compat, compat)), mf.generation, tuple(warnings)
+        return (
+            c.with_verdict("R", "incompatible: " + describe_compat_diff(mf.compat, compat)),
+            mf.generation,
+            tuple(warnings),
+        )
     differs = sorted(k for k, fp in (layout or {}).items() if k in mf.layout and mf.layout[k] != fp)
     if differs:
         # F31: the (name, shape, dtype) fingerprint of each module, compared before any data is read.
-        return c.with_verdict("R", "incompatible: layout of " + ", ".join(repr(k) for k in differs)
-                              + " differs from the live state (parameter names, shapes or dtypes)"), mf.generation, tuple(warnings)
+        return (
+            c.with_verdict(
+                "R",
+                "incompatible: layout of "
+                + ", ".join(repr(k) for k in differs)
+                + " differs from the live state (parameter names, shapes or dtypes)",
+            ),
+            mf.generation,
+            tuple(warnings),
+        )
     problems = []
     for f in mf.files:
-        e = s.child(f.name)
-        if e is None:
+        got = s.child(f.name)
+        if got is None:
             problems.append(f"missing: {f.name}")
-        elif e.kind != "file":
-            problems.append(f"not_regular: {f.name} is a {e.kind}")
-        elif e.size == 0 and f.size != 0:
+        elif got.kind != "file":
+            problems.append(f"not_regular: {f.name} is a {got.kind}")
+        elif got.size == 0 and f.size != 0:
             problems.append(f"empty: {f.name} is 0 bytes")
-        elif e.size != f.size:
-            problems.append(f"size_mismatch: {f.name} expected={f.size} got={e.size}")
+        elif got.size != f.size:
+            problems.append(f"size_mismatch: {f.name} expected={f.size} got={got.size}")
     if problems:
         return c.with_verdict("R", *problems), mf.generation, tuple(warnings)
     if s.store.is_local:
@@ -236,8 +282,8 @@ def _verify_native_legacy(s: Sighting) -> Candidate:
     if not files:
         return c.with_verdict("R", "uncommitted: no manifest.json and no checkpoint files")
     for f in files:
-        e = s.child(f.name)
-        if e is None or e.kind != "file":
+        entry = s.child(f.name)
+        if entry is None or entry.kind != "file":
             return c.with_verdict("R", f"not_regular: {f.name}")
         why = _check_native_header(s, f.name, f.size)
         if why:
@@ -275,11 +321,19 @@ def _verify_torch(s: Sighting, extra_safe: Iterable[str]) -> Candidate:
     if rep.crc == "mismatch":
         return c.with_verdict("S", *(f"checksum_mismatch: {p}" for p in rep.problems))
     if rep.crc == "partial":
-        return c.with_verdict("L", "legacy_unverified: torch.save file, zip CRCs clean as far as checked",
-                              f"crc_unchecked: {rep.crc_unchecked} of {s.size} bytes past the planning budget"
-                              f" ({formats.PLANNING_CRC_BYTES} bytes, {formats.PLANNING_CRC_SECONDS:g} s);"
-                              " checked when loaded", *rep.problems)
-    note = "legacy_unverified: torch.save file, zip CRCs clean" if rep.crc == "ok" else "legacy_unverified: torch.save file written without CRCs"
+        return c.with_verdict(
+            "L",
+            "legacy_unverified: torch.save file, zip CRCs clean as far as checked",
+            f"crc_unchecked: {rep.crc_unchecked} of {s.size} bytes past the planning budget"
+            f" ({formats.PLANNING_CRC_BYTES} bytes, {formats.PLANNING_CRC_SECONDS:g} s);"
+            " checked when loaded",
+            *rep.problems,
+        )
+    note = (
+        "legacy_unverified: torch.save file, zip CRCs clean"
+        if rep.crc == "ok"
+        else "legacy_unverified: torch.save file written without CRCs"
+    )
     return c.with_verdict("L", note, *rep.problems)
 
 
@@ -293,8 +347,9 @@ def _verify_dcp(s: Sighting, extra_safe: Iterable[str] = ()) -> Candidate:
     if bad:
         return c.with_verdict("R", f"not_regular: {', '.join(bad[:5])}")
     if md.size > formats.MAX_PICKLE_BYTES:  # refused by its listed size, never read
-        return c.with_verdict("R", f"planning_cap_exceeded: {DCP_METADATA} is {md.size} bytes,"
-                              f" over the cap of {formats.MAX_PICKLE_BYTES}")
+        return c.with_verdict(
+            "R", f"planning_cap_exceeded: {DCP_METADATA} is {md.size} bytes, over the cap of {formats.MAX_PICKLE_BYTES}"
+        )
     if s.store.is_local:
         # .metadata is a pickle that torch's DCP reader would unpickle with plain pickle.load: its
         # globals are checked here, without executing anything, as for a torch.save file (F44).
@@ -305,15 +360,21 @@ def _verify_dcp(s: Sighting, extra_safe: Iterable[str] = ()) -> Candidate:
             # Only the walk's time ran out (the size cap was checked above). A big real model's .metadata
             # (~50,000 chunks past 10 MB) must stay loadable: the load unpickles it through the allowlisting,
             # BUILD-refusing unpickler anyway, which is the judge; planning only stops paying for it here.
-            return c.with_verdict("L", "legacy_unverified: PyTorch DCP directory",
-                                  f"scan_incomplete: {DCP_METADATA}: {e}; its globals are judged when loaded")
+            return c.with_verdict(
+                "L",
+                "legacy_unverified: PyTorch DCP directory",
+                f"scan_incomplete: {DCP_METADATA}: {e}; its globals are judged when loaded",
+            )
         except InsecurePathError as e:
             return c.with_verdict("R", f"insecure: {e}")
         except OSError as e:
             return c.with_verdict("R", f"unreadable: {s.rel}/{DCP_METADATA}: {e}")
         if unsafe:
-            log.warning("security_event: %s needs unsafe_globals=%s; never loaded", s.store.uri(s.rel, DCP_METADATA),
-                        list(unsafe))
+            log.warning(
+                "security_event: %s needs unsafe_globals=%s; never loaded",
+                s.store.uri(s.rel, DCP_METADATA),
+                list(unsafe),
+            )
             return c.with_verdict("R", f"unsafe_globals={list(unsafe)}")
         if problem:
             return c.with_verdict("R", f"unloadable: {DCP_METADATA}: {problem}")

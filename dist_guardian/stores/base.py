@@ -79,7 +79,13 @@ class Store:
     def uri(self, *parts: str) -> str:
         """A location inside the store that a user can read in a log (protocol included)."""
         p = self.join(*parts)
-        return p if self.is_local else f"{self.protocol}://{p.lstrip('/')}" if self.protocol != "memory" else f"memory://{p}"
+        return (
+            p
+            if self.is_local
+            else f"{self.protocol}://{p.lstrip('/')}"
+            if self.protocol != "memory"
+            else f"memory://{p}"
+        )
 
 
 EntryKind = Literal["file", "dir", "symlink", "other"]
@@ -106,15 +112,20 @@ def check_storage_options(options: Any, urls: Sequence[str]) -> None:
         return
     example = '{"s3://bucket": {"client_kwargs": {"endpoint_url": "..."}}}'
     if not isinstance(options, dict):
-        raise ConfigError(f"storage_options must be a dict keyed by URL prefix, like {example}; "
-                          f"got a {type(options).__name__}")
+        raise ConfigError(
+            f"storage_options must be a dict keyed by URL prefix, like {example}; got a {type(options).__name__}"
+        )
     for key, value in options.items():
         if not isinstance(key, str) or not isinstance(value, dict):
-            raise ConfigError(f"storage_options must be keyed by URL prefix, like {example}; the entry {key!r} "
-                              f"holds a {type(value).__name__}, so this looks like a flat fsspec dict")
+            raise ConfigError(
+                f"storage_options must be keyed by URL prefix, like {example}; the entry {key!r} "
+                f"holds a {type(value).__name__}, so this looks like a flat fsspec dict"
+            )
         if "://" not in key and "/" not in key and not any(isinstance(u, str) and u.startswith(key) for u in urls):
-            raise ConfigError(f"storage_options key {key!r} is neither a URL prefix nor a prefix of a store "
-                              f"({list(urls)}): this looks like a flat fsspec dict; key it like {example}")
+            raise ConfigError(
+                f"storage_options key {key!r} is neither a URL prefix nor a prefix of a store "
+                f"({list(urls)}): this looks like a flat fsspec dict; key it like {example}"
+            )
 
 
 def storage_options_for(url: str, options: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
@@ -169,11 +180,14 @@ def check_url(url: Any) -> None:
     try:
         fsspec.get_filesystem_class(protocol)
     except ValueError:
-        raise ConfigError(f"store {url!r}: unknown URL scheme {protocol!r}; use a local path, file://, "
-                          "tmp://NAME or an fsspec protocol such as s3://") from None
+        raise ConfigError(
+            f"store {url!r}: unknown URL scheme {protocol!r}; use a local path, file://, "
+            "tmp://NAME or an fsspec protocol such as s3://"
+        ) from None
     except ImportError as e:
-        raise ConfigError(f"store {url!r}: the {protocol}:// filesystem needs a package that is not installed "
-                          f"({e})") from None
+        raise ConfigError(
+            f"store {url!r}: the {protocol}:// filesystem needs a package that is not installed ({e})"
+        ) from None
 
 
 def resolve(url: str, index: int = 0, storage_options: dict[str, dict[str, Any]] | None = None) -> Store:

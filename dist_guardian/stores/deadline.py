@@ -80,8 +80,9 @@ def _s3_defaults(opts: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def call(store: Store, what: str, fn: Callable[[], T], deadline_s: float | None = None,
-         transfer: Transfer | None = None) -> T:
+def call(
+    store: Store, what: str, fn: Callable[[], T], deadline_s: float | None = None, transfer: Transfer | None = None
+) -> T:
     """Run one blocking remote operation under our deadline, translating errors to ``OSError`` subclasses.
 
     The deadline counts from the start, or from the last progress of ``transfer``. A call
@@ -130,8 +131,13 @@ async def _watchdog(aw: Awaitable[T], limit: float, transfer: Transfer | None) -
             return task.result()
 
 
-def acall(store: Store, what: str, make: Callable[[], Awaitable[T]], deadline_s: float | None = None,
-          transfer: Transfer | None = None) -> T:
+def acall(
+    store: Store,
+    what: str,
+    make: Callable[[], Awaitable[T]],
+    deadline_s: float | None = None,
+    transfer: Transfer | None = None,
+) -> T:
     """Run one coroutine of an async filesystem on its loop, under our deadline (cancelled when missed)."""
     from fsspec.asyn import sync
 
@@ -147,8 +153,14 @@ def acall(store: Store, what: str, make: Callable[[], Awaitable[T]], deadline_s:
         raise t from e
 
 
-def run(store: Store, what: str, sync_fn: Callable[[], T], async_fn: Callable[[], Awaitable[T]] | None = None,
-        deadline_s: float | None = None, transfer: Transfer | None = None) -> T:
+def run(
+    store: Store,
+    what: str,
+    sync_fn: Callable[[], T],
+    async_fn: Callable[[], Awaitable[T]] | None = None,
+    deadline_s: float | None = None,
+    transfer: Transfer | None = None,
+) -> T:
     """One operation under the deadline: its coroutine on an async filesystem (cancelled when late), else the
     blocking call."""
     fs = filesystem(store)

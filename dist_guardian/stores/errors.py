@@ -23,13 +23,28 @@ if TYPE_CHECKING:
 
 AUTH_FAILURE_TTL_S = 300.0
 # S3 error codes (botocore ClientError ``response["Error"]["Code"]``) that mean "these credentials are refused".
-AUTH_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
-                        "Forbidden", "403", "AuthFailure", "UnrecognizedClient"})
+AUTH_CODES = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "Forbidden",
+        "403",
+        "AuthFailure",
+        "UnrecognizedClient",
+    }
+)
 # Error codes that mean "the store itself is missing": (errno, message tail).
 MISSING_CODES = {"NoSuchBucket": (errno.ENOENT, "the bucket does not exist")}
 # Builtin errors whose meaning survives translation, with the errno to use when the original has none.
-KEPT = {FileNotFoundError: errno.ENOENT, FileExistsError: errno.EEXIST, IsADirectoryError: errno.EISDIR,
-        NotADirectoryError: errno.ENOTDIR}
+KEPT = {
+    FileNotFoundError: errno.ENOENT,
+    FileExistsError: errno.EEXIST,
+    IsADirectoryError: errno.EISDIR,
+    NotADirectoryError: errno.ENOTDIR,
+}
 
 _auth_failed: dict[tuple, tuple[float, str]] = {}
 _tables_lock = threading.Lock()
@@ -49,8 +64,12 @@ def _client_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
             try:
                 from botocore import exceptions as bx
 
-                auth += [bx.NoCredentialsError, bx.PartialCredentialsError, bx.CredentialRetrievalError,
-                         bx.UnknownCredentialError]
+                auth += [
+                    bx.NoCredentialsError,
+                    bx.PartialCredentialsError,
+                    bx.CredentialRetrievalError,
+                    bx.UnknownCredentialError,
+                ]
                 timeout += [bx.ConnectTimeoutError, bx.ReadTimeoutError]
             except ImportError:  # no S3 client installed: only builtin errors can reach us
                 pass
@@ -75,8 +94,9 @@ def error_code(e: BaseException) -> str | None:
 
 def timed_out(store: Store, what: str, limit: float) -> StoreUnavailable:
     """The error of a call that missed its deadline (tests and callers match "did not answer within")."""
-    return StoreUnavailable(errno.ETIMEDOUT,
-                            f"store_unreachable store={store.url}: {what} did not answer within {limit:.1f}s")
+    return StoreUnavailable(
+        errno.ETIMEDOUT, f"store_unreachable store={store.url}: {what} did not answer within {limit:.1f}s"
+    )
 
 
 def _classify(store: Store, what: str, e: BaseException, limit: float) -> BaseException:

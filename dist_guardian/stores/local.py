@@ -100,7 +100,8 @@ def check_run_dir(store: Store, run: str) -> None:
         raise InsecurePathError(
             errno.ELOOP,
             f"run_dir_symlink: {path} is a symlink, and resume never follows one below a store's root; "
-            f"make the store root the link instead, or give a store whose {run!r} is a real directory")
+            f"make the store root the link instead, or give a store whose {run!r} is a real directory",
+        )
 
 
 def list_local(base: str, max_depth: int, max_entries: int) -> list[Entry]:
@@ -152,8 +153,9 @@ def stat_local(store: Store, rel: str) -> Entry:
     return Entry(rel, kind, st.st_size, st.st_mtime)
 
 
-def read_range_local(store: Store, rel: str, start: int, buf: memoryview, on_chunk: OnChunk | None,
-                     transfer: Transfer | None) -> None:
+def read_range_local(
+    store: Store, rel: str, start: int, buf: memoryview, on_chunk: OnChunk | None, transfer: Transfer | None
+) -> None:
     """Fill ``buf`` from byte ``start`` of a local file with ``preadv`` (64 MiB at a time)."""
     n = len(buf)
     fd = open_regular(store.join(rel))
@@ -202,8 +204,9 @@ def replace_file(path: str, data: bytes) -> None:
         pass
     else:
         if not stat.S_ISREG(st.st_mode):
-            raise InsecurePathError(errno.EINVAL, f"{path} is not a regular file (mode {stat.filemode(st.st_mode)}); "
-                                    "left as it is")
+            raise InsecurePathError(
+                errno.EINVAL, f"{path} is not a regular file (mode {stat.filemode(st.st_mode)}); left as it is"
+            )
     tmp = f"{path}.{uuid.uuid4().hex[:16]}.tmp"
     try:
         write_new_file(tmp, data)
@@ -254,8 +257,9 @@ def remove_tree_local(path: str) -> None:
     shutil.rmtree(path)
 
 
-def clean_stale_staging(store: Store, run: str, older_than_s: float | None = None,
-                        now: float | None = None) -> list[str]:
+def clean_stale_staging(
+    store: Store, run: str, older_than_s: float | None = None, now: float | None = None
+) -> list[str]:
     """Remove our own staging dirs older than the threshold; never anything else (F09)."""
     removed: list[str] = []
     if not store.is_local:
@@ -280,7 +284,6 @@ def clean_stale_staging(store: Store, run: str, older_than_s: float | None = Non
         except OSError as e:
             log.warning("could not remove stale staging dir %s: %s", de.path, e)
     return removed
-
 
 
 def put_bytes_exclusive_local(store: Store, rel: str, data: bytes) -> None:

@@ -63,8 +63,10 @@ class Transfer:
     def _render(self, now: float, end: str = "") -> None:
         el = max(now - self.t0, 1e-9)
         pct = f" {100.0 * self.done / self.total:5.1f}%" if self.total else ""
-        line = (f"\r[dist_guardian] {self.label}: {self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB{pct} "
-                f"{self.done / el / 1e6:,.1f} MB/s {el:.1f}s")
+        line = (
+            f"\r[dist_guardian] {self.label}: {self.done / 1e6:,.1f}/{self.total / 1e6:,.1f} MB{pct} "
+            f"{self.done / el / 1e6:,.1f} MB/s {el:.1f}s"
+        )
         try:
             self.stream.write(line + end)
             self.stream.flush()

@@ -64,8 +64,14 @@ def upload_part_size(store: Store) -> int | None:
     return LOOPBACK_UPLOAD_PART if store.is_s3 and is_loopback(store) else None
 
 
-def put_file(store: Store, local_path: str, rel: str, *, transfer: Transfer | None = None,
-             on_part: Callable[[int, int], None] | None = None) -> None:
+def put_file(
+    store: Store,
+    local_path: str,
+    rel: str,
+    *,
+    transfer: Transfer | None = None,
+    on_part: Callable[[int, int], None] | None = None,
+) -> None:
     """Upload a finished local file to its final key (never streamed: a failed stream could publish a partial object).
 
     Large files go up as a multipart upload (``upload_part_size``, ``upload_concurrency``),

@@ -60,8 +60,11 @@ class RemoteReader:
                 self._body = s3.open_stream(self.store, self._fs, self._path, self.size, self._what, self.transfer)
                 self._pull = s3.chunk_reader(self._body)
         else:
-            self._f = call(self.store, self._what,
-                           lambda: self._fs.open(self._path, "rb", block_size=self.store.part_size, cache_type="none"))
+            self._f = call(
+                self.store,
+                self._what,
+                lambda: self._fs.open(self._path, "rb", block_size=self.store.part_size, cache_type="none"),
+            )
 
     def readinto(self, b: memoryview | bytearray, on_chunk: OnChunk | None = None) -> int:
         mv = memoryview(b).cast("B")
@@ -73,9 +76,12 @@ class RemoteReader:
         t = self.transfer
         if self._direct is not None:
             direct = self._direct
-            got = call(self.store, self._what,
-                       lambda: _fill_from(lambda lo: direct.readinto(mv[lo : min(want, lo + (8 << 20))]), want, on_chunk, t),
-                       transfer=t)
+            got = call(
+                self.store,
+                self._what,
+                lambda: _fill_from(lambda lo: direct.readinto(mv[lo : min(want, lo + (8 << 20))]), want, on_chunk, t),
+                transfer=t,
+            )
         elif self._body is not None:
             pull = self._pull
 
@@ -103,8 +109,12 @@ class RemoteReader:
             got = acall(self.store, self._what, fill, transfer=t)
         else:
             f = self._f
-            got = call(self.store, self._what,
-                       lambda: _fill_from(lambda lo: f.readinto(mv[lo:want]), want, on_chunk, t), transfer=t)
+            got = call(
+                self.store,
+                self._what,
+                lambda: _fill_from(lambda lo: f.readinto(mv[lo:want]), want, on_chunk, t),
+                transfer=t,
+            )
         if got < want:
             raise OSError(errno.EIO, f"{self.store.uri(self.rel)}: short read ({self.pos + got} of {self.size} bytes)")
         self.pos += got

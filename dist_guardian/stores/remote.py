@@ -103,8 +103,12 @@ def read_small(store: Store, rel: str, max_bytes: int) -> bytes:
     fs = filesystem(store)
     path = store.join(rel)
     # A ranged GET one byte past the cap: never more than the cap travels, and one request answers.
-    data = run(store, f"read {store.uri(rel)}", lambda: fs.cat_file(path, start=0, end=max_bytes + 1),
-               lambda: fs._cat_file(path, start=0, end=max_bytes + 1))
+    data = run(
+        store,
+        f"read {store.uri(rel)}",
+        lambda: fs.cat_file(path, start=0, end=max_bytes + 1),
+        lambda: fs._cat_file(path, start=0, end=max_bytes + 1),
+    )
     if len(data) > max_bytes:
         raise OSError(errno.EFBIG, f"{store.uri(rel)} is over the cap of {max_bytes} bytes")
     return bytes(data)
@@ -140,9 +144,17 @@ def stat_object(store: Store, rel: str) -> Entry:
     return Entry(rel, "dir" if info.get("type") == "directory" else "file", int(info.get("size") or 0), _mtime(info))
 
 
-def read_range_into(store: Store, rel: str, start: int, buf: memoryview, *, concurrency: int | None = None,
-                    part_size: int | None = None, on_chunk: OnChunk | None = None,
-                    transfer: Transfer | None = None) -> None:
+def read_range_into(
+    store: Store,
+    rel: str,
+    start: int,
+    buf: memoryview,
+    *,
+    concurrency: int | None = None,
+    part_size: int | None = None,
+    on_chunk: OnChunk | None = None,
+    transfer: Transfer | None = None,
+) -> None:
     """Fill ``buf`` with bytes ``[start, start+len(buf))`` of a file, straight into ``buf``.
 
     Remote reads use one GET stream or ``concurrency`` parallel ranged GETs of
@@ -164,8 +176,9 @@ def read_range_into(store: Store, rel: str, start: int, buf: memoryview, *, conc
     transfer = transfer if transfer is not None else Transfer(n, f"read {store.uri(rel)}", show=False)
     what = f"read {store.uri(rel)}[{start}:{start + n}]"
     if store.is_s3:
-        acall(store, what, lambda: s3.get_parts(fs, path, start, buf, parts, conc, on_chunk, transfer),
-              transfer=transfer)
+        acall(
+            store, what, lambda: s3.get_parts(fs, path, start, buf, parts, conc, on_chunk, transfer), transfer=transfer
+        )
         return
 
     def fetch(lo: int, hi: int) -> None:
@@ -207,8 +220,9 @@ def read_concurrency(store: Store, override: int | None = None) -> int:
     return LOOPBACK_CONCURRENCY if is_loopback(store) else REMOTE_CONCURRENCY
 
 
-def tune_read_concurrency(store: Store, rel: str, choices: tuple[int, ...] = (1, 2, 4, 8),
-                          max_bytes: int = 256 << 20) -> dict[int, float]:
+def tune_read_concurrency(
+    store: Store, rel: str, choices: tuple[int, ...] = (1, 2, 4, 8), max_bytes: int = 256 << 20
+) -> dict[int, float]:
     """Measure reads of one remote object at each concurrency; remember the fastest for this store.
 
     Returns {concurrency: bytes per second}. Later reads of the store (in this process)
@@ -223,6 +237,10 @@ def tune_read_concurrency(store: Store, rel: str, choices: tuple[int, ...] = (1,
         out[c] = size / max(time.perf_counter() - t0, 1e-9)
     best = max(out, key=lambda k: out[k])
     _tuned[store.key] = best
-    log.info("read concurrency for %s measured: %s -> %d", store.url,
-             ", ".join(f"{c}: {r / 1e6:.0f} MB/s" for c, r in out.items()), best)
+    log.info(
+        "read concurrency for %s measured: %s -> %d",
+        store.url,
+        ", ".join(f"{c}: {r / 1e6:.0f} MB/s" for c, r in out.items()),
+        best,
+    )
     return out

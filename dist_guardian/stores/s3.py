@@ -42,8 +42,14 @@ async def list_all(fs: Any, base: str) -> list[dict]:
     out = []
     async for page in fs._list_pages("list_objects_v2", Bucket=bucket, Prefix=prefix):
         for o in page.get("Contents", []) or []:
-            out.append({"name": f"{bucket}/{o['Key']}", "size": o.get("Size", 0), "type": "file",
-                        "LastModified": o.get("LastModified")})
+            out.append(
+                {
+                    "name": f"{bucket}/{o['Key']}",
+                    "size": o.get("Size", 0),
+                    "type": "file",
+                    "LastModified": o.get("LastModified"),
+                }
+            )
     return out
 
 
@@ -65,8 +71,9 @@ def chunk_reader(body: Any) -> Callable[[int], Awaitable[bytes]]:
     return lambda want: body.read(min(want, STREAM_READ))
 
 
-async def _get_into(fs: Any, path: str, offset: int, mv: memoryview, *, whole: bool,
-                       on_chunk: OnChunk | None, transfer: Transfer | None) -> None:
+async def _get_into(
+    fs: Any, path: str, offset: int, mv: memoryview, *, whole: bool, on_chunk: OnChunk | None, transfer: Transfer | None
+) -> None:
     """One streaming GET of ``[offset, offset+len(mv))`` straight into ``mv`` (resumed on a dropped stream)."""
     bucket, key, vid = fs.split_path(path)
     n = len(mv)
@@ -86,8 +93,11 @@ async def _get_into(fs: Any, path: str, offset: int, mv: memoryview, *, whole: b
         try:
             length = resp.get("ContentLength")
             if length is not None and int(length) != n - pos:
-                raise OSError(errno.EIO, f"s3://{path}: the server sends {length} bytes where {n - pos} were asked "
-                                         "(the object changed or is shorter than expected)")
+                raise OSError(
+                    errno.EIO,
+                    f"s3://{path}: the server sends {length} bytes where {n - pos} were asked "
+                    "(the object changed or is shorter than expected)",
+                )
             while pos < n:
                 try:
                     chunk = await pull(n - pos)
@@ -112,9 +122,20 @@ async def _get_into(fs: Any, path: str, offset: int, mv: memoryview, *, whole: b
             body.close()
 
 
-async def get_parts(fs: Any, path: str, start: int, mv: memoryview, parts: list[tuple[int, int]], concurrency: int,
-                    on_chunk: OnChunk | None, transfer: Transfer | None) -> None:
-    """Fill ``mv`` with the ranged GETs ``parts`` of the object, ``concurrency`` at a time (all cancelled when one fails)."""
+async def get_parts(
+    fs: Any,
+    path: str,
+    start: int,
+    mv: memoryview,
+    parts: list[tuple[int, int]],
+    concurrency: int,
+    on_chunk: OnChunk | None,
+    transfer: Transfer | None,
+) -> None:
+    """Fill ``mv`` with the ranged GETs ``parts`` of the object, ``concurrency`` at a time.
+
+    All are cancelled when one fails.
+    """
     sem = asyncio.Semaphore(concurrency)
 
     async def one(lo: int, hi: int) -> None:
@@ -177,8 +198,9 @@ def _connect(store: Store, url: str, timeout: float) -> tuple[Any, str]:
     if urllib.request.getproxies() and not urllib.request.proxy_bypass(host):
         raise NoDirect("a proxy is configured")
     if u.scheme == "https":
-        conn: Any = http.client.HTTPSConnection(host, u.port, timeout=timeout, context=_ssl_context(store),
-                                                blocksize=SEND_BLOCK)
+        conn: Any = http.client.HTTPSConnection(
+            host, u.port, timeout=timeout, context=_ssl_context(store), blocksize=SEND_BLOCK
+        )
     elif u.scheme == "http":
         conn = http.client.HTTPConnection(host, u.port, timeout=timeout, blocksize=SEND_BLOCK)
     else:
@@ -209,8 +231,9 @@ def presign(store: Store, fs: Any, path: str, method: str, what: str) -> str:
     async def make() -> str:
         await fs.set_session()
         bucket, key, _ = fs.split_path(path)
-        return await fs.s3.generate_presigned_url(method, Params={"Bucket": bucket, "Key": key},
-                                                  ExpiresIn=int(max(900, 4 * store.deadline_s)))
+        return await fs.s3.generate_presigned_url(
+            method, Params={"Bucket": bucket, "Key": key}, ExpiresIn=int(max(900, 4 * store.deadline_s))
+        )
 
     return acall(store, what, make)
 
@@ -305,8 +328,9 @@ def direct_put(store: Store, fs: Any, path: str, local_path: str, size: int, tra
         conn, target = _connect(store, url, store.deadline_s)
         try:
             with os.fdopen(local.open_regular(local_path), "rb") as f:
-                resp = _exchange(conn, "PUT", target, body=_CountingFile(f, transfer),
-                                 headers={"Content-Length": str(size)})
+                resp = _exchange(
+                    conn, "PUT", target, body=_CountingFile(f, transfer), headers={"Content-Length": str(size)}
+                )
                 body = resp.read(4096)
             if resp.status != 200:
                 raise NoDirect(_http_error(resp.status, body))
@@ -321,8 +345,9 @@ def direct_put(store: Store, fs: Any, path: str, local_path: str, size: int, tra
         raise
 
 
-def abort_stale_uploads(store: Store, prefix: str, older_than_s: float | None = None,
-                        keep: Callable[[str], bool] | None = None) -> list[str]:
+def abort_stale_uploads(
+    store: Store, prefix: str, older_than_s: float | None = None, keep: Callable[[str], bool] | None = None
+) -> list[str]:
     """Abort multipart uploads under ``prefix`` started more than ``older_than_s`` ago (F14).
 
     A process killed during a multipart upload leaves it open forever: invisible to
@@ -352,7 +377,7 @@ def abort_stale_uploads(store: Store, prefix: str, older_than_s: float | None = 
         aborted = []
         for u in uploads:
             init = u.get("Initiated")
-            age = now - init.timestamp() if hasattr(init, "timestamp") else float("inf")
+            age = now - init.timestamp() if init is not None and hasattr(init, "timestamp") else float("inf")
             if age < older or (keep is not None and keep(u["Key"])):
                 continue
             await fs._call_s3("abort_multipart_upload", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
