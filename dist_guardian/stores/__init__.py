@@ -14,6 +14,7 @@ own (:mod:`.deadline`), with errors translated to builtin ``OSError`` subclasses
 - :mod:`.remote`: listing, stat and reads of any store
 - :mod:`.reader`: :class:`RemoteReader`, one sequential stream
 - :mod:`.publish`: uploads, the exclusive commit object, deletes
+- :mod:`.ops`: operations that dispatch by store kind themselves (small writes, presence checks)
 
 This package re-exports what the rest of ``dist_guardian`` uses, so ``stores.X`` reads the
 same everywhere. Patch a name in the module that looks it up (``stores.local.open_regular``),
@@ -45,13 +46,20 @@ from .local import (
     clean_stale_staging,
     create_exclusive,
     fsync_dir,
+    is_dir,
+    list_names,
     make_run_dir,
+    makedirs_local,
+    makedirs_private,
+    mkdir_private,
     open_regular,
     remove_tree_local,
     rename_commit,
+    rename_no_replace,
     replace_file,
     write_new_file,
 )
+from .ops import WantedFile, missing_files, read_whole, write_small
 from .progress import PROGRESS_ENV, Transfer
 from .publish import delete, delete_tree, put_bytes_exclusive, put_file
 from .reader import RemoteReader
@@ -69,19 +77,20 @@ from .remote import (
 from .s3 import abort_stale_uploads
 
 __all__ = [
+    "Entry",
     "LOOPBACK_CONCURRENCY",
     "NAME_RE",
     "NODE_LOCAL_ENV",
     "PROGRESS_ENV",
     "REMOTE_CONCURRENCY",
+    "RemoteReader",
     "STAGING_PREFIX",
     "STAGING_RE",
     "STEP_DIR_RE",
-    "Entry",
-    "RemoteReader",
     "Store",
     "StoreUnavailable",
     "Transfer",
+    "WantedFile",
     "abort_stale_uploads",
     "call",
     "check_dirs_no_symlink",
@@ -93,9 +102,15 @@ __all__ = [
     "delete_tree",
     "filesystem",
     "fsync_dir",
+    "is_dir",
     "is_loopback",
+    "list_names",
     "list_tree",
     "make_run_dir",
+    "makedirs_local",
+    "makedirs_private",
+    "missing_files",
+    "mkdir_private",
     "new_staging_name",
     "node_local_base",
     "open_regular",
@@ -104,13 +119,16 @@ __all__ = [
     "read_concurrency",
     "read_range_into",
     "read_small",
+    "read_whole",
     "remote_size",
     "remove_tree_local",
     "rename_commit",
+    "rename_no_replace",
     "replace_file",
     "resolve",
     "stat_object",
     "step_dir_name",
     "tune_read_concurrency",
     "write_new_file",
+    "write_small",
 ]

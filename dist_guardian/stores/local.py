@@ -230,22 +230,66 @@ def makedirs_local(path: str) -> None:
     os.makedirs(path, mode=0o755, exist_ok=True)
 
 
+def mkdir_private(path: str) -> None:
+    """One new directory only we can read (a staging dir): ``FileExistsError`` when something is there."""
+    os.mkdir(path, 0o700)
+
+
+def makedirs_private(root: str, rel_dir: str, *, mode: int = 0o700) -> None:
+    """Create ``root/rel_dir`` (private ``mode``), refusing when an existing component is a symlink.
+
+    ``os.makedirs`` follows a planted link: every existing component is checked before it runs.
+    """
+    cur = root
+    for part in rel_dir.split("/"):
+        cur = os.path.join(cur, part)
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            break  # what is missing, makedirs creates as real directories
+        if stat.S_ISLNK(st.st_mode):
+            raise InsecurePathError(errno.ELOOP, f"{cur} is a symlink; nothing is written through it")
+    os.makedirs(os.path.join(root, rel_dir), mode=mode, exist_ok=True)
+
+
+def is_dir(path: str) -> bool:
+    """A local directory is there (symlinks followed, as ``os.path.isdir``); never raises."""
+    return os.path.isdir(path)
+
+
+def list_names(path: str) -> list[str]:
+    """The names in one local directory (``os.listdir``: raises ``OSError`` when it cannot be read)."""
+    return os.listdir(path)
+
+
+def lstat_local(path: str) -> os.stat_result:
+    """``os.lstat`` of a local path: what is there, without following a symlink."""
+    return os.lstat(path)
+
+
+def rename_no_replace(src: str, dst: str, *, what: str = "exists") -> None:
+    """Rename ``src`` to ``dst``, never replacing what is there: ``FileExistsError`` instead (F38).
+
+    ``what`` ends the error's message (``"<dst> <what>"``) so callers keep their wording.
+    """
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, f"{dst} {what}", dst)
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # it appeared between the check and the rename
+            raise FileExistsError(errno.EEXIST, f"{dst} {what}", dst) from e
+        raise
+
+
 def rename_commit(staging: str, final: str) -> None:
     """The local commit point: rename the fsynced staging dir to its final name, then fsync the parent.
 
     Raises ``FileExistsError`` when ``final`` already holds a checkpoint (F38): nothing is replaced.
     """
-    parent = os.path.dirname(final)
     fsync_dir(staging)
-    if os.path.lexists(final):
-        raise FileExistsError(errno.EEXIST, f"{final} already exists", final)
-    try:
-        os.rename(staging, final)
-    except OSError as e:
-        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-            raise FileExistsError(errno.EEXIST, f"{final} already exists", final) from e
-        raise
-    fsync_dir(parent)
+    rename_no_replace(staging, final, what="already exists")
+    fsync_dir(os.path.dirname(final))
 
 
 def remove_tree_local(path: str) -> None:

@@ -17,7 +17,7 @@ LAYERS = [
     {"stores.deadline", "stores.local"},
     {"stores.s3"},
     {"stores.remote"},
-    {"stores.reader", "stores.publish"},
+    {"stores.reader", "stores.publish", "stores.ops"},
     {"stores"},
     {"config", "commit"},
     {"discovery"},
