@@ -16,7 +16,13 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .candidate import SUSPECT_POLICIES
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import ResumeConfig
 
 EXIT_OK, EXIT_NOTHING, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_SUSPECT = 0, 1, 2, 3, 4
 
@@ -43,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     stores_args(ls)
     pl = sub.add_parser("plan", help="print the order resume would try, and why")
     stores_args(pl)
-    pl.add_argument("--suspect", default="after_same_step", choices=["after_same_step", "last_resort", "reject"])
+    pl.add_argument("--suspect", default="after_same_step", choices=SUSPECT_POLICIES)
     ve = sub.add_parser("verify", help="check one checkpoint fully (every checksum)")
     ve.add_argument("path", help="a checkpoint directory (local path or URL)")
     ve.add_argument("--json", action="store_true")
@@ -73,35 +79,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"dist-guardian: bad JSON argument: {e}", file=sys.stderr)
         return EXIT_USAGE
-    from .errors import ConfigError
+    from .config import ResumeConfig
 
-    run = getattr(args, "run", None)
-    if run is not None:
-        from .manifest import RUN_NAME_RE
-
-        if not RUN_NAME_RE.match(run):  # "../x" would list (or prune) outside the store
-            print(f"dist-guardian: --run {run!r} is not a plain name (letters, digits, '.', '_', '-')", file=sys.stderr)
-            return EXIT_USAGE
     try:
-        if args.cmd in ("ls", "plan"):
-            return _ls_plan(args, opts, compat)
         if args.cmd == "verify":
             return _verify(args, opts)
         if args.cmd == "bench":
             from . import bench
 
             return bench.main(args)
-        return _prune(args, opts, compat)
+        # The run name ("../x" would list or prune outside the store), the stores and their options
+        # are checked by the same config a resume builds.
+        config = ResumeConfig(stores=tuple(args.stores), run=args.run, compat=compat, storage_options=opts,
+                              suspect=getattr(args, "suspect", "after_same_step"))
+        if args.cmd in ("ls", "plan"):
+            return _ls_plan(args, config)
+        return _prune(args, config)
     except ConfigError as e:
         print(f"dist-guardian: {e}", file=sys.stderr)
         return EXIT_USAGE
 
 
-def _ls_plan(args: argparse.Namespace, opts: Any, compat: Any) -> int:
+def _ls_plan(args: argparse.Namespace, config: ResumeConfig) -> int:
     from . import planning
 
-    store_list, refused = planning.resolve_stores(args.stores, opts)
-    request = planning.PlanRequest(run=args.run, compat=compat, suspect=getattr(args, "suspect", "after_same_step"))
+    store_list, refused = planning.resolve_stores(config.stores, config.storage_options)
+    request = planning.PlanRequest(run=config.run, compat=config.compat, suspect=config.suspect)
     plan = planning.make_plan(store_list, request, refused=refused, include_rejected=args.cmd == "ls")
     rows = plan.listing if args.cmd == "ls" else plan.candidates
     if args.json:
@@ -128,7 +131,7 @@ def _ls_plan(args: argparse.Namespace, opts: Any, compat: Any) -> int:
 
 def _verify(args: argparse.Namespace, opts: Any) -> int:
     from . import stores, verify
-    from .errors import ConfigError, StoreError
+    from .errors import StoreError
 
     path = args.path.rstrip("/")
     if path.startswith("tmp://"):
@@ -138,7 +141,7 @@ def _verify(args: argparse.Namespace, opts: Any) -> int:
         if len(parts) != 2 or any(p in ("", ".", "..") for p in parts):
             raise ConfigError(f"{args.path}: give tmp://NAME/<run>/<checkpoint dir>")
         try:
-            store = stores.resolve(f"tmp://{name}", 0, opts)
+            store = stores.resolve(_checked(f"tmp://{name}", opts), 0, opts)
         except StoreError as e:  # an insecure node-local root (F48): refused, not followed
             print(f"dist-guardian: {e}", file=sys.stderr)
             return EXIT_UNREACHABLE
@@ -146,12 +149,12 @@ def _verify(args: argparse.Namespace, opts: Any) -> int:
         proto, _, rest = path.partition("://")
         parent, _, name = rest.rpartition("/")
         parent, _, run = parent.rpartition("/")
-        store = stores.resolve(f"{proto}://{parent}", 0, opts)
+        store = stores.resolve(_checked(f"{proto}://{parent}", opts), 0, opts)
         rel = f"{run}/{name}"
     else:
         local = path[len("file://"):] if path.startswith("file://") else path
         local = os.path.abspath(local)
-        store = stores.resolve(os.path.dirname(os.path.dirname(local)), 0, opts)
+        store = stores.resolve(_checked(os.path.dirname(os.path.dirname(local)), opts), 0, opts)
         rel = f"{os.path.basename(os.path.dirname(local))}/{os.path.basename(local)}"
     tier, reasons = verify.verify_full(store, rel)
     if args.json:
@@ -163,17 +166,25 @@ def _verify(args: argparse.Namespace, opts: Any) -> int:
     return {"V": EXIT_OK, "S": EXIT_SUSPECT}.get(tier, EXIT_NOTHING)
 
 
-def _prune(args: argparse.Namespace, opts: Any, compat: Any) -> int:
+def _checked(store_url: str, opts: Any) -> str:
+    """The store a checkpoint path names, with ``--storage-options`` checked by the resume config."""
+    from .config import ResumeConfig
+
+    ResumeConfig(stores=(store_url,), storage_options=opts)
+    return store_url
+
+
+def _prune(args: argparse.Namespace, config: ResumeConfig) -> int:
     """Retention as the library runs it: the first store is the primary, the others its mirrors (F42).
 
     Without live state, every (compat, layout) group is pruned on its own; ``--compat`` restricts to that compat.
     """
     from . import planning, retention
 
-    store_list, refused = planning.resolve_stores(args.stores, opts)
+    store_list, refused = planning.resolve_stores(config.stores, config.storage_options)
     out: dict[str, Any] = {}
     for i, s in enumerate(store_list):
-        out[s.url] = retention.retain(s, args.run, args.keep_last, dry_run=args.dry_run, compat=compat,
+        out[s.url] = retention.retain(s, config.run, args.keep_last, dry_run=args.dry_run, compat=config.compat,
                                       mirrors=store_list[1:] if i == 0 else [])
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, "deleted": out, "refused": refused}, indent=2))

@@ -41,6 +41,10 @@ class ResumeConfig:
         foreign_loader: ``fn(obj, state) -> dict`` mapping a foreign file onto ``state``.
         remote_concurrency: connections per remote file read; ``None`` lets the store decide.
         progress: a progress line on stderr for remote loads; ``None``: only on a TTY.
+        layout: the live state's layout fingerprints (T02); ``Guardian.resume`` fills it in.
+        attempt_timeout: seconds one load attempt may take on a rank; ``None``: 0.8 x ``timeout``,
+            so a slow load is a failed attempt (all move on) rather than a dead coordination group.
+        use_journal: demote crash-looping candidates (reads ``<primary>/<run>/.journal/``).
     """
 
     stores: tuple[str, ...]
@@ -55,6 +59,9 @@ class ResumeConfig:
     foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None
     remote_concurrency: int | None = None
     progress: bool | None = None
+    layout: dict[str, str] | None = None
+    attempt_timeout: float | None = None
+    use_journal: bool = True
 
     def __post_init__(self) -> None:
         if not self.stores:
@@ -88,6 +95,29 @@ class ResumeConfig:
                               "or a positive integer")
         if self.progress not in (None, True, False):
             raise ConfigError(f"progress={self.progress!r} must be None (only on a TTY), True or False")
+        self._check_resume_knobs()
+
+    def _check_resume_knobs(self) -> None:
+        """The knobs only :func:`dist_guardian.resume` callers set directly (``Guardian`` derives them)."""
+        if self.layout is not None and not isinstance(self.layout, dict):
+            raise ConfigError(f"layout={self.layout!r} must be None or a dict of layout fingerprints")
+        if self.attempt_timeout is not None:
+            if not (_is_number(self.attempt_timeout) and self.attempt_timeout > 0):
+                raise ConfigError(f"attempt_timeout={self.attempt_timeout!r} must be None (0.8 x timeout) "
+                                  "or a positive number of seconds")
+            object.__setattr__(self, "attempt_timeout", float(self.attempt_timeout))
+        if not isinstance(self.use_journal, bool):
+            raise ConfigError(f"use_journal={self.use_journal!r} must be True or False")
+
+    @property
+    def load_deadline(self) -> float:
+        """Seconds one load attempt may take: it fires before the peers' vote timeout (``timeout``)."""
+        return self.attempt_timeout if self.attempt_timeout is not None else 0.8 * self.timeout
+
+    @property
+    def safe_global_names(self) -> tuple[str, ...]:
+        """``extra_safe_globals`` as qualnames: what the plan (rank 0, JSON) carries."""
+        return tuple(g if isinstance(g, str) else f"{g.__module__}.{g.__qualname__}" for g in self.extra_safe_globals)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -133,17 +163,32 @@ class GuardianConfig:
 
 _RESUME_KEYS = tuple(f.name for f in fields(ResumeConfig) if f.name not in ("stores", "run"))
 _SAVE_KEYS = tuple(f.name for f in fields(GuardianConfig) if f.name != "resume")
+# What ``dist_guardian.resume(load_fn, stores, **options)`` accepts: the loading knobs are its load_fn's business.
+_RESUME_FN_KEYS = ("run", "compat", "layout", "suspect", "on_exhausted", "timeout", "attempt_timeout",
+                   "storage_options", "extra_safe_globals", "use_journal")
+# What ``Guardian(...)`` accepts: layout is the live state's, filled in by ``Guardian.resume``.
+_GUARDIAN_RESUME_KEYS = tuple(k for k in _RESUME_KEYS if k not in ("layout", "attempt_timeout", "use_journal"))
 
 
 def guardian_config(stores: Sequence[str] | str, run: str, options: dict[str, Any]) -> GuardianConfig:
     """Build the config from ``Guardian(stores, run, **options)``; an unknown keyword names the allowed ones."""
-    unknown = sorted(set(options) - set(_RESUME_KEYS) - set(_SAVE_KEYS))
-    if unknown:
-        raise ConfigError(f"Guardian() got unknown keyword(s) {', '.join(map(repr, unknown))}; "
-                          f"use: {', '.join(('stores', 'run') + _RESUME_KEYS + _SAVE_KEYS)}")
+    _refuse_unknown("Guardian()", options, ("stores", "run") + _GUARDIAN_RESUME_KEYS + _SAVE_KEYS)
     listed = (stores,) if isinstance(stores, str) else tuple(stores or ())
     resume = ResumeConfig(stores=listed, run=run, **{k: v for k, v in options.items() if k in _RESUME_KEYS})
     return GuardianConfig(resume=resume, **{k: v for k, v in options.items() if k in _SAVE_KEYS})
+
+
+def resume_config(stores: Sequence[str] | str, options: dict[str, Any]) -> ResumeConfig:
+    """Build the config from ``dist_guardian.resume(load_fn, stores, **options)``; unknown keywords named."""
+    _refuse_unknown("resume()", options, ("stores",) + _RESUME_FN_KEYS + ("apply_fn", "comm", "config"))
+    listed = (stores,) if isinstance(stores, str) else tuple(stores or ())
+    return ResumeConfig(stores=listed, **options)
+
+
+def _refuse_unknown(who: str, options: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{who} got unknown keyword(s) {', '.join(map(repr, unknown))}; use: {', '.join(allowed)}")
 
 
 def _is_int(v: Any) -> bool:

@@ -14,26 +14,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import stat
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from . import _faults, stores, verify
 from .attempts import MAX_ATTEMPTS, LoopContext, Record, attempt_loop
-from .candidate import Attempt, Candidate, ResumeResult, validate_suspect_policy
+from .candidate import Attempt, Candidate, ResumeResult
 from .comm import Comm
-from .errors import ConfigError, NoReachableCheckpoint, ResumeFailed, StoreError
+from .config import ResumeConfig, resume_config
+from .errors import ConfigError, NoReachableCheckpoint, ResumeFailed
 from .planning import Plan, PlanCursor, PlanRequest, resolve_stores
-from .stores import NAME_RE, Store, check_storage_options, check_url
+from .stores import Store
 
 log = logging.getLogger(__name__)
 
 # guardian.py reaches resolve_stores through here; tests read MAX_ATTEMPTS here.
-__all__ = ["MAX_ATTEMPTS", "ON_EXHAUSTED", "available_locally", "resolve_stores", "resume"]
-
-ON_EXHAUSTED = ("fresh", "raise")
+__all__ = ["MAX_ATTEMPTS", "available_locally", "resolve_stores", "resume"]
 
 
 def available_locally(c: Candidate, store_list: Sequence[Store], rank: int, world_size: int,
@@ -43,69 +40,33 @@ def available_locally(c: Candidate, store_list: Sequence[Store], rank: int, worl
     if store is None:
         return f"store {c.store} is not usable on this rank"
     wanted = c.files_for_rank(rank, world_size)
-    if store.is_local:
-        if store.kind == "tmp":
-            # F37 on every rank: each node has its own node-local root, which rank 0 never verified.
-            planted = verify.foreign_owner(store, [c.rel] + [f"{c.rel}/{f.name}" for f in wanted if f.name])
-            if planted:
-                log.warning("security_event: %s; never opened", planted)
-                return planted
-        for f in wanted:
-            path = store.join(c.rel, f.name) if f.name else store.join(c.rel)
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                return f"missing: {path}"
-            except OSError as e:
-                return f"unreadable: {path}: {e}"
-            if not stat.S_ISREG(st.st_mode):
-                return f"not_regular: {path}"
-            if f.size and st.st_size != f.size:
-                return f"size_mismatch: {path} expected={f.size} got={st.st_size}"
-        if c.kind == "dcp" and not os.path.isdir(store.join(c.rel)):
-            return f"missing: {store.join(c.rel)}"
-        return None
-    if store.index not in listings:
-        run_prefix = c.rel.split("/", 1)[0]
-        try:
-            listings[store.index] = {e.rel: e for e in stores.list_tree(store, run_prefix, max_depth=2)}
-        except (OSError, StoreError) as e:
-            listings[store.index] = str(e)
-    listing = listings[store.index]
-    if isinstance(listing, str):
-        return f"store unreachable from this rank: {listing}"
-    sub = c.rel.split("/", 1)[1] if "/" in c.rel else ""
-    for f in wanted:
-        key = f"{sub}/{f.name}" if f.name else sub
-        e = listing.get(key)
-        if e is None:
-            return f"missing: {store.uri(c.rel, f.name) if f.name else store.uri(c.rel)}"
-        if f.size and e.size != f.size:
-            return f"size_mismatch: {f.name} expected={f.size} got={e.size}"
-    return None
+    if store.kind == "tmp":
+        # F37 on every rank: each node has its own node-local root, which rank 0 never verified.
+        planted = verify.foreign_owner(store, [c.rel] + [f"{c.rel}/{f.name}" for f in wanted if f.name])
+        if planted:
+            log.warning("security_event: %s; never opened", planted)
+            return planted
+    return stores.missing_files(store, c.rel, [(f.name, f.size) for f in wanted], is_dir=c.kind == "dcp",
+                                listings=listings)
 
 
 def resume(
     load_fn: Callable[[Candidate, Store], Any],
-    stores: Sequence[str],
+    stores: Sequence[str] | str | None = None,
     *,
-    run: str = "default",
-    compat: dict[str, Any] | None = None,
-    layout: dict[str, str] | None = None,
-    suspect: str = "after_same_step",
-    on_exhausted: str = "fresh",
-    timeout: float = 600.0,
-    attempt_timeout: float | None = None,
-    storage_options: dict[str, dict[str, Any]] | None = None,
     apply_fn: Callable[[Candidate, Any], None] | None = None,
-    extra_safe_globals: Iterable[str] = (),
     comm: Comm | None = None,
-    use_journal: bool = True,
+    config: ResumeConfig | None = None,
+    **options: Any,
 ) -> ResumeResult:
     """Collective: call on every rank. Bring every rank to the newest candidate that loads everywhere.
 
     ``stores`` are URLs as for :class:`~dist_guardian.Guardian` (the first is the primary, where the
-    journal lives). ``load_fn(candidate, store)`` loads one candidate on this rank into staging and
+    journal lives); ``options`` are the :class:`~dist_guardian.config.ResumeConfig` knobs ``run``,
+    ``compat``, ``layout``, ``suspect``, ``on_exhausted``, ``timeout``, ``attempt_timeout``,
+    ``storage_options``, ``extra_safe_globals`` and ``use_journal`` (an unknown one raises
+    :class:`ConfigError` naming the allowed ones); or pass a built ``config`` instead of both.
+    ``load_fn(candidate, store)`` loads one candidate on this rank into staging and
     returns it (or a :class:`~dist_guardian.candidate.Loaded`), or raises; ``store`` is the resolved
     :class:`~dist_guardian.Store` that holds it, so ``store.join(candidate.rel)`` is the candidate's
     local path (``store.is_local``) or its fsspec path, and ``candidate.path`` a readable location.
@@ -125,29 +86,13 @@ def resume(
         result = dist_guardian.resume(load, stores=["ckpts/"], run="r1",
                                       apply_fn=lambda c, sd: model.load_state_dict(sd))
     """
-    validate_suspect_policy(suspect)
-    if on_exhausted not in ON_EXHAUSTED:
-        raise ConfigError(f"on_exhausted={on_exhausted!r}: use 'fresh' or 'raise'")
-    if not isinstance(run, str) or not NAME_RE.match(run):
-        raise ConfigError(f"run={run!r} is not a plain name (letters, digits, '.', '_', '-')")
-    if isinstance(stores, str):
-        stores = [stores]
-    for url in stores:
-        check_url(url)
-    check_storage_options(storage_options, stores)
-    _faults.check()
-    settings = _Settings(
-        load_fn=load_fn, apply_fn=apply_fn, urls=tuple(stores), storage_options=storage_options,
-        request=PlanRequest(run=run, compat=compat, suspect=suspect, extra_safe_globals=tuple(extra_safe_globals),
-                            use_journal=use_journal, layout=layout),
-        on_exhausted=on_exhausted,
-        # The rank's own deadline fires before its peers' vote timeout, so a slow load is a failed
-        # attempt (all move on) rather than a dead coordination group.
-        attempt_timeout=attempt_timeout if attempt_timeout is not None else 0.8 * timeout,
-        t0=time.monotonic(),
-    )
+    if config is None:
+        config = resume_config(stores or (), options)
+    elif stores is not None or options:
+        raise ConfigError("resume() got config= and stores or other options: give one or the other")
+    settings = _Settings(load_fn=load_fn, apply_fn=apply_fn, config=config, t0=time.monotonic())
     own_comm = comm is None
-    comm = comm or Comm(timeout)
+    comm = comm or Comm(config.timeout)
     try:
         return _resume(settings, comm)
     finally:
@@ -157,26 +102,28 @@ def resume(
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Settings:
-    """One resume's inputs, checked by :func:`resume`: what every step below reads."""
+    """One resume's inputs (the config checked when it was built): what every step below reads."""
 
     load_fn: Callable[[Candidate, Store], Any]
     apply_fn: Callable[[Candidate, Any], None] | None
-    urls: tuple[str, ...]
-    storage_options: dict[str, dict[str, Any]] | None
-    request: PlanRequest
-    on_exhausted: str
-    attempt_timeout: float
+    config: ResumeConfig
     t0: float
+
+    @property
+    def request(self) -> PlanRequest:
+        cfg = self.config
+        return PlanRequest(run=cfg.run, compat=cfg.compat, suspect=cfg.suspect, layout=cfg.layout,
+                           extra_safe_globals=cfg.safe_global_names, use_journal=cfg.use_journal)
 
 
 def _resume(settings: _Settings, comm: Comm) -> ResumeResult:
     """Collective: page by page, agree on the plan, drop what some rank cannot reach, attempt the rest."""
-    store_list, refused = resolve_stores(settings.urls, settings.storage_options)
+    cfg = settings.config
+    store_list, refused = resolve_stores(cfg.stores, cfg.storage_options)
     primary = store_list[0] if store_list and store_list[0].index == 0 else None  # the journal lives here
-    req = settings.request
     ctx = LoopContext(comm=comm, load_fn=settings.load_fn, apply_fn=settings.apply_fn, store_list=tuple(store_list),
-                      run=req.run, suspect=req.suspect, attempt_timeout=settings.attempt_timeout,
-                      journal_store=primary if req.use_journal else None)
+                      run=cfg.run, suspect=cfg.suspect, attempt_timeout=cfg.load_deadline,
+                      journal_store=primary if cfg.use_journal else None)
     cursor = PlanCursor(store_list, settings.request, refused=refused) if comm.rank == 0 else None
     rec = Record(t0=settings.t0)
     more = True
@@ -185,7 +132,7 @@ def _resume(settings: _Settings, comm: Comm) -> ResumeResult:
         more = plan.more
         rec.add_page(plan)
         if comm.rank == 0:
-            _log_plan(settings.request.run, plan)
+            _log_plan(cfg.run, plan)
         if not plan.candidates:
             continue
         remaining = _availability_vote(plan.candidates, comm, store_list, rec.attempts)
@@ -242,14 +189,14 @@ def _exhausted(settings: _Settings, comm: Comm, rec: Record) -> ResumeResult:
         raise ResumeFailed(
             "every reachable candidate failed, and a store was unreachable or an attempt timed out (maybe transient); "
             f"not starting fresh. Let the launcher retry. {summary}")
-    if anything and settings.on_exhausted == "raise":
+    if anything and settings.config.on_exhausted == "raise":
         raise ResumeFailed(f"every candidate failed and on_exhausted='raise'. {summary}")
     if comm.rank == 0:
         if anything:
             log.error("starting FRESH: every candidate failed for a lasting reason; all are kept. %s", summary)
         else:
-            log.info("no checkpoint found in %s for run %s: starting fresh", ", ".join(settings.urls),
-                     settings.request.run)
+            log.info("no checkpoint found in %s for run %s: starting fresh", ", ".join(settings.config.stores),
+                     settings.config.run)
         log.info("resume decision: %s", result.to_json())
     return result
 

@@ -10,18 +10,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from . import coordinator, loading, statetree
+from . import coordinator, loading, staging, statetree
 from .candidate import Candidate, Loaded, ResumeResult
 from .comm import Comm
 from .commit import SaveResult
 from .config import GuardianConfig, guardian_config
-from .errors import CheckpointFormatError, ConfigError, DistGuardianError
+from .errors import ConfigError, DistGuardianError
 from .mirror import Upkeep
 from .save import Saver, check_state
+from .staging import Staged
 from .stores import Store
 
 log = logging.getLogger(__name__)
@@ -107,38 +109,21 @@ class Guardian:
         self.wait()
         check_state(state)
         comm, cfg = self.comm, self.config.resume
-        required = list(cfg.required) if cfg.required is not None else [
-            k for k, v in state.items() if isinstance(v, torch.nn.Module)]
-        safe_globals = list(cfg.extra_safe_globals)
+        required = cfg.required if cfg.required is not None else tuple(
+            k for k, v in state.items() if isinstance(v, torch.nn.Module))
+        options = loading.LoadOptions(rank=comm.rank, world_size=comm.world_size, concurrency=cfg.remote_concurrency,
+                                      progress=cfg.progress if comm.rank == 0 else False,
+                                      extra_safe_globals=cfg.extra_safe_globals, foreign_loader=cfg.foreign_loader,
+                                      required=required)
 
         def load(c: Candidate, store: Store) -> Loaded:
-            if c.kind == "native":
-                staged = loading.load_native(c, store, rank=comm.rank, world_size=comm.world_size,
-                                             concurrency=cfg.remote_concurrency,
-                                             progress=cfg.progress if comm.rank == 0 else False)
-            elif c.kind == "torch":
-                staged = loading.load_torch_file(c, store, state, extra_safe_globals=safe_globals,
-                                                 foreign_loader=cfg.foreign_loader, required=required)
-            else:
-                staged = loading.load_dcp(c, store, state, extra_safe_globals=safe_globals)
-            loading.check_structure(staged, state, required)
-            if staged.suspect:
-                try:
-                    loading.sanity_gate(staged)
-                except CheckpointFormatError as e:
-                    raise CheckpointFormatError(f"{'; '.join(staged.suspect)}; {e}") from None
-            return Loaded(staged=staged, suspect=tuple(staged.suspect), warnings=tuple(staged.warnings),
-                          last_resort=staged.tree_damaged)
+            return loading.load_and_check(c, store, state, options)
 
-        def apply(c: Candidate, staged: loading.Staged) -> None:
-            loading.apply(staged, state)
+        def apply(c: Candidate, staged: Staged) -> None:
+            staging.apply(staged, state)
 
-        result = coordinator.resume(
-            load, self.store_urls, run=self.run, compat=cfg.compat, suspect=cfg.suspect,
-            on_exhausted=cfg.on_exhausted, timeout=cfg.timeout, storage_options=cfg.storage_options,
-            apply_fn=apply, extra_safe_globals=[_qualname(g) for g in safe_globals], comm=comm,
-            layout=statetree.layout_fingerprints(state),
-        )
+        result = coordinator.resume(load, apply_fn=apply, comm=comm,
+                                    config=replace(cfg, layout=statetree.layout_fingerprints(state)))
         self.generation = result.generation
         self._upkeep.note_attempts(result)
         if comm.rank == 0:
@@ -212,6 +197,3 @@ class Guardian:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def _qualname(g: Any) -> str:
-    return g if isinstance(g, str) else f"{g.__module__}.{g.__qualname__}"

@@ -25,9 +25,9 @@ import xxhash
 from . import _faults, formats, manifest, statetree, stores
 from .candidate import Candidate, Loaded
 from .errors import CheckpointFormatError
-from .foreign_loading import load_dcp, load_torch_file, match_foreign, read_dcp_metadata
+from .foreign_loading import load_dcp, load_torch_file
 from .manifest import Manifest
-from .staging import SANITY_FACTOR, Staged, accept, apply, check_structure, sanity_gate
+from .staging import Staged, accept
 from .stores import Store
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,8 @@ log = logging.getLogger(__name__)
 # One native file read: its header, the payload buffer, the file digest, and the digest of each tensor.
 NativeRead = tuple[formats.NativeHeader, torch.Tensor, str, dict[str, str]]
 
-# Names guardian.py and tests reach through ``loading`` today; their homes are ``staging`` and ``foreign_loading``.
-__all__ = ["LoadOptions", "Staged", "SANITY_FACTOR", "accept", "apply", "check_structure", "load_and_check",
-           "load_candidate", "load_dcp", "load_native", "load_torch_file", "match_foreign", "read_dcp_metadata",
-           "read_manifest", "read_native_file", "sanity_gate", "staging_buffer"]
+__all__ = ["LoadOptions", "NativeRead", "load_and_check", "load_candidate", "load_native", "read_manifest",
+           "read_native_file", "staging_buffer"]
 
 # ----------------------------------------------------------------------------- dispatch
 

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import StoreError
+from . import local, remote  # looked up at call time, so a test's patch of ``stores.local.X`` is seen
 from .base import Store
 from .deadline import call, filesystem
-from . import local, remote  # looked up at call time, so a test's patch of ``stores.local.X`` is seen
 
 # One wanted file of a checkpoint: its name inside the checkpoint ("" for a single-file one) and size (0: any).
 WantedFile = tuple[str, int]

@@ -42,7 +42,7 @@ import pytest
 import torch
 
 import helpers
-from dist_guardian import Guardian, cli, formats, loading, statetree, stores
+from dist_guardian import Guardian, cli, foreign_loading, formats, statetree, stores
 from dist_guardian.candidate import Candidate
 from dist_guardian.errors import CheckpointFormatError, PlanFormatError
 from dist_guardian.planning import Plan
@@ -121,7 +121,7 @@ def test_dcp_load_itself_refuses_the_payload_even_if_verification_was_bypassed(t
     store = stores.resolve(root)
     c = Candidate(id="0:x", store=root, store_index=0, rel=f"{RUN}/dcp-step-900", path=d, kind="dcp", step=900, tier="L")
     with pytest.raises(CheckpointFormatError, match="unsafe_global posix.system"):
-        loading.load_dcp(c, store, make_state(seed=1))
+        foreign_loading.load_dcp(c, store, make_state(seed=1))
     assert not marker.exists()
 
 
@@ -131,7 +131,7 @@ def test_dcp_metadata_naming_a_file_outside_its_directory_is_refused(tmp_path):
     _dcp_dir(d)
     secret = tmp_path / "secret.distcp"
     shutil.copy(os.path.join(d, "__0_0.distcp"), secret)  # a real file, outside the directory
-    md = loading.read_dcp_metadata(os.path.join(d, ".metadata"))  # the clean one passes
+    md = foreign_loading.read_dcp_metadata(os.path.join(d, ".metadata"))  # the clean one passes
     for info in md.storage_data.values():
         info.relative_path = "../../../secret.distcp"
     with open(os.path.join(d, ".metadata"), "wb") as f:
@@ -139,7 +139,7 @@ def test_dcp_metadata_naming_a_file_outside_its_directory_is_refused(tmp_path):
     store = stores.resolve(root)
     c = Candidate(id="0:x", store=root, store_index=0, rel=f"{RUN}/dcp-step-900", path=d, kind="dcp", step=900, tier="L")
     with pytest.raises(CheckpointFormatError, match="outside its directory"):
-        loading.load_dcp(c, store, make_state(seed=1))
+        foreign_loading.load_dcp(c, store, make_state(seed=1))
 
 
 # ----------------------------------------------------------------------------- 3. journal through a symlink

@@ -25,7 +25,7 @@ import zlib
 import torch
 
 import repo_paths
-from dist_guardian import Guardian, discovery, formats, loading, stores, verify
+from dist_guardian import Guardian, discovery, foreign_loading, formats, stores, verify
 
 RUN = "r"
 REPL = "replicated.dgt"
@@ -175,7 +175,7 @@ def test_T08c_damage_past_the_planning_budget_is_found_by_the_load(tmp_path):
     c = next(c for c in verify.verify_all(discovery.discover_store(store, RUN), run=RUN, compat=None).candidates
              if c.rel == "step_60.pt")
     assert c.tier == "L" and any(r.startswith("crc_unchecked: ") for r in c.reasons), c.reasons
-    staged = loading.load_torch_file(c, store, {"model": torch.nn.Linear(1, 1)})
+    staged = foreign_loading.load_torch_file(c, store, {"model": torch.nn.Linear(1, 1)})
     assert staged.suspect and staged.suspect[0].startswith("checksum_mismatch: ")
     assert "zip CRC32 mismatch in" in staged.suspect[0] and "/data/0" in staged.suspect[0]
 
