@@ -1,4 +1,5 @@
-"""Configuration: every ``Guardian(...)`` knob in frozen, keyword-only values, validated once.
+"""Configuration: every ``Guardian(...)``, ``dist_guardian.resume(...)`` and CLI knob in frozen,
+keyword-only values, validated once.
 
 What belongs here: the config dataclasses, their defaults and every check of their values,
 with messages that name the argument and the allowed values. A bad value raises

@@ -71,13 +71,13 @@ def commit_remote(store: Store, run: str, staging: str, step: int, generation: i
 
 def _copy_local(src_dir: str, mbytes: bytes, mf: manifest.Manifest, dst: Store, run: str, dirname: str, *, exclusive: bool) -> str:
     final = dst.join(run, dirname)
-    if os.path.lexists(final):
+    if stores.lexists(final):
         if exclusive:
             raise FileExistsError(errno.EEXIST, f"{final} already exists", final)
         return final
     stores.make_run_dir(dst, run)
     staging = dst.join(run, stores.new_staging_name(mf.step))
-    os.mkdir(staging, 0o700)
+    stores.mkdir_private(staging)
     try:
         for f in mf.files:
             _copy_local_file(os.path.join(src_dir, f.name), os.path.join(staging, f.name), f.size)
@@ -328,7 +328,7 @@ def repair_replica(src: Store, src_rel: str, dst: Store, run: str, dirname: str)
     mf = manifest.parse(mbytes)
     stores.make_run_dir(dst, run)
     staging = dst.join(run, stores.new_staging_name(mf.step))
-    os.mkdir(staging, 0o700)
+    stores.mkdir_private(staging)
     try:
         chunk = 32 << 20
         buf = bytearray(chunk)
@@ -352,9 +352,9 @@ def repair_replica(src: Store, src_rel: str, dst: Store, run: str, dirname: str)
         if tier != "V":
             raise OSError(errno.EIO, f"the replica at {src.uri(src_rel)} does not verify either: {'; '.join(reasons)}")
         final = dst.join(run, dirname)
-        if os.path.lexists(final):
+        if stores.lexists(final):
             aside = dst.join(run, f"{QUARANTINE_PREFIX}{dirname}-{uuid.uuid4().hex[:8]}")
-            os.rename(final, aside)
+            stores.rename_no_replace(final, aside)
             log.warning("replica_quarantined %s -> %s (kept for inspection)", final, aside)
         stores.rename_commit(staging, final)
     except BaseException:

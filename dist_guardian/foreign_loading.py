@@ -47,16 +47,7 @@ def load_torch_file(c: Candidate, store: Store, state: dict[str, Any], *, extra_
                     required: Iterable[str] = ()) -> Staged:
     """Stage a bare ``torch.save`` file: checks, then ``weights_only=True`` only, then key matching."""
     extra_names, safe = _split_safe_globals(extra_safe_globals)
-    if store.is_local:
-        stores.check_dirs_no_symlink(store.root, c.rel)
-        fd = stores.open_regular(store.join(c.rel))
-        with os.fdopen(fd, "rb") as f:
-            data = f.read()
-    else:
-        size = stores.remote_size(store, c.rel)
-        buf = bytearray(size)
-        stores.read_range_into(store, c.rel, 0, memoryview(buf))
-        data = bytes(buf)
+    data = stores.read_whole(store, c.rel)
     if not data:
         raise CheckpointFormatError(f"{c.path}: empty file")
     # Every CRC: the whole file is in memory anyway; planning checked only up to its budget.

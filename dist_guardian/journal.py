@@ -7,23 +7,18 @@ launch, so ``torchrun --max-restarts`` cannot loop forever on it (DESIGN section
 The journal is advisory: failing to write it is logged, never fatal.
 
 Belongs here: the entry's name (one per checkpoint, not per copy), its counters, and
-:func:`record`/:func:`unfinished`. Bytes go through ``stores`` helpers; the two filesystem
-helpers at the bottom have no ``stores`` counterpart yet and move there after the split.
+:func:`record`/:func:`unfinished`. Bytes go through ``stores`` (``read_small``, ``write_small``).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
-import stat
 
 import xxhash
 
 from . import stores
 from .candidate import Candidate
-from .errors import InsecurePathError
 from .stores import Store
 
 log = logging.getLogger(__name__)
@@ -62,7 +57,7 @@ def unfinished(store: Store, run: str, c: Candidate) -> int:
 
 def record(store: Store, run: str, c: Candidate, *, started: int = 0, finished: int = 0,
            outcome: str | None = None) -> None:
-    """Add to a candidate's counters (rank 0 only). Atomic replace on local stores."""
+    """Add to a candidate's counters (rank 0 only): the entry is replaced whole (atomically on local stores)."""
     try:
         doc = read(store, run, c)
         doc["started"] += started
@@ -71,44 +66,8 @@ def record(store: Store, run: str, c: Candidate, *, started: int = 0, finished: 
         doc["step"] = c.step
         if outcome:
             doc["last_outcome"] = outcome
-        _write(store, run, _rel(run, c), json.dumps(doc).encode())
+        # A planted symlink (<run> or <run>/.journal -> elsewhere) is refused before anything is created
+        # or written through it (stores.write_small); a remote store gets one PUT.
+        stores.write_small(store, _rel(run, c), json.dumps(doc).encode(), what=f"journal {_rel(run, c)}")
     except OSError as e:
         log.warning("could not write the resume journal in %s: %s", store.url, e)
-
-
-def _write(store: Store, run: str, rel: str, data: bytes) -> None:
-    """One entry, whole: an atomic replace on a local store, one PUT on a remote one."""
-    if not store.is_local:
-        put_small(store, f"journal {rel}", rel, data)
-        return
-    # A planted symlink (<run> or <run>/.journal -> elsewhere) must not make us create or write
-    # anything outside the store: checked before the directories are made (which would follow it) and after.
-    makedirs_no_symlink(store.root, f"{run}/{JOURNAL_DIR}", mode=0o700)
-    stores.check_dirs_no_symlink(store.root, rel)
-    stores.replace_file(store.join(rel), data)
-
-
-# ----------------------------------------------------------------------------- for stores/ after the split
-
-
-def makedirs_no_symlink(root: str, rel_dir: str, *, mode: int) -> None:
-    """Create ``root/rel_dir`` (private ``mode``), refusing when an existing component is a symlink.
-
-    ``os.makedirs`` follows a planted link: every existing component is checked before it runs.
-    """
-    cur = root
-    for part in rel_dir.split("/"):
-        cur = os.path.join(cur, part)
-        try:
-            st = os.lstat(cur)
-        except FileNotFoundError:
-            break  # what is missing, makedirs creates as real directories
-        if stat.S_ISLNK(st.st_mode):
-            raise InsecurePathError(errno.ELOOP, f"{cur} is a symlink; the journal is not written through it")
-    os.makedirs(os.path.join(root, rel_dir), mode=mode, exist_ok=True)
-
-
-def put_small(store: Store, what: str, rel: str, data: bytes) -> None:
-    """Write a small object of a remote store in one request, under the store's deadline."""
-    fs = stores.filesystem(store)
-    stores.call(store, what, lambda: fs.pipe_file(store.join(rel), data))

@@ -11,7 +11,6 @@ the worker. The copies themselves are ``copying``; the deletion rules ``retentio
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -162,7 +161,7 @@ class Mirrors:
                     log.warning("background task %s failed: %s: %s", name, type(e).__name__, e)
 
     def _run(self, job: MirrorJob, t: Store) -> None:
-        total = _dir_size(job.src_dir)
+        total = stores.dir_size(job.src_dir)
         job.transfer = stores.Transfer(total, f"mirror step {job.step} to {t.url}", show=False)
         self.current = job
         try:
@@ -227,13 +226,6 @@ class Mirrors:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-
-
-def _dir_size(path: str) -> int:
-    try:
-        return sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(path) if e.is_file(follow_symlinks=False))
-    except OSError:
-        return 0
 
 
 

@@ -9,7 +9,6 @@ commit, after a mirror landed) is ``mirror``; the CLI's ``prune`` calls :func:`r
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -232,7 +231,7 @@ def _delete_checkpoint(store: Store, run: str, name: str) -> None:
     if store.is_local:
         src = store.join(run, name)
         trash = store.join(run, f"{TRASH_PREFIX}{name}-{uuid.uuid4().hex[:8]}")
-        os.rename(src, trash)
+        stores.rename_no_replace(src, trash)
         stores.fsync_dir(store.join(run))
         _faults.hit("mid_retention")
         stores.remove_tree_local(trash)
@@ -283,7 +282,7 @@ def clean_orphans(store: Store, run: str, sightings: Sequence[Any] | None = None
 
 def _clean_trash(store: Store, run: str) -> None:
     try:
-        names = os.listdir(store.join(run))
+        names = stores.list_names(store.join(run))
     except OSError:
         return
     for n in names:

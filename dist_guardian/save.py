@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import copying, formats, manifest, statetree
+from . import copying, formats, manifest, statetree, stores
 from .comm import Comm
 from .commit import (
     Committed,
@@ -166,11 +166,11 @@ class Saver:
         mine: list[dict[str, Any]] = []
         err = ""
         try:
-            if not os.path.isdir(staging):
+            if not stores.is_dir(staging):
                 raise SaveFailed(f"staging dir {staging} is not visible on this rank: the primary store must be shared by every rank")
             mine = [w.to_json() for w in self._write_rank_files(captured, rng, staging, step, comm)]
         except Exception as e:
-            err = save_errno_reason(e, staging if os.path.isdir(staging) else ".")
+            err = save_errno_reason(e, staging if stores.is_dir(staging) else ".")
             log.warning("[rank=%d] %s", comm.rank, err)
         texts = comm.gather_strings(json.dumps({"files": mine, "error": err}), f"gather digests of step {step}", max_len=1 << 26)
         docs = [json.loads(t) for t in texts]

@@ -257,6 +257,19 @@ def is_dir(path: str) -> bool:
     return os.path.isdir(path)
 
 
+def lexists(path: str) -> bool:
+    """Something (a file, a directory, even a dangling symlink) is at this local path."""
+    return os.path.lexists(path)
+
+
+def dir_size(path: str) -> int:
+    """Bytes of the regular files directly in a local directory (links not followed); 0 when unreadable."""
+    try:
+        return sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(path) if e.is_file(follow_symlinks=False))
+    except OSError:
+        return 0
+
+
 def list_names(path: str) -> list[str]:
     """The names in one local directory (``os.listdir``: raises ``OSError`` when it cannot be read)."""
     return os.listdir(path)

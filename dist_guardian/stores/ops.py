@@ -73,11 +73,11 @@ def missing_files(store: Store, rel: str, wanted: Sequence[WantedFile], *, is_di
         return f"store unreachable from this rank: {listing}"
     sub = rel.split("/", 1)[1] if "/" in rel else ""
     for name, size in wanted:
-        e = listing.get(f"{sub}/{name}" if name else sub)
-        if e is None:
+        entry = listing.get(f"{sub}/{name}" if name else sub)
+        if entry is None:
             return f"missing: {store.uri(rel, name) if name else store.uri(rel)}"
-        if size and e.size != size:
-            return f"size_mismatch: {name} expected={size} got={e.size}"
+        if size and entry.size != size:
+            return f"size_mismatch: {name} expected={size} got={entry.size}"
     return None
 
 

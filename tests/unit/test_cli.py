@@ -246,3 +246,11 @@ def test_ls_plan_verify_prune_import_no_torch(four):
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, (args, p.stderr)
         assert p.stdout.strip().splitlines()[-1] == "NO_TORCH", args
+
+
+def test_verify_checks_storage_options_through_the_resume_config(tmp_path, capsys):
+    from dist_guardian.cli import EXIT_USAGE, main
+
+    path = str(tmp_path / "ck" / "r" / "step-000000000001")
+    assert main(["verify", path, "--storage-options", '{"anon": true}']) == EXIT_USAGE
+    assert "the entry 'anon' holds a bool, so this looks like a flat fsspec dict" in capsys.readouterr().err

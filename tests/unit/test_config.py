@@ -99,3 +99,30 @@ def test_defaults_build_frozen_values(tmp_path):
     with pytest.raises(AttributeError):
         cfg.keep_last = 5  # type: ignore[misc]
     assert not (tmp_path / "ck").exists()  # building a config touches no store
+
+
+def test_resume_builds_the_same_config_and_names_unknown_keywords(tmp_path):
+    import dist_guardian
+
+    ck = str(tmp_path / "ck")
+    with pytest.raises(ConfigError, match=r"^resume\(\) got unknown keyword\(s\) 'keep_last'; use: stores, run, compat, "
+                                          r"layout, suspect, on_exhausted, timeout, attempt_timeout, storage_options, "
+                                          r"extra_safe_globals, use_journal, apply_fn, comm, config$"):
+        dist_guardian.resume(lambda c, s: None, [ck], keep_last=3)
+    with pytest.raises(ConfigError, match=r"^attempt_timeout=0 must be None \(0\.8 x timeout\) or a positive number"):
+        dist_guardian.resume(lambda c, s: None, [ck], attempt_timeout=0)
+    with pytest.raises(ConfigError, match=r"^use_journal='no' must be True or False$"):
+        dist_guardian.resume(lambda c, s: None, [ck], use_journal="no")
+    with pytest.raises(ConfigError, match=r"^resume\(\) got config= and stores or other options"):
+        dist_guardian.resume(lambda c, s: None, [ck], config=ResumeConfig(stores=(ck,)))
+    cfg = ResumeConfig(stores=(ck,), timeout=10)
+    assert cfg.load_deadline == 8.0 and ResumeConfig(stores=(ck,), attempt_timeout=3).load_deadline == 3.0
+    assert ResumeConfig(stores=(ck,), extra_safe_globals=[ResumeConfig, "a.B"]).safe_global_names == (
+        "dist_guardian.config.ResumeConfig", "a.B")
+    r = dist_guardian.resume(lambda c, s: None, config=cfg)  # nothing there: a fresh start
+    assert not r.resumed and not (tmp_path / "ck").exists()
+
+
+def test_guardian_does_not_take_the_resume_function_knobs(tmp_path):
+    with pytest.raises(ConfigError, match=r"^Guardian\(\) got unknown keyword\(s\) 'layout'; use: "):
+        Guardian(stores=[str(tmp_path / "ck")], run="r", layout={})
