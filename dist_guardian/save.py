@@ -193,12 +193,12 @@ class Saver:
     def _commit(self, primary: Store, staging: str, step: int, entries: list[WrittenEntry], metrics: dict[str, Any],
                 world: int, layout: dict[str, str], generation: int) -> Committed:
         """Rank 0: build the manifest and commit ``staging`` under the lineage rule, locally or remotely."""
-        mbytes = manifest.build(
+        mbytes = manifest.build(manifest.ManifestDraft(
             run=self.run, step=step, generation=generation, world_size=world, created_unix=time.time(),
             compat=self.config.resume.compat or {}, metrics=metrics, files=[w.entry for w in entries],
             tensors={w.entry.name: w.stats for w in entries}, trees={w.entry.name: w.trees for w in entries},
             torch_version=torch.__version__, writer=writer_info(), layout=layout,
-        )
+        ))
         if primary.is_local:
             path = commit_local(primary, self.run, staging, step, generation, mbytes)
         else:
