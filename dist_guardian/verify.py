@@ -25,6 +25,7 @@ from .candidate import Candidate, FileRef
 from .discovery import DCP_METADATA, RANK_FILE_RE, REPLICATED_FILE, Sighting
 from .errors import CheckpointFormatError, InsecurePathError, PlanningCapExceeded
 from .manifest import Manifest, ManifestError
+from .stores import Entry
 
 log = logging.getLogger(__name__)
 
@@ -152,24 +153,48 @@ def foreign_owner(store: stores.Store, rels: Iterable[str]) -> str | None:
 def _verify_native(
     s: Sighting, *, run: str, compat: dict[str, Any] | None, now: float, layout: dict[str, str] | None = None
 ) -> tuple[Candidate, int, tuple[str, ...]]:
+    """A native step directory: its manifest read and checked against the run, compat, layout and listing.
+
+    Returns the candidate, the lineage generation its manifest claims (0 when unknown) and warnings.
+    Nothing but the manifest and, on a local store, the files' headers is read.
+    """
     mf_entry = s.child(manifest.MANIFEST_NAME)
     if mf_entry is None:
         if not s.store.is_local:
-            return (
-                _base(s).with_verdict(
-                    "R", "uncommitted: no manifest.json (an object store without a manifest holds no candidate)"
-                ),
-                0,
-                (),
-            )
+            why = "uncommitted: no manifest.json (an object store without a manifest holds no candidate)"
+            return _base(s).with_verdict("R", why), 0, ()
         return _verify_native_legacy(s), 0, ()
+    read = _read_manifest(s, mf_entry)
+    if isinstance(read, Candidate):
+        return read, 0, ()
+    mf, data = read
+    c = _manifest_candidate(s, mf, data)
+    if s.step is not None and mf.step != s.step:
+        why = f"step_mismatch: directory says {s.step}, manifest says {mf.step}"
+        return c.with_verdict("R", why), mf.generation, ()
+    if mf.run != run:
+        return c.with_verdict("R", f"run_mismatch: manifest run {mf.run!r} is not {run!r}"), 0, ()
+    warnings: tuple[str, ...] = ()
+    if mf.created_unix > now + CLOCK_SKEW_S:
+        warnings = (
+            f"clock_skew_detected: {c.path} was created {mf.created_unix - now:.0f}s in the future "
+            "(ignored for ordering)",
+        )
+    problems = _incompatible(mf, compat, layout) or _file_problems(s, mf)
+    if problems:
+        return c.with_verdict("R", *problems), mf.generation, warnings
+    return c, mf.generation, warnings
+
+
+def _read_manifest(s: Sighting, mf_entry: Entry) -> tuple[Manifest, bytes] | Candidate:
+    """The parsed manifest and its bytes, or the verdict on a sighting whose manifest cannot be trusted."""
     try:
         if mf_entry.kind != "file":
             raise ManifestError("not_regular", f"manifest.json is a {mf_entry.kind}")
         if mf_entry.size > manifest.MAX_MANIFEST_BYTES:  # F49: refused by its listed size, never read
             raise ManifestError("manifest_too_large", f"{mf_entry.size} bytes > cap {manifest.MAX_MANIFEST_BYTES}")
         data = stores.read_small(s.store, f"{s.rel}/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
-        mf = manifest.parse(data)
+        return manifest.parse(data), data
     except ManifestError as e:
         reason = f"manifest_rejected: {e.reason}: {e.detail}"
         # F06: data files whose names match may still be a legacy candidate; not when the
@@ -177,60 +202,49 @@ def _verify_native(
         if s.store.is_local and e.reason not in NO_LEGACY_FALLBACK:
             legacy = _verify_native_legacy(s)
             if legacy.tier != "R":
-                return legacy.with_verdict(legacy.tier, reason), 0, ()
-        return _base(s).with_verdict("R", reason), 0, ()
+                return legacy.with_verdict(legacy.tier, reason)
+        return _base(s).with_verdict("R", reason)
     except (OSError, CheckpointFormatError) as e:
-        return _base(s).with_verdict("R", f"manifest_unreadable: {e}"), 0, ()
-    digest = xxhash.xxh3_128_hexdigest(data)
+        return _base(s).with_verdict("R", _unreadable("manifest_unreadable", e))
+
+
+def _manifest_candidate(s: Sighting, mf: Manifest, data: bytes) -> Candidate:
+    """The candidate a trusted manifest describes (tier V until a check below says otherwise)."""
     files = tuple(FileRef(name=f.name, size=f.size, digest=f.digest, rank=f.rank) for f in mf.files)
     replica_key = xxhash.xxh3_64_hexdigest(
         json.dumps([mf.run, mf.step, mf.generation, sorted((f.name, f.size, f.digest) for f in mf.files)]).encode()
     )
-    c = _base(
+    return _base(
         s,
         generation=mf.generation,
         run=mf.run,
         world_size=mf.world_size,
         files=files,
         replica_key=replica_key,
-        manifest_digest=digest,
+        manifest_digest=xxhash.xxh3_128_hexdigest(data),
         compat_fingerprint=mf.compat_fingerprint,
         layout_fingerprint=manifest.layout_fingerprint(mf.layout),
         created_unix=mf.created_unix,
     )
-    if s.step is not None and mf.step != s.step:
-        return (
-            c.with_verdict("R", f"step_mismatch: directory says {s.step}, manifest says {mf.step}"),
-            mf.generation,
-            (),
-        )
-    if mf.run != run:
-        return c.with_verdict("R", f"run_mismatch: manifest run {mf.run!r} is not {run!r}"), 0, ()
-    warnings: list[str] = []
-    if mf.created_unix > now + CLOCK_SKEW_S:
-        warnings.append(
-            f"clock_skew_detected: {c.path} was created {mf.created_unix - now:.0f}s in the future "
-            "(ignored for ordering)"
-        )
+
+
+def _incompatible(mf: Manifest, compat: dict[str, Any] | None, layout: dict[str, str] | None) -> list[str]:
+    """Why the checkpoint cannot fit the live job, judged on the manifest alone (F31): [] when it can."""
     if compat is not None and mf.compat_fingerprint != manifest.compat_fingerprint(compat):
-        return (
-            c.with_verdict("R", "incompatible: " + describe_compat_diff(mf.compat, compat)),
-            mf.generation,
-            tuple(warnings),
-        )
+        return ["incompatible: " + describe_compat_diff(mf.compat, compat)]
     differs = sorted(k for k, fp in (layout or {}).items() if k in mf.layout and mf.layout[k] != fp)
     if differs:
         # F31: the (name, shape, dtype) fingerprint of each module, compared before any data is read.
-        return (
-            c.with_verdict(
-                "R",
-                "incompatible: layout of "
-                + ", ".join(repr(k) for k in differs)
-                + " differs from the live state (parameter names, shapes or dtypes)",
-            ),
-            mf.generation,
-            tuple(warnings),
-        )
+        return [
+            "incompatible: layout of "
+            + ", ".join(repr(k) for k in differs)
+            + " differs from the live state (parameter names, shapes or dtypes)"
+        ]
+    return []
+
+
+def _file_problems(s: Sighting, mf: Manifest) -> list[str]:
+    """The listed files against the listing (every one), then, on a local store, the first bad native header."""
     problems = []
     for f in mf.files:
         got = s.child(f.name)
@@ -242,15 +256,19 @@ def _verify_native(
             problems.append(f"empty: {f.name} is 0 bytes")
         elif got.size != f.size:
             problems.append(f"size_mismatch: {f.name} expected={f.size} got={got.size}")
-    if problems:
-        return c.with_verdict("R", *problems), mf.generation, tuple(warnings)
-    if s.store.is_local:
-        for f in mf.files:
-            if f.name.endswith(formats.NATIVE_SUFFIX):
-                why = _check_native_header(s, f.name, f.size)
-                if why:
-                    return c.with_verdict("R", why), mf.generation, tuple(warnings)
-    return c, mf.generation, tuple(warnings)
+    if problems or not s.store.is_local:
+        return problems
+    for f in mf.files:
+        if f.name.endswith(formats.NATIVE_SUFFIX):
+            why = _check_native_header(s, f.name, f.size)
+            if why:
+                return [why]
+    return []
+
+
+def _unreadable(token: str, e: BaseException) -> str:
+    """The reason for a read that failed: ``token`` and the error's text."""
+    return f"{token}: {e}"
 
 
 def _check_native_header(s: Sighting, name: str, size: int) -> str | None:
