@@ -104,7 +104,8 @@ def makedirs_no_symlink(root: str, rel_dir: str, *, mode: int) -> None:
         except FileNotFoundError:
             break  # what is missing, makedirs creates as real directories
         if stat.S_ISLNK(st.st_mode):
-            raise InsecurePathError(errno.ELOOP, f"{cur} is a symlink; the journal is not written through it")
+            raise InsecurePathError("symlink", f"{cur} is a symlink; the journal is not written through it",
+                                    errno=errno.ELOOP)
     os.makedirs(os.path.join(root, rel_dir), mode=mode, exist_ok=True)
 
 

@@ -167,7 +167,7 @@ class Saver:
         err = ""
         try:
             if not os.path.isdir(staging):
-                raise SaveFailed(f"staging dir {staging} is not visible on this rank: the primary store must be shared by every rank")
+                raise SaveFailed("staging_not_shared", f"staging dir {staging} is not visible on this rank: the primary store must be shared by every rank")
             mine = [w.to_json() for w in self._write_rank_files(captured, rng, staging, step, comm)]
         except Exception as e:
             err = save_errno_reason(e, staging if os.path.isdir(staging) else ".")
@@ -215,7 +215,7 @@ class Saver:
         if self._comm().rank == 0:
             log.error("save of step %d abandoned on every rank; previous checkpoints untouched. %s", step, reason)
         if self.failed_saves > self.config.save_failures:
-            raise SaveFailed(f"save of step {step} failed ({self.failed_saves} in a row): {reason}")
+            raise SaveFailed("save_failed", f"save of step {step} failed ({self.failed_saves} in a row): {reason}")
         return SaveResult(committed=False, step=step, seconds=time.monotonic() - t0, reason=reason)
 
 

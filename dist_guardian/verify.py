@@ -23,7 +23,7 @@ import xxhash
 from . import formats, manifest, stores
 from .candidate import Candidate, FileRef
 from .discovery import DCP_METADATA, RANK_FILE_RE, REPLICATED_FILE, Sighting
-from .errors import CheckpointFormatError, InsecurePathError, PlanningCapExceeded
+from .errors import CheckpointFormatError, InsecurePathError, PlanningCapExceeded, Reason, StoreUnavailable
 from .manifest import Manifest, ManifestError
 from .stores import Entry
 
@@ -267,8 +267,19 @@ def _file_problems(s: Sighting, mf: Manifest) -> list[str]:
 
 
 def _unreadable(token: str, e: BaseException) -> str:
-    """The reason for a read that failed: ``token`` and the error's text."""
-    return f"{token}: {e}"
+    """The reason for a read that failed: ``token`` and the error's text.
+
+    A store that did not answer or refused us gives its own reason (``store_unreachable``,
+    ``store_auth_failed``), so retention and planning can tell "not read" from "bad" by token.
+    """
+    if isinstance(e, StoreUnavailable):
+        return str(e.why)
+    return str(Reason(token, str(e)))
+
+
+def _insecure(e: InsecurePathError) -> str:
+    """The reason for a path refused as unsafe: ``insecure`` and what is wrong with it (lasting, F48)."""
+    return str(Reason("insecure", e.detail))
 
 
 def _check_native_header(s: Sighting, name: str, size: int) -> str | None:
@@ -320,7 +331,7 @@ def _verify_torch(s: Sighting, extra_safe: Iterable[str]) -> Candidate:
         stores.check_dirs_no_symlink(s.store.root, s.rel)
         fd = stores.open_regular(path)
     except InsecurePathError as e:
-        return c.with_verdict("R", f"insecure: {e}")
+        return c.with_verdict("R", _insecure(e))
     except OSError as e:
         return c.with_verdict("R", f"unreadable: {e}")
     with os.fdopen(fd, "rb") as f:
@@ -384,7 +395,7 @@ def _verify_dcp(s: Sighting, extra_safe: Iterable[str] = ()) -> Candidate:
                 f"scan_incomplete: {DCP_METADATA}: {e}; its globals are judged when loaded",
             )
         except InsecurePathError as e:
-            return c.with_verdict("R", f"insecure: {e}")
+            return c.with_verdict("R", _insecure(e))
         except OSError as e:
             return c.with_verdict("R", f"unreadable: {s.rel}/{DCP_METADATA}: {e}")
         if unsafe:
