@@ -24,6 +24,7 @@ LAYERS = [
     {"stores"},
     {"config", "commit"},
     {"discovery"},
+    {"fullcheck"},
     {"verify"},
     {"journal", "planning"},
     {"copying"},
