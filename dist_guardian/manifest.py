@@ -207,7 +207,7 @@ def parse(data: bytes) -> Manifest:
     fp = doc.get("compat_fingerprint")
     if not isinstance(fp, str) or len(fp) > 128:
         raise ManifestError("bad_field", "compat_fingerprint must be a short string")
-    files_doc = doc.get("files")
+    files_doc = doc.get("files") or {}  # None, [] or 0 are refused as {} is: "must be a non-empty object"
     files = _files(files_doc, world_size)
     tensors = _tensors(doc.get("tensors", {}), files_doc)
     writer = doc.get("writer", {})

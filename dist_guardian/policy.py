@@ -3,8 +3,9 @@
 Belongs here: :func:`order` (the plan from the verdicts alone: timestamps never order
 anything, F35), :func:`defer_suspect` and :func:`better_remains` (a candidate found suspect
 while loading), and :class:`Reason` with the rules that call a failure transient (a store
-that may answer later, an attempt that ran out of time) or lasting (F33, F48). Every rank
-computes the same from the same inputs; nothing here does I/O.
+that may answer later, an attempt that ran out of time) or lasting (F33, F48). Those rules
+read the token of an :class:`errors.Reason` (``LASTING_STORE_TOKENS``, ``STORE_DOWN_TOKENS``),
+never words of its text. Every rank computes the same from the same inputs; nothing here does I/O.
 """
 
 from __future__ import annotations
