@@ -185,7 +185,7 @@ def _attempt(ctx: LoopContext, c: Candidate, warnings: list[str]) -> _Tried:
     tried = _Tried(started=time.monotonic())
     try:
         if store is None:
-            raise StoreError(f"store {c.store} is not usable on this rank")
+            raise StoreError("store_unusable", f"store {c.store} is not usable on this rank")
         _faults.hit("during_load", rank=rank, step=c.step)
         result = run_with_deadline(lambda: ctx.load_fn(c, store), ctx.attempt_timeout)
         if isinstance(result, Loaded):

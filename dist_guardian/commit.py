@@ -157,12 +157,12 @@ def commit_lineage(store: Store, run: str, step: int, generation: int, place: Ca
             other = committed_generation(store, f"{run}/{name}")
             where = store.uri(run, name)
             if other == generation or other is None:
-                raise CommitConflict(errno.EEXIST, f"commit_conflict: {where} was committed by another writer; "
-                                                   "ours is discarded") from None
+                raise CommitConflict("commit_conflict", f"{where} was committed by another writer; "
+                                                        "ours is discarded") from None
             log.warning("lineage_fork step=%d: %s holds generation %s; committing generation %d beside it",
                         step, where, other, generation)
-    raise CommitConflict(errno.EEXIST, f"commit_conflict: step {step} generation {generation} already committed "
-                                       f"in {store.url}")
+    raise CommitConflict("commit_conflict", f"step {step} generation {generation} already committed "
+                                            f"in {store.url}")
 
 
 def commit_local(store: Store, run: str, staging: str, step: int, generation: int, manifest_bytes: bytes, *,

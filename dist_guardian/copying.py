@@ -304,7 +304,7 @@ def _copy_local_file(src: str, dst: str, size: int) -> None:
                     chunk = os.read(fd_in, min(left, 64 << 20))
                     if not chunk:
                         raise OSError(errno.EIO, f"{src}: shorter than its manifest says ({size - left} of {size} bytes)")
-                    formats._write_all(fd_out, memoryview(chunk))
+                    formats.write_all(fd_out, memoryview(chunk))
                     n = len(chunk)
                 left -= n
             os.fsync(fd_out)
@@ -340,7 +340,7 @@ def repair_replica(src: Store, src_rel: str, dst: Store, run: str, dirname: str)
                     n = min(chunk, f.size - pos)
                     mv = memoryview(buf)[:n]
                     stores.read_range_into(src, f"{src_rel}/{f.name}", pos, mv, concurrency=1)
-                    formats._write_all(fd, mv)
+                    formats.write_all(fd, mv)
                     pos += n
                 os.fsync(fd)
             finally:

@@ -78,7 +78,12 @@ def discover(store_list: Sequence[Store], run: str) -> Discovery:
             log.warning("store_unreachable store=%s: %s", store.url, reason)
             unreachable.append((store.url, reason))
             continue
-        except (OSError, StoreError) as e:
+        except StoreError as e:  # ours: the text starts with its token (insecure roots are lasting, F48)
+            reason = str(e.why)
+            log.warning("store_unreachable store=%s: cannot list it: %s", store.url, reason)
+            unreachable.append((store.url, reason))
+            continue
+        except OSError as e:
             reason = f"{type(e).__name__}: {e}"
             log.warning("store_unreachable store=%s: cannot list it: %s", store.url, reason)
             unreachable.append((store.url, reason))

@@ -107,47 +107,55 @@ def _finite_float(x: float) -> float | str:
     return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
 
 
-def build(
-    *,
-    run: str,
-    step: int,
-    generation: int,
-    world_size: int,
-    created_unix: float,
-    compat: dict[str, Any],
-    metrics: dict[str, Any],
-    files: list[FileEntry],
-    tensors: dict[str, dict[str, TensorStat]],
-    torch_version: str,
-    writer: dict[str, Any],
-    layout: dict[str, str] | None = None,
-    trees: dict[str, dict[str, str]] | None = None,
-) -> bytes:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ManifestDraft:
+    """What the writer knows of a checkpoint before its manifest exists: :func:`build` turns it into bytes.
+
+    The same fields as :class:`Manifest`, less the ones :func:`build` derives (the format and
+    the compat fingerprint); ``torch_version`` becomes ``Manifest.torch``.
+    """
+
+    run: str
+    step: int
+    generation: int
+    world_size: int
+    created_unix: float
+    compat: dict[str, Any]
+    metrics: dict[str, Any]
+    files: list[FileEntry]
+    tensors: dict[str, dict[str, TensorStat]]
+    torch_version: str
+    writer: dict[str, Any]
+    layout: dict[str, str] = field(default_factory=dict)
+    trees: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def build(draft: ManifestDraft) -> bytes:
     """The manifest bytes (canonical JSON). Validated by parsing it back, so we never commit one we would reject."""
     doc = {
         "format": FORMAT,
-        "run": run,
-        "step": step,
-        "generation": generation,
-        "world_size": world_size,
-        "created_unix": created_unix,
-        "compat": compat,
-        "compat_fingerprint": compat_fingerprint(compat),
-        "metrics": {k: (_finite_float(v) if isinstance(v, float) else v) for k, v in metrics.items()},
+        "run": draft.run,
+        "step": draft.step,
+        "generation": draft.generation,
+        "world_size": draft.world_size,
+        "created_unix": draft.created_unix,
+        "compat": draft.compat,
+        "compat_fingerprint": compat_fingerprint(draft.compat),
+        "metrics": {k: (_finite_float(v) if isinstance(v, float) else v) for k, v in draft.metrics.items()},
         "files": {
             f.name: ({"size": f.size, "xxh3_128": f.digest} | ({"rank": f.rank} if f.rank is not None else {}))
-            for f in files
+            for f in draft.files
         },
         "tensors": {
             fname: {
                 tname: {"xxh3_128": s.digest, "max_abs": s.max_abs, "finite": s.finite} for tname, s in stats.items()
             }
-            for fname, stats in tensors.items()
+            for fname, stats in draft.tensors.items()
         },
-        "torch": torch_version,
-        "writer": writer,
-        "layout": layout or {},
-        "trees": trees or {},
+        "torch": draft.torch_version,
+        "writer": draft.writer,
+        "layout": draft.layout,
+        "trees": draft.trees,
     }
     data = json.dumps(doc, separators=(",", ":"), allow_nan=False, default=str).encode()
     parse(data)
@@ -177,28 +185,12 @@ def _int(doc: dict, key: str, lo: int, hi: int) -> int:
 
 
 def parse(data: bytes) -> Manifest:
-    """Parse manifest bytes. Raises :class:`ManifestError` (only) for anything we would not trust."""
-    if len(data) == 0:
-        raise ManifestError("empty_manifest", "manifest.json is empty")
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise ManifestError("manifest_too_large", f"{len(data)} bytes > cap {MAX_MANIFEST_BYTES}")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ManifestError("bad_json", f"not UTF-8 ({e.reason} at byte {e.start})") from None
-    try:
-        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except ManifestError:
-        raise
-    except (ValueError, RecursionError) as e:
-        raise ManifestError("bad_json", str(e)[:200]) from None
-    if not isinstance(doc, dict):
-        raise ManifestError("bad_json", "top level is not an object")
-    fmt = doc.get("format")
-    if not isinstance(fmt, str) or not fmt.startswith(FORMAT_PREFIX):
-        raise ManifestError("unsupported_schema", f"format {fmt!r} is not a dist_guardian manifest")
-    if fmt != FORMAT:
-        raise ManifestError("unsupported_schema", f"format {fmt!r} is newer or unknown; this reader knows {FORMAT}")
+    """Parse manifest bytes. Raises :class:`ManifestError` (only) for anything we would not trust.
+
+    Each step below checks one part of the document and names the field it refuses.
+    """
+    doc = _decode(data)
+    fmt = _format(doc)
     run = doc.get("run")
     if not isinstance(run, str) or not RUN_NAME_RE.match(run):
         raise ManifestError("bad_field", f"run {run!r} is not a run name")
@@ -215,7 +207,62 @@ def parse(data: bytes) -> Manifest:
     fp = doc.get("compat_fingerprint")
     if not isinstance(fp, str) or len(fp) > 128:
         raise ManifestError("bad_field", "compat_fingerprint must be a short string")
-    files_doc = doc.get("files")
+    files_doc = doc.get("files") or {}  # None, [] or 0 are refused as {} is: "must be a non-empty object"
+    files = _files(files_doc, world_size)
+    tensors = _tensors(doc.get("tensors", {}), files_doc)
+    writer = doc.get("writer", {})
+    return Manifest(
+        run=run,
+        step=step,
+        generation=generation,
+        world_size=world_size,
+        created_unix=float(created),
+        compat=compat,
+        compat_fingerprint=fp,
+        metrics=metrics,
+        files=files,
+        tensors=tensors,
+        torch=str(doc.get("torch", "")),
+        writer=writer if isinstance(writer, dict) else {},
+        format=fmt,
+        layout=_layout(doc.get("layout", {})),
+        trees=_trees(doc.get("trees", {}), files_doc),
+    )
+
+
+def _decode(data: bytes) -> dict[str, Any]:
+    """The manifest's JSON object: size capped, UTF-8, no duplicate keys, no NaN/Infinity constants."""
+    if len(data) == 0:
+        raise ManifestError("empty_manifest", "manifest.json is empty")
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError("manifest_too_large", f"{len(data)} bytes > cap {MAX_MANIFEST_BYTES}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ManifestError("bad_json", f"not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except ManifestError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise ManifestError("bad_json", str(e)[:200]) from None
+    if not isinstance(doc, dict):
+        raise ManifestError("bad_json", "top level is not an object")
+    return doc
+
+
+def _format(doc: dict[str, Any]) -> str:
+    """The schema this reader knows, or ``unsupported_schema`` (a newer writer's manifest is refused, not guessed)."""
+    fmt = doc.get("format")
+    if not isinstance(fmt, str) or not fmt.startswith(FORMAT_PREFIX):
+        raise ManifestError("unsupported_schema", f"format {fmt!r} is not a dist_guardian manifest")
+    if fmt != FORMAT:
+        raise ManifestError("unsupported_schema", f"format {fmt!r} is newer or unknown; this reader knows {FORMAT}")
+    return fmt
+
+
+def _files(files_doc: object, world_size: int) -> tuple[FileEntry, ...]:
+    """The listed files: safe names (F47), bounded sizes, digests, and ranks inside the world."""
     if not isinstance(files_doc, dict) or not files_doc:
         raise ManifestError("bad_field", "files must be a non-empty object")
     if len(files_doc) > MAX_FILES:
@@ -235,7 +282,11 @@ def parse(data: bytes) -> Manifest:
         if rank is not None:
             rank = _int(entry, "rank", 0, world_size - 1)
         files.append(FileEntry(name=name, size=size, digest=digest, rank=rank))
-    tensors_doc = doc.get("tensors", {})
+    return tuple(files)
+
+
+def _tensors(tensors_doc: object, files_doc: dict[str, Any]) -> dict[str, dict[str, TensorStat]]:
+    """Per-tensor digests and save-time statistics, only for listed files."""
     if not isinstance(tensors_doc, dict):
         raise ManifestError("bad_field", "tensors must be an object")
     tensors: dict[str, dict[str, TensorStat]] = {}
@@ -251,13 +302,20 @@ def parse(data: bytes) -> Manifest:
                 raise ManifestError("bad_field", f"tensors[{fname!r}][{tname!r}].max_abs is not a finite number")
             per[tname] = TensorStat(digest=s["xxh3_128"], max_abs=m, finite=bool(s.get("finite", True)))
         tensors[fname] = per
-    writer = doc.get("writer", {})
-    layout = doc.get("layout", {})
+    return tensors
+
+
+def _layout(layout: object) -> dict[str, str]:
+    """State key -> structure fingerprint, each a short string."""
     if not isinstance(layout, dict) or not all(
         isinstance(k, str) and isinstance(v, str) and len(v) <= 128 for k, v in layout.items()
     ):
         raise ManifestError("bad_field", "layout must map state keys to short fingerprints")
-    trees = doc.get("trees", {})
+    return layout
+
+
+def _trees(trees: object, files_doc: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Listed file -> top-level state key -> digest (T10)."""
     if not isinstance(trees, dict) or not all(
         fname in files_doc
         and isinstance(per, dict)
@@ -265,23 +323,7 @@ def parse(data: bytes) -> Manifest:
         for fname, per in trees.items()
     ):
         raise ManifestError("bad_field", "trees must map listed files to {state key: 128-bit hex digest}")
-    return Manifest(
-        run=run,
-        step=step,
-        generation=generation,
-        world_size=world_size,
-        created_unix=float(created),
-        compat=compat,
-        compat_fingerprint=fp,
-        metrics=metrics,
-        files=tuple(files),
-        tensors=tensors,
-        torch=str(doc.get("torch", "")),
-        writer=writer if isinstance(writer, dict) else {},
-        format=fmt,
-        layout=layout,
-        trees=trees,
-    )
+    return trees
 
 
 def _finite_number(v: object) -> bool:

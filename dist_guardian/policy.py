@@ -3,8 +3,9 @@
 Belongs here: :func:`order` (the plan from the verdicts alone: timestamps never order
 anything, F35), :func:`defer_suspect` and :func:`better_remains` (a candidate found suspect
 while loading), and :class:`Reason` with the rules that call a failure transient (a store
-that may answer later, an attempt that ran out of time) or lasting (F33, F48). Every rank
-computes the same from the same inputs; nothing here does I/O.
+that may answer later, an attempt that ran out of time) or lasting (F33, F48). Those rules
+read the token of an :class:`errors.Reason` (``LASTING_STORE_TOKENS``, ``STORE_DOWN_TOKENS``),
+never words of its text. Every rank computes the same from the same inputs; nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .candidate import TIER_RANK, Candidate, validate_suspect_policy
+from .errors import Reason as ErrorReason
 
 # Loads one resume tries before it stops (T04): 2,000 foreign files that sniff clean and fail to load cost
 # 2,000 attempts and journal entries. Reaching it with candidates left raises AttemptCapReached (never fresh).
@@ -42,17 +44,26 @@ class Reason:
         return cls(text=raw[1:], transient=raw[0] == "T")
 
 
-# An insecure node-local root is refused for good (F48); the rest of a store's troubles may pass.
-_LASTING_STORE_MARKS = ("insecure", "symlink", "owned by uid")
+# Store reasons that will not pass by waiting: an insecure node-local root or a symlinked path is refused for
+# good (F48). Every other reason a store gives (store_unreachable, store_auth_failed, a listing error) may pass.
+LASTING_STORE_TOKENS = frozenset({"node_local_root_insecure", "run_dir_symlink", "symlink", "insecure"})
+# Candidate reasons that say a store was not read, not that the checkpoint is bad (retention must not act on them).
+STORE_DOWN_TOKENS = frozenset({"store_unreachable", "store_auth_failed"})
 
 
-def store_reason_is_transient(reason: str) -> bool:
-    """Whether an unreachable store may answer on a later start.
+def reason_token(reason: str | ErrorReason) -> str:
+    """The token of a reason, given as the value or as its text (what crosses ranks in JSON)."""
+    return reason.token if isinstance(reason, ErrorReason) else ErrorReason.parse(reason).token
 
-    Store reasons reach the plan as text from ``discovery`` and ``stores`` (``InsecurePathError``
-    messages carry the marks above), so this one rule still reads the text.
-    """
-    return not any(mark in reason for mark in _LASTING_STORE_MARKS)
+
+def store_reason_is_transient(reason: str | ErrorReason) -> bool:
+    """Whether an unreachable store may answer on a later start: decided on the reason's token."""
+    return reason_token(reason) not in LASTING_STORE_TOKENS
+
+
+def store_was_down(reasons: Iterable[str]) -> bool:
+    """Whether a candidate's reasons say its store did not answer (so its verdict says nothing of its bytes)."""
+    return any(reason_token(r) in STORE_DOWN_TOKENS for r in reasons)
 
 
 def _key(c: Candidate) -> tuple:

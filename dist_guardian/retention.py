@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import _faults, discovery, manifest, stores, verify
+from . import _faults, discovery, manifest, policy, stores, verify
 from .config import MIN_KEEP_LAST
 from .copying import CLAIMS_DIR, claim_rel, remove_stale
 from .errors import ConfigError, StoreError
@@ -101,7 +101,7 @@ def _list_verified(store: Store, run: str) -> tuple[Sequence[Any], Sequence[Any]
     except (OSError, StoreError) as e:
         log.warning("retention skipped for %s: could not list it fully (%s)", store.url, e)
         return None
-    unreadable = [c for c in checked if c.tier == "R" and any("store_unreachable" in r or "store_auth_failed" in r for r in c.reasons)]
+    unreadable = [c for c in checked if c.tier == "R" and policy.store_was_down(c.reasons)]
     if unreadable:
         log.warning("retention skipped for %s: could not read %s (%s)", store.url, unreadable[0].path, "; ".join(unreadable[0].reasons))
         return None

@@ -167,7 +167,7 @@ class Saver:
         err = ""
         try:
             if not stores.is_dir(staging):
-                raise SaveFailed(f"staging dir {staging} is not visible on this rank: the primary store must be shared by every rank")
+                raise SaveFailed("staging_not_shared", f"staging dir {staging} is not visible on this rank: the primary store must be shared by every rank")
             mine = [w.to_json() for w in self._write_rank_files(captured, rng, staging, step, comm)]
         except Exception as e:
             err = save_errno_reason(e, staging if stores.is_dir(staging) else ".")
@@ -193,12 +193,12 @@ class Saver:
     def _commit(self, primary: Store, staging: str, step: int, entries: list[WrittenEntry], metrics: dict[str, Any],
                 world: int, layout: dict[str, str], generation: int) -> Committed:
         """Rank 0: build the manifest and commit ``staging`` under the lineage rule, locally or remotely."""
-        mbytes = manifest.build(
+        mbytes = manifest.build(manifest.ManifestDraft(
             run=self.run, step=step, generation=generation, world_size=world, created_unix=time.time(),
             compat=self.config.resume.compat or {}, metrics=metrics, files=[w.entry for w in entries],
             tensors={w.entry.name: w.stats for w in entries}, trees={w.entry.name: w.trees for w in entries},
             torch_version=torch.__version__, writer=writer_info(), layout=layout,
-        )
+        ))
         if primary.is_local:
             path = commit_local(primary, self.run, staging, step, generation, mbytes)
         else:
@@ -215,7 +215,7 @@ class Saver:
         if self._comm().rank == 0:
             log.error("save of step %d abandoned on every rank; previous checkpoints untouched. %s", step, reason)
         if self.failed_saves > self.config.save_failures:
-            raise SaveFailed(f"save of step {step} failed ({self.failed_saves} in a row): {reason}")
+            raise SaveFailed("save_failed", f"save of step {step} failed ({self.failed_saves} in a row): {reason}")
         return SaveResult(committed=False, step=step, seconds=time.monotonic() - t0, reason=reason)
 
 

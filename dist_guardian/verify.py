@@ -4,7 +4,8 @@ Tiers (FAULTS.md): V verified (manifest, sizes match), L legacy (no manifest, st
 zip CRCs clean), S suspect (checksum or CRC mismatch, still loadable), R rejected (missing,
 empty, truncated, unsafe, incompatible). Verification never raises for a bad candidate and
 never reads tensor data of a native checkpoint: checksums are checked while loading, when
-the bytes stream by anyway. ``verify_full`` is the exception, for ``dist-guardian verify``.
+the bytes stream by anyway. :func:`verify_full` (``fullcheck``, re-exported here) is the
+exception, for ``dist-guardian verify`` and retention.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import xxhash
 from . import formats, manifest, stores
 from .candidate import Candidate, FileRef
 from .discovery import DCP_METADATA, RANK_FILE_RE, REPLICATED_FILE, Sighting
-from .errors import CheckpointFormatError, InsecurePathError, PlanningCapExceeded
+from .errors import CheckpointFormatError, InsecurePathError, PlanningCapExceeded, Reason, StoreUnavailable
+from .fullcheck import verify_full as verify_full  # re-exported: callers say verify.verify_full
 from .manifest import Manifest, ManifestError
+from .stores import Entry
 
 log = logging.getLogger(__name__)
 
@@ -152,24 +155,48 @@ def foreign_owner(store: stores.Store, rels: Iterable[str]) -> str | None:
 def _verify_native(
     s: Sighting, *, run: str, compat: dict[str, Any] | None, now: float, layout: dict[str, str] | None = None
 ) -> tuple[Candidate, int, tuple[str, ...]]:
+    """A native step directory: its manifest read and checked against the run, compat, layout and listing.
+
+    Returns the candidate, the lineage generation its manifest claims (0 when unknown) and warnings.
+    Nothing but the manifest and, on a local store, the files' headers is read.
+    """
     mf_entry = s.child(manifest.MANIFEST_NAME)
     if mf_entry is None:
         if not s.store.is_local:
-            return (
-                _base(s).with_verdict(
-                    "R", "uncommitted: no manifest.json (an object store without a manifest holds no candidate)"
-                ),
-                0,
-                (),
-            )
+            why = "uncommitted: no manifest.json (an object store without a manifest holds no candidate)"
+            return _base(s).with_verdict("R", why), 0, ()
         return _verify_native_legacy(s), 0, ()
+    read = _read_manifest(s, mf_entry)
+    if isinstance(read, Candidate):
+        return read, 0, ()
+    mf, data = read
+    c = _manifest_candidate(s, mf, data)
+    if s.step is not None and mf.step != s.step:
+        why = f"step_mismatch: directory says {s.step}, manifest says {mf.step}"
+        return c.with_verdict("R", why), mf.generation, ()
+    if mf.run != run:
+        return c.with_verdict("R", f"run_mismatch: manifest run {mf.run!r} is not {run!r}"), 0, ()
+    warnings: tuple[str, ...] = ()
+    if mf.created_unix > now + CLOCK_SKEW_S:
+        warnings = (
+            f"clock_skew_detected: {c.path} was created {mf.created_unix - now:.0f}s in the future "
+            "(ignored for ordering)",
+        )
+    problems = _incompatible(mf, compat, layout) or _file_problems(s, mf)
+    if problems:
+        return c.with_verdict("R", *problems), mf.generation, warnings
+    return c, mf.generation, warnings
+
+
+def _read_manifest(s: Sighting, mf_entry: Entry) -> tuple[Manifest, bytes] | Candidate:
+    """The parsed manifest and its bytes, or the verdict on a sighting whose manifest cannot be trusted."""
     try:
         if mf_entry.kind != "file":
             raise ManifestError("not_regular", f"manifest.json is a {mf_entry.kind}")
         if mf_entry.size > manifest.MAX_MANIFEST_BYTES:  # F49: refused by its listed size, never read
             raise ManifestError("manifest_too_large", f"{mf_entry.size} bytes > cap {manifest.MAX_MANIFEST_BYTES}")
         data = stores.read_small(s.store, f"{s.rel}/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
-        mf = manifest.parse(data)
+        return manifest.parse(data), data
     except ManifestError as e:
         reason = f"manifest_rejected: {e.reason}: {e.detail}"
         # F06: data files whose names match may still be a legacy candidate; not when the
@@ -177,60 +204,49 @@ def _verify_native(
         if s.store.is_local and e.reason not in NO_LEGACY_FALLBACK:
             legacy = _verify_native_legacy(s)
             if legacy.tier != "R":
-                return legacy.with_verdict(legacy.tier, reason), 0, ()
-        return _base(s).with_verdict("R", reason), 0, ()
+                return legacy.with_verdict(legacy.tier, reason)
+        return _base(s).with_verdict("R", reason)
     except (OSError, CheckpointFormatError) as e:
-        return _base(s).with_verdict("R", f"manifest_unreadable: {e}"), 0, ()
-    digest = xxhash.xxh3_128_hexdigest(data)
+        return _base(s).with_verdict("R", _unreadable("manifest_unreadable", e))
+
+
+def _manifest_candidate(s: Sighting, mf: Manifest, data: bytes) -> Candidate:
+    """The candidate a trusted manifest describes (tier V until a check below says otherwise)."""
     files = tuple(FileRef(name=f.name, size=f.size, digest=f.digest, rank=f.rank) for f in mf.files)
     replica_key = xxhash.xxh3_64_hexdigest(
         json.dumps([mf.run, mf.step, mf.generation, sorted((f.name, f.size, f.digest) for f in mf.files)]).encode()
     )
-    c = _base(
+    return _base(
         s,
         generation=mf.generation,
         run=mf.run,
         world_size=mf.world_size,
         files=files,
         replica_key=replica_key,
-        manifest_digest=digest,
+        manifest_digest=xxhash.xxh3_128_hexdigest(data),
         compat_fingerprint=mf.compat_fingerprint,
         layout_fingerprint=manifest.layout_fingerprint(mf.layout),
         created_unix=mf.created_unix,
     )
-    if s.step is not None and mf.step != s.step:
-        return (
-            c.with_verdict("R", f"step_mismatch: directory says {s.step}, manifest says {mf.step}"),
-            mf.generation,
-            (),
-        )
-    if mf.run != run:
-        return c.with_verdict("R", f"run_mismatch: manifest run {mf.run!r} is not {run!r}"), 0, ()
-    warnings: list[str] = []
-    if mf.created_unix > now + CLOCK_SKEW_S:
-        warnings.append(
-            f"clock_skew_detected: {c.path} was created {mf.created_unix - now:.0f}s in the future "
-            "(ignored for ordering)"
-        )
+
+
+def _incompatible(mf: Manifest, compat: dict[str, Any] | None, layout: dict[str, str] | None) -> list[str]:
+    """Why the checkpoint cannot fit the live job, judged on the manifest alone (F31): [] when it can."""
     if compat is not None and mf.compat_fingerprint != manifest.compat_fingerprint(compat):
-        return (
-            c.with_verdict("R", "incompatible: " + describe_compat_diff(mf.compat, compat)),
-            mf.generation,
-            tuple(warnings),
-        )
+        return ["incompatible: " + describe_compat_diff(mf.compat, compat)]
     differs = sorted(k for k, fp in (layout or {}).items() if k in mf.layout and mf.layout[k] != fp)
     if differs:
         # F31: the (name, shape, dtype) fingerprint of each module, compared before any data is read.
-        return (
-            c.with_verdict(
-                "R",
-                "incompatible: layout of "
-                + ", ".join(repr(k) for k in differs)
-                + " differs from the live state (parameter names, shapes or dtypes)",
-            ),
-            mf.generation,
-            tuple(warnings),
-        )
+        return [
+            "incompatible: layout of "
+            + ", ".join(repr(k) for k in differs)
+            + " differs from the live state (parameter names, shapes or dtypes)"
+        ]
+    return []
+
+
+def _file_problems(s: Sighting, mf: Manifest) -> list[str]:
+    """The listed files against the listing (every one), then, on a local store, the first bad native header."""
     problems = []
     for f in mf.files:
         got = s.child(f.name)
@@ -242,15 +258,30 @@ def _verify_native(
             problems.append(f"empty: {f.name} is 0 bytes")
         elif got.size != f.size:
             problems.append(f"size_mismatch: {f.name} expected={f.size} got={got.size}")
-    if problems:
-        return c.with_verdict("R", *problems), mf.generation, tuple(warnings)
-    if s.store.is_local:
-        for f in mf.files:
-            if f.name.endswith(formats.NATIVE_SUFFIX):
-                why = _check_native_header(s, f.name, f.size)
-                if why:
-                    return c.with_verdict("R", why), mf.generation, tuple(warnings)
-    return c, mf.generation, tuple(warnings)
+    if problems or not s.store.is_local:
+        return problems
+    for f in mf.files:
+        if f.name.endswith(formats.NATIVE_SUFFIX):
+            why = _check_native_header(s, f.name, f.size)
+            if why:
+                return [why]
+    return []
+
+
+def _unreadable(token: str, e: BaseException) -> str:
+    """The reason for a read that failed: ``token`` and the error's text.
+
+    A store that did not answer or refused us gives its own reason (``store_unreachable``,
+    ``store_auth_failed``), so retention and planning can tell "not read" from "bad" by token.
+    """
+    if isinstance(e, StoreUnavailable):
+        return str(e.why)
+    return str(Reason(token, str(e)))
+
+
+def _insecure(e: InsecurePathError) -> str:
+    """The reason for a path refused as unsafe: ``insecure`` and what is wrong with it (lasting, F48)."""
+    return str(Reason("insecure", e.detail))
 
 
 def _check_native_header(s: Sighting, name: str, size: int) -> str | None:
@@ -302,7 +333,7 @@ def _verify_torch(s: Sighting, extra_safe: Iterable[str]) -> Candidate:
         stores.check_dirs_no_symlink(s.store.root, s.rel)
         fd = stores.open_regular(path)
     except InsecurePathError as e:
-        return c.with_verdict("R", f"insecure: {e}")
+        return c.with_verdict("R", _insecure(e))
     except OSError as e:
         return c.with_verdict("R", f"unreadable: {e}")
     with os.fdopen(fd, "rb") as f:
@@ -366,7 +397,7 @@ def _verify_dcp(s: Sighting, extra_safe: Iterable[str] = ()) -> Candidate:
                 f"scan_incomplete: {DCP_METADATA}: {e}; its globals are judged when loaded",
             )
         except InsecurePathError as e:
-            return c.with_verdict("R", f"insecure: {e}")
+            return c.with_verdict("R", _insecure(e))
         except OSError as e:
             return c.with_verdict("R", f"unreadable: {s.rel}/{DCP_METADATA}: {e}")
         if unsafe:
@@ -394,58 +425,3 @@ def describe_compat_diff(saved: dict[str, Any], live: dict[str, Any]) -> str:
         elif json.dumps(saved[k], sort_keys=True, default=str) != json.dumps(live[k], sort_keys=True, default=str):
             diffs.append(f"{k}: checkpoint {saved[k]!r} != now {live[k]!r}")
     return "compat differs: " + ("; ".join(diffs) if diffs else "fingerprint differs")
-
-
-# ----------------------------------------------------------------------------- full verification (CLI)
-
-
-def verify_full(store: stores.Store, rel: str) -> tuple[str, list[str]]:
-    """Read every byte of a native checkpoint and compare all checksums. Returns (tier, reasons)."""
-    try:
-        data = stores.read_small(store, f"{rel}/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
-        mf: Manifest = manifest.parse(data)
-    except (OSError, ManifestError) as e:
-        return "R", [f"manifest: {e}"]
-    reasons: list[str] = []
-    tier = "V"
-    for f in mf.files:
-        try:
-            got_size, got, damaged, tree_why = _digest_file(store, f"{rel}/{f.name}", f.name, mf)
-        except (OSError, CheckpointFormatError) as e:
-            return "R", reasons + [f"{f.name}: {e}"]
-        if got_size != f.size:
-            return "R", reasons + [f"size_mismatch: {f.name} expected={f.size} got={got_size}"]
-        if got != f.digest:
-            tier = "S"
-            reasons.append(
-                f"checksum_mismatch: {f.name} expected={f.digest} got={got}"
-                + (f" damaged_tensors={damaged[:10]}" if damaged else "")
-            )
-            if tree_why:
-                reasons.append(f"tree_damaged: {f.name}: {tree_why}")
-    return tier, reasons
-
-
-def _digest_file(store: stores.Store, rel: str, name: str, mf: Manifest) -> tuple[int, str, list[str], str | None]:
-    """Size, digest, damaged tensors and (for a native file) why its header is damaged, if it is.
-
-    Streamed through the digests (:data:`formats.DIGEST_CHUNK` at a time, never the whole file).
-    """
-    expected = mf.tensors.get(name, {})
-    if store.is_local:
-        f: Any = os.fdopen(stores.open_regular(store.join(rel)), "rb")
-        size = os.fstat(f.fileno()).st_size
-    else:
-        size = stores.remote_size(store, rel)
-        f = stores.RemoteReader(store, rel, size)
-    with f:
-        if not name.endswith(formats.NATIVE_SUFFIX):
-            n, d = formats.file_digest_stream(f)
-            return n, d, [], None
-        header = formats.parse_header(f, size, name=name)
-        digest, per = formats.stream_digests(f, header, name=name)
-        damaged = [t for t, d in per.items() if t in expected and expected[t].digest != d]
-        known = {t: s.digest for t, s in expected.items()} if name in mf.tensors else None
-        intact = any(x.name == name and x.digest == digest for x in mf.files)
-        why = None if intact else formats.header_damage(header, per, known, mf.trees.get(name))
-        return size, digest, damaged, why

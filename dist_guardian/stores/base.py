@@ -234,19 +234,19 @@ def _ensure_private_dir(path: str, *, what: str) -> None:
     except FileExistsError:
         pass
     except OSError as e:
-        raise StoreError(f"{what} {path}: cannot create it ({e.strerror})") from e
+        raise StoreError("node_local_root_uncreatable", f"{what} {path}: cannot create it ({e.strerror})") from e
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
-        raise InsecurePathError(f"node_local_root_insecure: {what} {path} is a symlink; refusing to follow it")
+        raise InsecurePathError("node_local_root_insecure", f"{what} {path} is a symlink; refusing to follow it")
     if not stat.S_ISDIR(st.st_mode):
-        raise InsecurePathError(f"node_local_root_insecure: {what} {path} is not a directory")
+        raise InsecurePathError("node_local_root_insecure", f"{what} {path} is not a directory")
     if st.st_uid != os.geteuid():
         raise InsecurePathError(
-            f"node_local_root_insecure: {what} {path} is owned by uid {st.st_uid}, not by us (uid {os.geteuid()})"
+            "node_local_root_insecure", f"{what} {path} is owned by uid {st.st_uid}, not by us (uid {os.geteuid()})"
         )
     if st.st_mode & 0o022:
         raise InsecurePathError(
-            f"node_local_root_insecure: {what} {path} has mode {stat.S_IMODE(st.st_mode):04o} "
+            "node_local_root_insecure", f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o} "
             "(group/world-writable); fix with chmod 700 or remove it"
         )
 

@@ -95,7 +95,7 @@ def error_code(e: BaseException) -> str | None:
 def timed_out(store: Store, what: str, limit: float) -> StoreUnavailable:
     """The error of a call that missed its deadline (tests and callers match "did not answer within")."""
     return StoreUnavailable(
-        errno.ETIMEDOUT, f"store_unreachable store={store.url}: {what} did not answer within {limit:.1f}s"
+        "store_unreachable", f"{what} did not answer within {limit:.1f}s", errno=errno.ETIMEDOUT, store=store.url
     )
 
 
@@ -107,17 +107,17 @@ def _classify(store: Store, what: str, e: BaseException, limit: float) -> BaseEx
         return e
     if code in MISSING_CODES:
         num, tail = MISSING_CODES[code]
-        return StoreUnavailable(num, f"store_unreachable store={store.url}: {what}: {tail}")
+        return StoreUnavailable("store_unreachable", f"{what}: {tail}", errno=num, store=store.url)
     if isinstance(e, auth_types) or code in AUTH_CODES:
-        msg = f"store_auth_failed store={store.url}: {what}: {name}: {e}"
-        _auth_failed[store.key] = (time.monotonic(), msg)
-        return StoreUnavailable(errno.EACCES, msg)
+        detail = f"{what}: {name}: {e}"
+        _auth_failed[store.key] = (time.monotonic(), detail)
+        return StoreUnavailable("store_auth_failed", detail, errno=errno.EACCES, store=store.url)
     if isinstance(e, OSError) and isinstance(e, tuple(KEPT)):
         return type(e)(e.errno or KEPT.get(type(e), errno.ENOENT), f"{what}: {e}")
     if isinstance(e, timeout_types):
         return timed_out(store, what, limit)
     num = (e.errno if isinstance(e, OSError) else None) or errno.EIO
-    return StoreUnavailable(num, f"store_unreachable store={store.url}: {what}: {name}: {e}")
+    return StoreUnavailable("store_unreachable", f"{what}: {name}: {e}", errno=num, store=store.url)
 
 
 def translate(store: Store, what: str, e: BaseException, limit: float) -> BaseException:
@@ -143,7 +143,8 @@ def check_auth_memo(store: Store) -> None:
     if time.monotonic() - hit[0] > AUTH_FAILURE_TTL_S:
         _auth_failed.pop(store.key, None)
         return
-    raise StoreUnavailable(errno.EACCES, f"{hit[1]} (not retried for {AUTH_FAILURE_TTL_S:.0f}s)")
+    detail = f"{hit[1]} (not retried for {AUTH_FAILURE_TTL_S:.0f}s)"
+    raise StoreUnavailable("store_auth_failed", detail, errno=errno.EACCES, store=store.url)
 
 
 def _reset_after_fork() -> None:

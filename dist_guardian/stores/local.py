@@ -51,12 +51,14 @@ def _open_checked(path: str, flags: int, mode: int = 0o600) -> int:
         fd = os.open(path, flags, mode)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise InsecurePathError(errno.ELOOP, f"{path} is a symlink; refusing to follow it") from e
+            raise InsecurePathError("symlink", f"{path} is a symlink; refusing to follow it", errno=errno.ELOOP) from e
         raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise InsecurePathError(errno.EINVAL, f"{path} is not a regular file (mode {stat.filemode(st.st_mode)})")
+            raise InsecurePathError(
+                "not_regular", f"{path} is not a regular file (mode {stat.filemode(st.st_mode)})", errno=errno.EINVAL
+            )
         # O_NONBLOCK only guarded the open against a FIFO; I/O on a regular file blocks as usual.
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         return fd
@@ -74,7 +76,7 @@ def check_dirs_no_symlink(root: str, rel: str) -> None:
         cur = os.path.join(cur, part)
         st = os.lstat(cur)
         if stat.S_ISLNK(st.st_mode):
-            raise InsecurePathError(errno.ELOOP, f"{cur} is a symlink; refusing to follow it")
+            raise InsecurePathError("symlink", f"{cur} is a symlink; refusing to follow it", errno=errno.ELOOP)
 
 
 def make_run_dir(store: Store, run: str) -> str:
@@ -98,9 +100,10 @@ def check_run_dir(store: Store, run: str) -> None:
         return
     if stat.S_ISLNK(st.st_mode):
         raise InsecurePathError(
-            errno.ELOOP,
-            f"run_dir_symlink: {path} is a symlink, and resume never follows one below a store's root; "
+            "run_dir_symlink",
+            f"{path} is a symlink, and resume never follows one below a store's root; "
             f"make the store root the link instead, or give a store whose {run!r} is a real directory",
+            errno=errno.ELOOP,
         )
 
 
@@ -123,7 +126,7 @@ def list_local(base: str, max_depth: int, max_entries: int) -> list[Entry]:
                     kind = "other"
                 out.append(Entry(r, kind, st.st_size if kind == "file" else 0, st.st_mtime))
                 if len(out) > max_entries:
-                    raise StoreError(f"listing {base} exceeds {max_entries} entries")
+                    raise StoreError("listing_too_large", f"listing {base} exceeds {max_entries} entries")
                 if kind == "dir" and depth + 1 < max_depth:
                     try:
                         walk(de.path, r, depth + 1)
@@ -205,7 +208,9 @@ def replace_file(path: str, data: bytes) -> None:
     else:
         if not stat.S_ISREG(st.st_mode):
             raise InsecurePathError(
-                errno.EINVAL, f"{path} is not a regular file (mode {stat.filemode(st.st_mode)}); left as it is"
+                "not_regular",
+                f"{path} is not a regular file (mode {stat.filemode(st.st_mode)}); left as it is",
+                errno=errno.EINVAL,
             )
     tmp = f"{path}.{uuid.uuid4().hex[:16]}.tmp"
     try:
@@ -248,7 +253,7 @@ def makedirs_private(root: str, rel_dir: str, *, mode: int = 0o700) -> None:
         except FileNotFoundError:
             break  # what is missing, makedirs creates as real directories
         if stat.S_ISLNK(st.st_mode):
-            raise InsecurePathError(errno.ELOOP, f"{cur} is a symlink; nothing is written through it")
+            raise InsecurePathError("symlink", f"{cur} is a symlink; nothing is written through it", errno=errno.ELOOP)
     os.makedirs(os.path.join(root, rel_dir), mode=mode, exist_ok=True)
 
 

@@ -85,7 +85,7 @@ def _entries(store: Store, prefix: str, b: str, items: list[dict], max_depth: in
         kind: EntryKind = "dir" if info.get("type") == "directory" else "file"
         out.append(Entry(rel, kind, int(info.get("size") or 0), _mtime(info)))
         if len(out) > max_entries:
-            raise StoreError(f"listing {store.uri(prefix)} exceeds {max_entries} entries")
+            raise StoreError("listing_too_large", f"listing {store.uri(prefix)} exceeds {max_entries} entries")
     # Object stores have no directories: derive them from the keys.
     dirs: set[str] = set()
     for e in out:

@@ -211,8 +211,9 @@ def test_T04_ls_of_a_20k_file_manifest_is_linear(tmp_path, capsys):
         name = f"rank-{i:05d}-of-{n:05d}.dgt"
         open(os.path.join(d, name), "wb").close()
         files.append(manifest.FileEntry(name=name, size=1, digest="0" * 32, rank=i))
-    data = manifest.build(run=RUN, step=100, generation=1, world_size=n, created_unix=time.time(), compat={},
-                          metrics={}, files=files, tensors={}, torch_version="x", writer={})
+    data = manifest.build(manifest.ManifestDraft(
+        run=RUN, step=100, generation=1, world_size=n, created_unix=time.time(), compat={},
+        metrics={}, files=files, tensors={}, torch_version="x", writer={}))
     pathlib.Path(d, manifest.MANIFEST_NAME).write_bytes(data)
     t0 = time.perf_counter()
     rc = cli.main(["ls", str(tmp_path), "--run", RUN])

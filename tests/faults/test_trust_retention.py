@@ -199,8 +199,9 @@ def test_T03_every_written_number_round_trips_through_every_reader(tmp_path):
     gen, world, step = manifest.MAX_GENERATION, manifest.MAX_WORLD_SIZE, manifest.MAX_STEP
     big = manifest.FileEntry(name=rank_file_name(world - 1, world), size=manifest.MAX_FILE_SIZE, digest="0" * 32,
                              rank=world - 1)
-    mf = manifest.parse(manifest.build(run=RUN, step=step, generation=gen, world_size=world, created_unix=0.0,
-                                       compat={}, metrics={}, files=[big], tensors={}, torch_version="x", writer={}))
+    mf = manifest.parse(manifest.build(manifest.ManifestDraft(
+        run=RUN, step=step, generation=gen, world_size=world, created_unix=0.0,
+        compat={}, metrics={}, files=[big], tensors={}, torch_version="x", writer={})))
     assert (mf.step, mf.generation, mf.world_size, mf.files[0].size, mf.files[0].rank) == (
         step, gen, world, manifest.MAX_FILE_SIZE, world - 1)
     root = str(tmp_path / "ck")
@@ -208,9 +209,9 @@ def test_T03_every_written_number_round_trips_through_every_reader(tmp_path):
     os.makedirs(d)
     w = write_tree(os.path.join(d, big.name), {"x": torch.zeros(3)}, rank=world - 1, step=step, file_rank=world - 1)
     with open(os.path.join(d, manifest.MANIFEST_NAME), "wb") as f:
-        f.write(manifest.build(run=RUN, step=step, generation=gen, world_size=world, created_unix=0.0, compat={},
-                               metrics={}, files=[w.entry], tensors={w.entry.name: w.stats}, torch_version="x",
-                               writer={}))
+        f.write(manifest.build(manifest.ManifestDraft(
+            run=RUN, step=step, generation=gen, world_size=world, created_unix=0.0, compat={},
+            metrics={}, files=[w.entry], tensors={w.entry.name: w.stats}, torch_version="x", writer={})))
     store = stores.resolve(root)
     sightings = discovery.discover_store(store, RUN)
     assert [(s.step, s.generation_hint) for s in sightings] == [(step, gen)]

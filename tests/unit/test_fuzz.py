@@ -130,13 +130,13 @@ D1, D2 = "0123456789abcdef" * 2, "fedcba9876543210" * 2
 
 
 def valid_manifest() -> bytes:
-    return manifest.build(
+    return manifest.build(manifest.ManifestDraft(
         run=RUN, step=200, generation=1, world_size=2, created_unix=1.7e9, compat={"model": "m"}, metrics={"loss": 0.5},
         files=[manifest.FileEntry(name="replicated.dgt", size=1234, digest=D1),
                manifest.FileEntry(name="rank-00001-of-00002.dgt", size=99, digest=D2, rank=1)],
         tensors={"replicated.dgt": {"model/w": manifest.TensorStat(digest=D1, max_abs=2.5, finite=True)}},
         torch_version="2.x", writer={"host": "h"}, layout={"model": "f" * 32},
-    )
+    ))
 
 
 def valid_native() -> tuple[bytes, int]:

@@ -10,6 +10,9 @@ import dist_guardian
 LAYERS = [
     {"errors", "_faults"},
     {"candidate", "policy", "manifest"},
+    {"formats.native"},
+    {"formats.digests", "formats.writing"},
+    {"formats.foreign"},
     {"formats"},
     # the stores package, bottom up: the value and error translation, then calls, then operations
     {"stores.base", "stores.errors"},
@@ -21,6 +24,7 @@ LAYERS = [
     {"stores"},
     {"config", "commit"},
     {"discovery"},
+    {"fullcheck"},
     {"verify"},
     {"journal", "planning"},
     {"copying"},

@@ -46,7 +46,7 @@ def test_missing_bucket_kept_meanings_and_our_own_errors(store):
     for kind in (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError):
         t = store_errors.translate(store, "stat z", kind("gone"), 1.0)
         assert type(t) is kind and t.strerror == "stat z: gone" and isinstance(t.__cause__, kind)
-    ours = InsecurePathError("x is a symlink")
+    ours = InsecurePathError("symlink", "x is a symlink")
     assert store_errors.translate(store, "read z", ours, 1.0) is ours
     other = store_errors.translate(store, "read z", RuntimeError("boom"), 1.0)
     assert isinstance(other, StoreUnavailable) and other.strerror.endswith("read z: RuntimeError: boom")

@@ -1,0 +1,185 @@
+"""Digests of native files read back: parallel read-and-hash into staging, streaming, and damage naming.
+
+Checksums are xxh3-128. Each tensor's bytes get their own digest (named in the manifest,
+so a damaged tensor can be named), and the file digest is the xxh3-128 of the header bytes
+followed by the tensors' 16-byte digests in file order: every byte of the file is covered
+and each byte is hashed once.
+
+Belongs here: computing those digests over bytes read from a file or held in memory, and
+saying which part of a file is damaged when they disagree (T10).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+from typing import Any, BinaryIO, Protocol, cast
+
+import xxhash
+
+from ..errors import CheckpointFormatError
+from .native import NativeHeader, tree_digest, tree_key_digests
+
+# Full verification (``dist-guardian verify``, retention) streams each file through one reused buffer of
+# this size: its peak memory is one chunk, whatever the file size (a 1 GiB file read whole raised the
+# training process's peak RSS by 1 GB at every save with keep_last). xxh3 runs at memory speed either way.
+DIGEST_CHUNK = 8 * 1024 * 1024
+
+
+class _ReadInto(Protocol):
+    """What the streaming readers need of a file (typeshed's ``BinaryIO`` has no ``readinto``)."""
+
+    def readinto(self, b: Any, /) -> int | None: ...
+
+
+
+def read_and_hash(
+    fd: int,
+    header: NativeHeader,
+    buf: memoryview,
+    *,
+    name: str = "file",
+    threads: int = 4,
+    chunk: int = 32 * 1024 * 1024,
+) -> tuple[str, dict[str, str]]:
+    """Read the payload into ``buf`` with parallel ``pread`` calls while this thread hashes what has arrived.
+
+    Staging must be fresh memory (nothing live may change before the vote), and on this
+    machine faulting it in costs more than the copy itself: 2.1 GB read into touched memory
+    took 0.41 s, into fresh memory 1.69 s with 2 readers and 1.46 s with 4 (benchmarks/README.md).
+    Several readers fault pages in parallel; hashing each chunk right after it lands (hot in
+    cache, on this thread, the GIL released by xxhash) costs no extra pass. Returns the file digest
+    and the per-tensor digests, as :func:`payload_digests` would.
+    """
+    n = header.payload_size
+    if len(buf) != n:
+        raise ValueError("buffer size does not match the payload")
+    start = header.data_start
+    spans = [(o, min(o + chunk, n)) for o in range(0, n, chunk)]
+
+    def read(lo: int, hi: int) -> None:
+        pos = lo
+        while pos < hi:
+            got = os.preadv(fd, [buf[pos:hi]], start + pos)
+            if got <= 0:
+                raise CheckpointFormatError(f"{name}: truncated payload ({pos} of {n} bytes)")
+            pos += got
+
+    hasher = _TensorHasher(header)
+    if not spans:
+        return hasher.finish()
+    with cf.ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="dist_guardian-read") as ex:
+        futs = [ex.submit(read, lo, hi) for lo, hi in spans]
+        try:
+            for (lo, hi), fut in zip(spans, futs, strict=True):
+                fut.result()
+                hasher.feed(buf, lo, hi)
+        except BaseException:
+            for fut in futs:
+                fut.cancel()
+            raise
+    return hasher.finish()
+
+
+class _TensorHasher:
+    """Per-tensor xxh3-128 over a payload fed in order, in chunks that ignore tensor boundaries."""
+
+    def __init__(self, header: NativeHeader):
+        self.header = header
+        self.entries = [e for e in header.entries]
+        self.i = 0
+        self.h = xxhash.xxh3_128()
+        self.raw: list[bytes] = []
+        self.per: dict[str, str] = {}
+        self._skip_empty()
+
+    def _skip_empty(self) -> None:
+        while self.i < len(self.entries) and self.entries[self.i].end == self.entries[self.i].begin:
+            self._close()
+
+    def _close(self) -> None:
+        e = self.entries[self.i]
+        self.raw.append(self.h.digest())
+        self.per[e.name] = self.h.hexdigest()
+        self.h = xxhash.xxh3_128()
+        self.i += 1
+
+    def feed(self, buf: memoryview, lo: int, hi: int, base: int = 0) -> None:
+        """Hash payload bytes ``lo..hi``, held in ``buf`` from payload offset ``base`` on."""
+        pos = lo
+        while pos < hi and self.i < len(self.entries):
+            e = self.entries[self.i]
+            take = min(hi, e.end)
+            self.h.update(buf[pos - base : take - base])
+            pos = take
+            if pos == e.end:
+                self._close()
+                self._skip_empty()
+
+    def finish(self) -> tuple[str, dict[str, str]]:
+        while self.i < len(self.entries):
+            self._close()
+        return tree_digest(self.header.header_bytes, self.raw), self.per
+
+
+def header_damage(
+    header: NativeHeader, per: dict[str, str], expected: dict[str, str] | None, trees: dict[str, str] | None
+) -> str | None:
+    """Why a file whose digest disagrees is damaged outside its tensors, or None when only tensors are (T10).
+
+    ``per``: the tensor digests as read; ``expected``: the manifest's (None: unknown); ``trees``:
+    the manifest's :func:`tree_key_digests` (absent in older manifests). With ``trees`` the
+    damaged keys are named; otherwise a mismatch while every tensor digest matches can only be
+    the header (the state tree or the tensor index).
+    """
+    if trees:
+        try:
+            got = tree_key_digests(header.tree)
+        except (ValueError, RecursionError):
+            return "the state tree is not valid JSON"
+        keys = sorted(k for k in set(trees) | set(got) if trees.get(k) != got.get(k))
+        if keys:
+            return f"state tree damaged in key {', '.join(map(repr, keys[:10]))} (not checkable by the sanity gate)"
+    if expected is not None and per == expected:
+        return "header damaged outside the tensors (every tensor digest matches)"
+    return None
+
+
+def payload_digests(header: NativeHeader, buf: memoryview) -> tuple[str, dict[str, str]]:
+    """The file digest and per-tensor digests of a payload held in memory."""
+    raw = []
+    per = {}
+    for t in header.entries:
+        h = xxhash.xxh3_128(buf[t.begin : t.end])
+        raw.append(h.digest())
+        per[t.name] = h.hexdigest()
+    return tree_digest(header.header_bytes, raw), per
+
+
+def stream_digests(f: BinaryIO, header: NativeHeader, *, name: str = "file") -> tuple[str, dict[str, str]]:
+    """The file digest and per-tensor digests of the payload ``f`` is positioned at, read in
+    :data:`DIGEST_CHUNK` pieces into one buffer (a tensor larger than a chunk is hashed incrementally)."""
+    n = header.payload_size
+    buf = memoryview(bytearray(min(DIGEST_CHUNK, n)))
+    hasher = _TensorHasher(header)
+    pos = 0
+    while pos < n:
+        got = cast(_ReadInto, f).readinto(buf[: min(len(buf), n - pos)])
+        if not got:
+            raise CheckpointFormatError(f"{name}: truncated payload ({pos} of {n} bytes)")
+        hasher.feed(buf, pos, pos + got, base=pos)
+        pos += got
+    return hasher.finish()
+
+
+def file_digest_stream(f: BinaryIO) -> tuple[int, str]:
+    """Plain xxh3-128 and size of a whole stream (foreign files, mirrors), read in :data:`DIGEST_CHUNK` pieces."""
+    h = xxhash.xxh3_128()
+    buf = memoryview(bytearray(DIGEST_CHUNK))
+    n = 0
+    while True:
+        got = cast(_ReadInto, f).readinto(buf)
+        if not got:
+            return n, h.hexdigest()
+        h.update(buf[:got])
+        n += got
