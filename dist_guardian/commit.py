@@ -26,6 +26,7 @@ from . import _faults, formats, manifest, stores
 from .errors import CommitConflict
 from .manifest import FileEntry, TensorStat
 from .stores import Store
+from .layout import MANIFEST_NAME, new_staging_name, step_dir_name
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +118,9 @@ def open_staging(primary: Store, run: str, step: int) -> str:
     if primary.is_local:
         stores.make_run_dir(primary, run)
         stores.clean_stale_staging(primary, run)
-        path = primary.join(run, stores.new_staging_name(step))
+        path = primary.join(run, new_staging_name(step))
     else:
-        path = os.path.join(stores.node_local_base(), stores.new_staging_name(step))
+        path = os.path.join(stores.node_local_base(), new_staging_name(step))
     stores.mkdir_private(path)
     return path
 
@@ -136,7 +137,7 @@ def discard_staging(path: str) -> None:
 def committed_generation(store: Store, rel: str) -> int | None:
     """The generation of the checkpoint committed at ``rel``, or None when its manifest cannot be read."""
     try:
-        return manifest.parse(stores.read_small(store, f"{rel}/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)).generation
+        return manifest.parse(stores.read_small(store, f"{rel}/{MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)).generation
     except (OSError, manifest.ManifestError):
         return None
 
@@ -150,7 +151,7 @@ def commit_lineage(store: Store, run: str, step: int, generation: int, place: Ca
     generation, or by a checkpoint whose manifest cannot be read, is a :class:`CommitConflict`:
     another writer of this lineage committed the step first (F38).
     """
-    for name in (stores.step_dir_name(step), stores.step_dir_name(step, generation)):
+    for name in (step_dir_name(step), step_dir_name(step, generation)):
         try:
             return place(name)
         except FileExistsError:
@@ -172,7 +173,7 @@ def commit_local(store: Store, run: str, staging: str, step: int, generation: in
     The final name follows :func:`commit_lineage`.
     """
     _faults.hit("before_manifest", rank=rank, step=step)
-    stores.write_new_file(os.path.join(staging, manifest.MANIFEST_NAME), manifest_bytes)
+    stores.write_new_file(os.path.join(staging, MANIFEST_NAME), manifest_bytes)
     stores.fsync_dir(staging)
     _faults.hit("after_manifest_before_rename", rank=rank, step=step)
 

@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from . import _faults, manifest, stores
+from . import _faults, stores
 from .candidate import validate_suspect_policy
 from .errors import ConfigError
+from .layout import NAME_RE
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class ResumeConfig:
         if not self.stores:
             raise ConfigError("stores is empty: give at least one store, e.g. stores=['checkpoints/']")
         object.__setattr__(self, "stores", (self.stores,) if isinstance(self.stores, str) else tuple(self.stores))
-        if not isinstance(self.run, str) or not manifest.RUN_NAME_RE.match(self.run):
+        if not isinstance(self.run, str) or not NAME_RE.match(self.run):
             raise ConfigError(f"run={self.run!r} is not a plain name (letters, digits, '.', '_', '-')")
         for url in self.stores:
             stores.check_url(url)

@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from . import _faults, formats, manifest, stores, verify
 from .commit import commit_lineage, discard_staging, writer_info
 from .errors import ConfigError
+from .layout import CLAIMS_DIR, MANIFEST_NAME, QUARANTINE_PREFIX, claim_rel, new_staging_name  # noqa: F401 (re-exported)
 from .stores import Store
 
 log = logging.getLogger(__name__)
 
-CLAIMS_DIR = ".writers"  # <run>/.writers/<step dir>.json: who is uploading that checkpoint to an object store
-QUARANTINE_PREFIX = ".quarantine-"  # a damaged local replica set aside by repair_replica (kept, never deleted)
 
 
 def copy_checkpoint(src_dir: str, dst: Store, run: str, dirname: str, *, exclusive: bool = False,
@@ -64,7 +63,7 @@ def commit_remote(store: Store, run: str, staging: str, step: int, generation: i
 
     The final name follows :func:`commit.commit_lineage`, as a local commit does.
     """
-    stores.write_new_file(os.path.join(staging, manifest.MANIFEST_NAME), manifest_bytes)
+    stores.write_new_file(os.path.join(staging, MANIFEST_NAME), manifest_bytes)
     return commit_lineage(store, run, step, generation,
                           lambda name: copy_checkpoint(staging, store, run, name, exclusive=True, abort_stale=abort_stale))
 
@@ -76,12 +75,12 @@ def _copy_local(src_dir: str, mbytes: bytes, mf: manifest.Manifest, dst: Store, 
             raise FileExistsError(errno.EEXIST, f"{final} already exists", final)
         return final
     stores.make_run_dir(dst, run)
-    staging = dst.join(run, stores.new_staging_name(mf.step))
+    staging = dst.join(run, new_staging_name(mf.step))
     stores.mkdir_private(staging)
     try:
         for f in mf.files:
             _copy_local_file(os.path.join(src_dir, f.name), os.path.join(staging, f.name), f.size)
-        stores.write_new_file(os.path.join(staging, manifest.MANIFEST_NAME), mbytes)
+        stores.write_new_file(os.path.join(staging, MANIFEST_NAME), mbytes)
         stores.rename_commit(staging, final)
     except FileExistsError:
         discard_staging(staging)
@@ -94,8 +93,6 @@ def _copy_local(src_dir: str, mbytes: bytes, mf: manifest.Manifest, dst: Store, 
     return final
 
 
-def claim_rel(run: str, dirname: str) -> str:
-    return f"{run}/{CLAIMS_DIR}/{dirname}.json"
 
 
 def _read_claim(dst: Store, run: str, dirname: str) -> tuple[str, float, bool] | None:
@@ -152,7 +149,7 @@ def _copy_remote(up: _Upload, *, exclusive: bool, token: str, transfer: stores.T
     if abort_stale:
         clean_stale_uploads(dst, up.run)
     listing = {e.rel: e for e in stores.list_tree(dst, up.rel_dir, max_depth=1)}
-    if manifest.MANIFEST_NAME in listing:
+    if MANIFEST_NAME in listing:
         if exclusive:
             raise FileExistsError(errno.EEXIST, f"{uri} already has a manifest")
         return uri
@@ -178,7 +175,7 @@ def _copy_remote(up: _Upload, *, exclusive: bool, token: str, transfer: stores.T
     step = up.mf.step
     _faults.hit("before_s3_manifest", rank=0, step=step)
     try:
-        stores.put_bytes_exclusive(dst, f"{up.rel_dir}/{manifest.MANIFEST_NAME}", up.mbytes)
+        stores.put_bytes_exclusive(dst, f"{up.rel_dir}/{MANIFEST_NAME}", up.mbytes)
     except FileExistsError:
         if exclusive:
             raise FileExistsError(errno.EEXIST, f"commit_conflict: {uri} got a manifest from another writer (412)") from None
@@ -263,7 +260,7 @@ def clean_stale_uploads(store: Store, run: str) -> list[str]:
     stale = [d for d in claims if d not in live]
     if stale:
         committed = {e.rel.split("/", 1)[0] for e in stores.list_tree(store, run, max_depth=2)
-                     if e.rel.endswith("/" + manifest.MANIFEST_NAME)}
+                     if e.rel.endswith("/" + MANIFEST_NAME)}
         for d in stale:
             if d in committed:
                 continue  # a committed checkpoint's claim is its record; retention removes it with it
@@ -279,7 +276,7 @@ def remove_stale(dst: Store, run: str, dirname: str, why: str) -> None:
     """Delete a step's uncommitted objects and its claim, after checking once more that nothing committed meanwhile."""
     rel_dir = f"{run}/{dirname}"
     listing = {e.rel for e in stores.list_tree(dst, rel_dir, max_depth=1)}
-    if manifest.MANIFEST_NAME in listing:
+    if MANIFEST_NAME in listing:
         raise FileExistsError(errno.EEXIST, f"{dst.uri(rel_dir)} was committed meanwhile")
     n = stores.delete_tree(dst, rel_dir)
     stores.delete(dst, claim_rel(run, dirname))
@@ -287,7 +284,7 @@ def remove_stale(dst: Store, run: str, dirname: str, why: str) -> None:
 
 
 def _read_local_manifest(src_dir: str) -> bytes:
-    fd = stores.open_regular(os.path.join(src_dir, manifest.MANIFEST_NAME))
+    fd = stores.open_regular(os.path.join(src_dir, MANIFEST_NAME))
     with os.fdopen(fd, "rb") as f:
         return f.read(manifest.MAX_MANIFEST_BYTES + 1)
 
@@ -324,10 +321,10 @@ def repair_replica(src: Store, src_rel: str, dst: Store, run: str, dirname: str)
     """
     if not dst.is_local:
         raise ConfigError(f"repair re-fetches into local stores only; {dst.url} is remote")
-    mbytes = stores.read_small(src, f"{src_rel}/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
+    mbytes = stores.read_small(src, f"{src_rel}/{MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
     mf = manifest.parse(mbytes)
     stores.make_run_dir(dst, run)
-    staging = dst.join(run, stores.new_staging_name(mf.step))
+    staging = dst.join(run, new_staging_name(mf.step))
     stores.mkdir_private(staging)
     try:
         chunk = 32 << 20
@@ -345,7 +342,7 @@ def repair_replica(src: Store, src_rel: str, dst: Store, run: str, dirname: str)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        stores.write_new_file(os.path.join(staging, manifest.MANIFEST_NAME), mbytes)
+        stores.write_new_file(os.path.join(staging, MANIFEST_NAME), mbytes)
         stores.fsync_dir(staging)
         tmp = Store(url=staging, index=0, kind="local", root=os.path.dirname(staging))
         tier, reasons = verify.verify_full(tmp, os.path.basename(staging))

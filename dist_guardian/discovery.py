@@ -9,21 +9,18 @@ which stores could not be listed. Deciding whether a sighting can be trusted is
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from . import formats, manifest, stores
+from . import formats, stores
 from .errors import StoreError
 from .stores import Entry, Store
+from .layout import DCP_METADATA, MANIFEST_NAME, RANK_FILE_RE, REPLICATED_FILE, STEP_DIR_RE, TORCH_SUFFIXES  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-RANK_FILE_RE = re.compile(r"^rank-(\d{5,7})-of-(\d{5,7})\.dgt\Z")  # 7 digits: manifest.MAX_WORLD_SIZE = 2**20
-REPLICATED_FILE = "replicated.dgt"
-DCP_METADATA = ".metadata"
 MAX_SIGHTINGS_PER_STORE = 100_000
 
 
@@ -138,7 +135,7 @@ def _from_entries(store: Store, prefix: str, entries: list[Entry], *, ours: bool
             continue  # staging, trash, journal: never candidates (F09)
         rel = f"{prefix}/{name}" if prefix else name
         kids = tuple(children.get(name, ()))
-        m = stores.STEP_DIR_RE.match(name)
+        m = STEP_DIR_RE.match(name)
         if ours and m and e.kind in ("dir", "symlink", "other"):
             out.append(
                 Sighting(
@@ -164,7 +161,7 @@ def _from_entries(store: Store, prefix: str, entries: list[Entry], *, ours: bool
                 )
             )
             continue
-        if name.lower().endswith(formats.TORCH_SUFFIXES) and e.kind in ("file", "symlink", "other"):
+        if name.lower().endswith(TORCH_SUFFIXES) and e.kind in ("file", "symlink", "other"):
             out.append(
                 Sighting(
                     store=store,
@@ -179,4 +176,4 @@ def _from_entries(store: Store, prefix: str, entries: list[Entry], *, ours: bool
 
 
 def is_manifest(name: str) -> bool:
-    return name == manifest.MANIFEST_NAME
+    return name == MANIFEST_NAME

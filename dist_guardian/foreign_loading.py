@@ -20,6 +20,7 @@ import torch
 from . import formats, statetree, stores
 from .candidate import Candidate
 from .errors import CheckpointFormatError
+from .layout import DCP_METADATA  # noqa: F401 (re-exported)
 from .staging import Staged
 from .stores import Store
 
@@ -126,8 +127,8 @@ def load_dcp(c: Candidate, store: Store, state: dict[str, Any], *, extra_safe_gl
     if not store.is_local:
         raise CheckpointFormatError(f"{c.path}: DCP directories are loaded from local stores only")
     names, objs = _split_safe_globals(extra_safe_globals)
-    stores.check_dirs_no_symlink(store.root, f"{c.rel}/{_DCP_METADATA}")
-    md = read_dcp_metadata(os.path.join(store.join(c.rel), _DCP_METADATA), names)  # a clear error first
+    stores.check_dirs_no_symlink(store.root, f"{c.rel}/{DCP_METADATA}")
+    md = read_dcp_metadata(os.path.join(store.join(c.rel), DCP_METADATA), names)  # a clear error first
     captured = statetree.capture(state)
     _check_dcp_tensors(md, captured)
     target = _empty_like_tree(captured)
@@ -148,7 +149,6 @@ def _split_safe_globals(extra_safe_globals: Iterable[Any]) -> tuple[list[str], l
     return names, [g for g in extra if not isinstance(g, str)]
 
 
-_DCP_METADATA = ".metadata"
 
 
 class _DCPMetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
@@ -261,7 +261,7 @@ def _safe_dcp_reader(path: str, extra_safe_globals: Iterable[str]) -> Any:
     class _SafeReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
             rank = kwargs.get("rank")
-            name = _DCP_METADATA if rank is None else f"__{rank}{_DCP_METADATA}"
+            name = DCP_METADATA if rank is None else f"__{rank}{DCP_METADATA}"
             md = read_dcp_metadata(os.path.join(path, name), extra)
             if hasattr(md, "storage_meta"):
                 from torch.distributed.checkpoint.metadata import StorageMeta

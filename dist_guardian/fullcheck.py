@@ -13,12 +13,13 @@ from typing import Any
 from . import formats, manifest, stores
 from .errors import CheckpointFormatError
 from .manifest import Manifest, ManifestError
+from .layout import MANIFEST_NAME, NATIVE_SUFFIX
 
 
 def verify_full(store: stores.Store, rel: str) -> tuple[str, list[str]]:
     """Read every byte of a native checkpoint and compare all checksums. Returns (tier, reasons)."""
     try:
-        data = stores.read_small(store, f"{rel}/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
+        data = stores.read_small(store, f"{rel}/{MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
         mf: Manifest = manifest.parse(data)
     except (OSError, ManifestError) as e:
         return "R", [f"manifest: {e}"]
@@ -55,7 +56,7 @@ def _digest_file(store: stores.Store, rel: str, name: str, mf: Manifest) -> tupl
         size = stores.remote_size(store, rel)
         f = stores.RemoteReader(store, rel, size)
     with f:
-        if not name.endswith(formats.NATIVE_SUFFIX):
+        if not name.endswith(NATIVE_SUFFIX):
             n, d = formats.file_digest_stream(f)
             return n, d, [], None
         header = formats.parse_header(f, size, name=name)

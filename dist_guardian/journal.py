@@ -19,11 +19,11 @@ import xxhash
 
 from . import stores
 from .candidate import Candidate
+from .layout import JOURNAL_DIR  # noqa: F401 (re-exported)
 from .stores import Store
 
 log = logging.getLogger(__name__)
 
-JOURNAL_DIR = ".journal"
 UNFINISHED_LIMIT = 2
 MAX_ENTRY_BYTES = 64 * 1024
 

@@ -29,6 +29,7 @@ from .foreign_loading import load_dcp, load_torch_file
 from .manifest import Manifest
 from .staging import Staged, accept
 from .stores import Store
+from .layout import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def staging_buffer(nbytes: int) -> torch.Tensor:
 
 
 def read_manifest(c: Candidate, store: Store) -> Manifest:
-    data = stores.read_small(store, f"{c.rel}/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
+    data = stores.read_small(store, f"{c.rel}/{MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
     from .manifest import digest_bytes
 
     if c.manifest_digest and digest_bytes(data) != c.manifest_digest:

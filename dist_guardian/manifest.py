@@ -19,19 +19,17 @@ from typing import Any
 import xxhash
 
 from .errors import CheckpointFormatError
+from .layout import FILE_NAME_RE, MANIFEST_NAME, NAME_RE  # noqa: F401 (re-exported)
+from .layout import NAME_RE as RUN_NAME_RE  # noqa: F401
 
 FORMAT = "dist_guardian/1"
 FORMAT_PREFIX = "dist_guardian/"
-MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 32 * 1024 * 1024
 MAX_STEP = 10**15 - 1  # step directory names carry 12+ digits; anything larger is absurd (F49)
 MAX_WORLD_SIZE = 1 << 20
 MAX_FILES = 1 << 20
 MAX_FILE_SIZE = 1 << 50
 MAX_GENERATION = 1 << 40
-# A file name inside a checkpoint: one path component, no leading dot, no separators.
-FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}\Z")
-RUN_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}\Z")
 DIGEST_RE = re.compile(r"^[0-9a-f]{32}\Z")
 
 
@@ -192,7 +190,7 @@ def parse(data: bytes) -> Manifest:
     doc = _decode(data)
     fmt = _format(doc)
     run = doc.get("run")
-    if not isinstance(run, str) or not RUN_NAME_RE.match(run):
+    if not isinstance(run, str) or not NAME_RE.match(run):
         raise ManifestError("bad_field", f"run {run!r} is not a run name")
     step = _int(doc, "step", 0, MAX_STEP)
     generation = _int(doc, "generation", 0, MAX_GENERATION)

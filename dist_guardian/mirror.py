@@ -24,6 +24,7 @@ from .commit import Committed, discard_staging
 from .config import GuardianConfig
 from .errors import DistGuardianError
 from .stores import Store
+from .layout import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +355,7 @@ class Upkeep:
         if result.tier == "V" and src.is_local:
             # Every checksum of this copy was just checked while loading: retention need not read it again.
             try:
-                mbytes = stores.read_small(src, f"{rel}/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
+                mbytes = stores.read_small(src, f"{rel}/{MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
                 self.verified.add((src.url, rel, manifest.digest_bytes(mbytes)))
             except OSError:
                 pass

@@ -19,11 +19,11 @@ from . import _faults, discovery, manifest, policy, stores, verify
 from .config import MIN_KEEP_LAST
 from .copying import CLAIMS_DIR, claim_rel, remove_stale
 from .errors import ConfigError, StoreError
+from .layout import JOURNAL_DIR, MANIFEST_NAME, STEP_DIR_RE, TRASH_PREFIX  # noqa: F401 (re-exported)
 from .stores import Store
 
 log = logging.getLogger(__name__)
 
-TRASH_PREFIX = ".trash-"
 
 
 @dataclass(kw_only=True)
@@ -186,7 +186,7 @@ def _journal_quarantined(journal_store: Store | None, run: str, checked: Sequenc
     from . import journal
 
     try:
-        names = {e.rel for e in stores.list_tree(journal_store, f"{run}/{journal.JOURNAL_DIR}", max_depth=1)}
+        names = {e.rel for e in stores.list_tree(journal_store, f"{run}/{JOURNAL_DIR}", max_depth=1)}
     except (OSError, StoreError):
         return set()
     out = set()
@@ -207,9 +207,9 @@ def mirror_view(m: Store, run: str) -> dict[str, Any] | None:
     dirs: dict[str, dict[str, int]] = {}
     for entry in entries:
         head, sep, tail = entry.rel.partition("/")
-        if sep and entry.kind == "file" and stores.STEP_DIR_RE.match(head):
+        if sep and entry.kind == "file" and STEP_DIR_RE.match(head):
             dirs.setdefault(head, {})[tail] = entry.size
-    return {d: files for d, files in dirs.items() if manifest.MANIFEST_NAME in files}
+    return {d: files for d, files in dirs.items() if MANIFEST_NAME in files}
 
 
 def held_or_not_needed(c: Any, view: dict[str, Any] | None, keep_last: int, group: Sequence[Any]) -> bool:
@@ -238,7 +238,7 @@ def _delete_checkpoint(store: Store, run: str, name: str) -> None:
         return
     rel = f"{run}/{name}"
     stores.delete(store, claim_rel(run, name))
-    stores.delete(store, f"{rel}/{manifest.MANIFEST_NAME}")  # from here on it is not a candidate
+    stores.delete(store, f"{rel}/{MANIFEST_NAME}")  # from here on it is not a candidate
     _faults.hit("mid_retention")
     stores.delete_tree(store, rel)
 
@@ -258,7 +258,7 @@ def clean_orphans(store: Store, run: str, sightings: Sequence[Any] | None = None
             sightings = discovery.discover_store(store, run)
         except (OSError, StoreError):
             return []
-    orphans = [s for s in sightings if s.kind == "native" and s.rel.startswith(run + "/") and s.child(manifest.MANIFEST_NAME) is None]
+    orphans = [s for s in sightings if s.kind == "native" and s.rel.startswith(run + "/") and s.child(MANIFEST_NAME) is None]
     if not orphans:
         return []
     try:

@@ -37,14 +37,12 @@ from .commit import (
 from .config import GuardianConfig
 from .discovery import REPLICATED_FILE
 from .errors import CommitConflict, ConfigError, SaveFailed
+from .layout import rank_file_name  # noqa: F401 (re-exported)
 from .mirror import Upkeep
 from .stores import Store
 
 log = logging.getLogger(__name__)
 
-def rank_file_name(rank: int, world_size: int) -> str:
-    """The per-rank file's name (``discovery.RANK_FILE_RE`` reads it back)."""
-    return f"rank-{rank:05d}-of-{world_size:05d}.dgt"
 
 
 def check_state(state: Any) -> None:

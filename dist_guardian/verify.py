@@ -28,6 +28,7 @@ from .errors import CheckpointFormatError, InsecurePathError, PlanningCapExceede
 from .fullcheck import verify_full as verify_full  # re-exported: callers say verify.verify_full
 from .manifest import Manifest, ManifestError
 from .stores import Entry
+from .layout import MANIFEST_NAME, NATIVE_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def _verify_native(
     Returns the candidate, the lineage generation its manifest claims (0 when unknown) and warnings.
     Nothing but the manifest and, on a local store, the files' headers is read.
     """
-    mf_entry = s.child(manifest.MANIFEST_NAME)
+    mf_entry = s.child(MANIFEST_NAME)
     if mf_entry is None:
         if not s.store.is_local:
             why = "uncommitted: no manifest.json (an object store without a manifest holds no candidate)"
@@ -195,7 +196,7 @@ def _read_manifest(s: Sighting, mf_entry: Entry) -> tuple[Manifest, bytes] | Can
             raise ManifestError("not_regular", f"manifest.json is a {mf_entry.kind}")
         if mf_entry.size > manifest.MAX_MANIFEST_BYTES:  # F49: refused by its listed size, never read
             raise ManifestError("manifest_too_large", f"{mf_entry.size} bytes > cap {manifest.MAX_MANIFEST_BYTES}")
-        data = stores.read_small(s.store, f"{s.rel}/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
+        data = stores.read_small(s.store, f"{s.rel}/{MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
         return manifest.parse(data), data
     except ManifestError as e:
         reason = f"manifest_rejected: {e.reason}: {e.detail}"
@@ -261,7 +262,7 @@ def _file_problems(s: Sighting, mf: Manifest) -> list[str]:
     if problems or not s.store.is_local:
         return problems
     for f in mf.files:
-        if f.name.endswith(formats.NATIVE_SUFFIX):
+        if f.name.endswith(NATIVE_SUFFIX):
             why = _check_native_header(s, f.name, f.size)
             if why:
                 return [why]

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import BinaryIO, cast
 
 from ..errors import PlanningCapExceeded
+from ..layout import TORCH_SUFFIXES  # noqa: F401 (re-exported)
 from .digests import DIGEST_CHUNK, _ReadInto
 
-TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 # Planning caps per foreign candidate (T08). Planning verifies every candidate of every store on rank 0
 # before anything loads, and the crash-loop journal does not cover it: what a file declares must not set
 # what it costs. What is over a cap is tier R (``planning_cap_exceeded``).

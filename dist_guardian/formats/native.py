@@ -23,8 +23,8 @@ from typing import BinaryIO
 import xxhash
 
 from ..errors import CheckpointFormatError
+from ..layout import NATIVE_SUFFIX  # noqa: F401 (re-exported)
 
-NATIVE_SUFFIX = ".dgt"
 MAX_HEADER_BYTES = 256 * 1024 * 1024
 MAX_TENSORS = 10_000_000
 MAX_DIMS = 64

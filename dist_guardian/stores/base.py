@@ -19,22 +19,17 @@ from __future__ import annotations
 import ipaddress
 import os
 import posixpath
-import re
 import stat
 import tempfile
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlparse
 
 from ..errors import ConfigError, InsecurePathError, StoreError
+from ..layout import NAME_RE, STAGING_PREFIX, STAGING_RE, STEP_DIR_RE, new_staging_name, step_dir_name  # noqa: F401 (re-exported)
 
 NODE_LOCAL_ENV = "DIST_GUARDIAN_NODE_LOCAL_ROOT"
-STAGING_PREFIX = ".staging-"
-STAGING_RE = re.compile(r"^\.staging-step-(\d{1,20})-([0-9a-f]{8,32})\Z")
-STEP_DIR_RE = re.compile(r"^step-(\d{1,20})(?:-g(\d{1,13}))?\Z")  # 13 digits: manifest.MAX_GENERATION = 2**40
-NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}\Z")
 DEFAULT_DEADLINE_S = 30.0
 DEFAULT_STALE_S = 3600.0
 DEFAULT_PART_SIZE = 16 << 20
@@ -251,12 +246,8 @@ def _ensure_private_dir(path: str, *, what: str) -> None:
         )
 
 
-def new_staging_name(step: int) -> str:
-    return f"{STAGING_PREFIX}step-{step:012d}-{uuid.uuid4().hex[:16]}"
 
 
-def step_dir_name(step: int, generation: int | None = None) -> str:
-    return f"step-{step:012d}" + (f"-g{generation}" if generation is not None else "")
 
 
 def is_loopback(store: Store) -> bool:

@@ -8,7 +8,7 @@ import os
 import dist_guardian
 
 LAYERS = [
-    {"errors", "_faults"},
+    {"errors", "_faults", "layout"},
     {"candidate", "policy", "manifest"},
     {"formats.native"},
     {"formats.digests", "formats.writing"},
