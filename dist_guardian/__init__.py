@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .candidate import Attempt, Candidate, Loaded, ResumeResult
-from .policy import order
 from .errors import (
     AgreementTimeout,
     CandidateListMismatch,
@@ -28,6 +27,7 @@ from .errors import (
     StoreError,
     StoreUnavailable,
 )
+from .policy import order
 from .stores import Store
 
 __version__ = "0.1.0"
@@ -59,9 +59,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .commit import SaveResult
     from .coordinator import resume
     from .guardian import Guardian
-    from .commit import SaveResult
 
 
 def __getattr__(name: str) -> Any:

@@ -94,8 +94,9 @@ def _raw_read(store: Any, rel: str, dst: memoryview) -> None:
             pos += f.readinto(dst[pos : pos + (8 << 20)]) or 0
 
 
-def _guardian_round(store_url: str, run: str, state: dict[str, Any], step: int, knobs: dict[str, Any],
-                    add: Callable[[str, float], None]) -> None:
+def _guardian_round(
+    store_url: str, run: str, state: dict[str, Any], step: int, knobs: dict[str, Any], add: Callable[[str, float], None]
+) -> None:
     """One blocking save and one resume through ``Guardian``, each timed."""
     from .commit import SaveResult
     from .guardian import Guardian

@@ -58,7 +58,7 @@ class Candidate:
     layout_fingerprint: str | None = None  # of the manifest's whole layout: retention groups by (compat, layout)
     created_unix: float | None = None
 
-    def with_verdict(self, tier: Tier, *reasons: str) -> "Candidate":
+    def with_verdict(self, tier: Tier, *reasons: str) -> Candidate:
         return dataclasses.replace(self, tier=tier, reasons=self.reasons + tuple(reasons))
 
     def files_for_rank(self, rank: int, world_size: int) -> tuple[FileRef, ...]:
@@ -78,7 +78,7 @@ class Candidate:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Candidate":
+    def from_json(cls, d: dict[str, Any]) -> Candidate:
         """A candidate from its JSON record; :class:`PlanFormatError` names the first bad field.
 
         Every rank turns ``rel`` and file names into local paths, so they are checked here as
@@ -95,8 +95,9 @@ class Candidate:
             raise PlanFormatError(f"malformed plan: candidate {cid!r} lacks {missing}")
 
         def bad(field: str, why: str) -> PlanFormatError:
-            return PlanFormatError(f"malformed plan: candidate {str(cid)[:200]!r}: {field} {why} "
-                                   f"(got {str(d.get(field))[:80]!r})")
+            return PlanFormatError(
+                f"malformed plan: candidate {str(cid)[:200]!r}: {field} {why} (got {str(d.get(field))[:80]!r})"
+            )
 
         for k in ("id", "store", "path", "replica_key"):
             if k in d and not isinstance(d[k], str):
@@ -134,8 +135,11 @@ class Candidate:
             name, size, digest, rank = f["name"], f["size"], f.get("digest"), f.get("rank")
             if not isinstance(name, str) or name in (".", "..") or "/" in name or "\x00" in name:
                 raise bad("files", f"name {str(name)[:80]!r} is not a plain file name")
-            if not _is_int(size, 0, 1 << 62) or (digest is not None and not isinstance(digest, str)) or (
-                    rank is not None and not _is_int(rank, 0, 1 << 20)):
+            if (
+                not _is_int(size, 0, 1 << 62)
+                or (digest is not None and not isinstance(digest, str))
+                or (rank is not None and not _is_int(rank, 0, 1 << 20))
+            ):
                 raise bad("files", f"entry {name!r} has a bad size, digest or rank")
             refs.append(FileRef(name=name, size=size, digest=digest, rank=rank))
         d = dict(d)

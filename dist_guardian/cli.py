@@ -16,7 +16,8 @@ import json
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from .candidate import SUSPECT_POLICIES
 from .errors import ConfigError
@@ -42,8 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--run", default="default", help="run name (default: %(default)s)")
         sp.add_argument("--json", action="store_true", help="machine-readable output")
         sp.add_argument("--compat", default=None, help="JSON object the checkpoint's compat must match")
-        sp.add_argument("--storage-options", "--storage_options", default=None,
-                        help='JSON: {"s3://bucket": {"client_kwargs": {"endpoint_url": "..."}}}')
+        sp.add_argument(
+            "--storage-options",
+            "--storage_options",
+            default=None,
+            help='JSON: {"s3://bucket": {"client_kwargs": {"endpoint_url": "..."}}}',
+        )
 
     ls = sub.add_parser("ls", help="list every candidate with its tier and reasons")
     stores_args(ls)
@@ -71,8 +76,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         opts = json.loads(args.storage_options) if getattr(args, "storage_options", None) else None
         compat = json.loads(args.compat) if getattr(args, "compat", None) else None
@@ -90,8 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return bench.main(args)
         # The run name ("../x" would list or prune outside the store), the stores and their options
         # are checked by the same config a resume builds.
-        config = ResumeConfig(stores=tuple(args.stores), run=args.run, compat=compat, storage_options=opts,
-                              suspect=getattr(args, "suspect", "after_same_step"))
+        config = ResumeConfig(
+            stores=tuple(args.stores),
+            run=args.run,
+            compat=compat,
+            storage_options=opts,
+            suspect=getattr(args, "suspect", "after_same_step"),
+        )
         if args.cmd in ("ls", "plan"):
             return _ls_plan(args, config)
         return _prune(args, config)
@@ -136,7 +149,7 @@ def _verify(args: argparse.Namespace, opts: Any) -> int:
     path = args.path.rstrip("/")
     if path.startswith("tmp://"):
         # tmp://NAME/<run>/<dir>: the node-local store NAME (its root is resolved and checked, F48).
-        name, _, rel = path[len("tmp://"):].partition("/")
+        name, _, rel = path[len("tmp://") :].partition("/")
         parts = rel.split("/")
         if len(parts) != 2 or any(p in ("", ".", "..") for p in parts):
             raise ConfigError(f"{args.path}: give tmp://NAME/<run>/<checkpoint dir>")
@@ -152,7 +165,7 @@ def _verify(args: argparse.Namespace, opts: Any) -> int:
         store = stores.resolve(_checked(f"{proto}://{parent}", opts), 0, opts)
         rel = f"{run}/{name}"
     else:
-        local = path[len("file://"):] if path.startswith("file://") else path
+        local = path[len("file://") :] if path.startswith("file://") else path
         local = os.path.abspath(local)
         store = stores.resolve(_checked(os.path.dirname(os.path.dirname(local)), opts), 0, opts)
         rel = f"{os.path.basename(os.path.dirname(local))}/{os.path.basename(local)}"
@@ -184,8 +197,14 @@ def _prune(args: argparse.Namespace, config: ResumeConfig) -> int:
     store_list, refused = planning.resolve_stores(config.stores, config.storage_options)
     out: dict[str, Any] = {}
     for i, s in enumerate(store_list):
-        out[s.url] = retention.retain(s, config.run, args.keep_last, dry_run=args.dry_run, compat=config.compat,
-                                      mirrors=store_list[1:] if i == 0 else [])
+        out[s.url] = retention.retain(
+            s,
+            config.run,
+            args.keep_last,
+            dry_run=args.dry_run,
+            compat=config.compat,
+            mirrors=store_list[1:] if i == 0 else [],
+        )
     if args.json:
         print(json.dumps({"dry_run": args.dry_run, "deleted": out, "refused": refused}, indent=2))
     else:

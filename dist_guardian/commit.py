@@ -24,9 +24,9 @@ from typing import Any
 
 from . import _faults, formats, manifest, stores
 from .errors import CommitConflict
+from .layout import MANIFEST_NAME, new_staging_name, step_dir_name
 from .manifest import FileEntry, TensorStat
 from .stores import Store
-from .layout import MANIFEST_NAME, new_staging_name, step_dir_name
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,12 @@ class WrittenEntry:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "name": self.entry.name, "size": self.entry.size, "digest": self.entry.digest, "rank": self.entry.rank,
-            "stats": {k: [s.digest, s.max_abs, s.finite] for k, s in self.stats.items()}, "trees": self.trees,
+            "name": self.entry.name,
+            "size": self.entry.size,
+            "digest": self.entry.digest,
+            "rank": self.entry.rank,
+            "stats": {k: [s.digest, s.max_abs, s.finite] for k, s in self.stats.items()},
+            "trees": self.trees,
         }
 
     @classmethod
@@ -66,9 +70,17 @@ class WrittenEntry:
         )
 
 
-def write_file(path: str, tree_json: str, specs: Sequence[formats.TensorSpec],
-               stats_fn: Callable[[formats.TensorSpec], tuple[float | None, bool]] | None,
-               *, rank: int, step: int, file_rank: int | None, trees: dict[str, str] | None = None) -> WrittenEntry:
+def write_file(
+    path: str,
+    tree_json: str,
+    specs: Sequence[formats.TensorSpec],
+    stats_fn: Callable[[formats.TensorSpec], tuple[float | None, bool]] | None,
+    *,
+    rank: int,
+    step: int,
+    file_rank: int | None,
+    trees: dict[str, str] | None = None,
+) -> WrittenEntry:
     """Write one native file exclusively (0600), fsync it, and return its manifest entry.
 
     ``stats_fn(spec) -> (max_abs, finite)`` runs in the write pipeline, overlapped with I/O;
@@ -77,15 +89,18 @@ def write_file(path: str, tree_json: str, specs: Sequence[formats.TensorSpec],
     _faults.hit("before_data_write", rank=rank, step=step)
     fd = stores.create_exclusive(path)
     try:
-        written = formats.write_native(fd, tree_json, specs, hook=lambda p: _faults.hit(p, rank=rank, step=step),
-                                       stats_fn=stats_fn)
+        written = formats.write_native(
+            fd, tree_json, specs, hook=lambda p: _faults.hit(p, rank=rank, step=step), stats_fn=stats_fn
+        )
         os.fsync(fd)  # fsyncgate: an EIO here abandons the save; the same file is never fsynced again
     finally:
         os.close(fd)
     _faults.hit("after_data_fsync", rank=rank, step=step)
     none = (None, True)
-    stats = {n: TensorStat(digest=d, max_abs=written.stats.get(n, none)[0], finite=written.stats.get(n, none)[1])
-             for n, d in written.tensor_digests.items()}
+    stats = {
+        n: TensorStat(digest=d, max_abs=written.stats.get(n, none)[0], finite=written.stats.get(n, none)[1])
+        for n, d in written.tensor_digests.items()
+    }
     entry = FileEntry(name=os.path.basename(path), size=written.size, digest=written.digest, rank=file_rank)
     return WrittenEntry(entry=entry, stats=stats, trees=dict(trees or {}))
 
@@ -137,7 +152,9 @@ def discard_staging(path: str) -> None:
 def committed_generation(store: Store, rel: str) -> int | None:
     """The generation of the checkpoint committed at ``rel``, or None when its manifest cannot be read."""
     try:
-        return manifest.parse(stores.read_small(store, f"{rel}/{MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)).generation
+        return manifest.parse(
+            stores.read_small(store, f"{rel}/{MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
+        ).generation
     except (OSError, manifest.ManifestError):
         return None
 
@@ -158,16 +175,22 @@ def commit_lineage(store: Store, run: str, step: int, generation: int, place: Ca
             other = committed_generation(store, f"{run}/{name}")
             where = store.uri(run, name)
             if other == generation or other is None:
-                raise CommitConflict("commit_conflict", f"{where} was committed by another writer; "
-                                                        "ours is discarded") from None
-            log.warning("lineage_fork step=%d: %s holds generation %s; committing generation %d beside it",
-                        step, where, other, generation)
-    raise CommitConflict("commit_conflict", f"step {step} generation {generation} already committed "
-                                            f"in {store.url}")
+                raise CommitConflict(
+                    "commit_conflict", f"{where} was committed by another writer; ours is discarded"
+                ) from None
+            log.warning(
+                "lineage_fork step=%d: %s holds generation %s; committing generation %d beside it",
+                step,
+                where,
+                other,
+                generation,
+            )
+    raise CommitConflict("commit_conflict", f"step {step} generation {generation} already committed in {store.url}")
 
 
-def commit_local(store: Store, run: str, staging: str, step: int, generation: int, manifest_bytes: bytes, *,
-                 rank: int = 0) -> str:
+def commit_local(
+    store: Store, run: str, staging: str, step: int, generation: int, manifest_bytes: bytes, *, rank: int = 0
+) -> str:
     """Write the manifest into the fsynced staging dir and rename it to its final name (the commit point).
 
     The final name follows :func:`commit_lineage`.

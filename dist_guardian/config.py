@@ -92,9 +92,12 @@ class ResumeConfig:
         object.__setattr__(self, "extra_safe_globals", tuple(_iterable("extra_safe_globals", self.extra_safe_globals)))
         if self.foreign_loader is not None and not callable(self.foreign_loader):
             raise ConfigError(f"foreign_loader={self.foreign_loader!r} must be None or a function (obj, state) -> dict")
-        if self.remote_concurrency is not None and not (_is_int(self.remote_concurrency) and self.remote_concurrency > 0):
-            raise ConfigError(f"remote_concurrency={self.remote_concurrency!r} must be None (the store decides) "
-                              "or a positive integer")
+        if self.remote_concurrency is not None and not (
+            _is_int(self.remote_concurrency) and self.remote_concurrency > 0
+        ):
+            raise ConfigError(
+                f"remote_concurrency={self.remote_concurrency!r} must be None (the store decides) or a positive integer"
+            )
         if self.progress not in (None, True, False):
             raise ConfigError(f"progress={self.progress!r} must be None (only on a TTY), True or False")
         self._check_resume_knobs()
@@ -105,8 +108,10 @@ class ResumeConfig:
             raise ConfigError(f"layout={self.layout!r} must be None or a dict of layout fingerprints")
         if self.attempt_timeout is not None:
             if not (_is_number(self.attempt_timeout) and self.attempt_timeout > 0):
-                raise ConfigError(f"attempt_timeout={self.attempt_timeout!r} must be None (0.8 x timeout) "
-                                  "or a positive number of seconds")
+                raise ConfigError(
+                    f"attempt_timeout={self.attempt_timeout!r} must be None (0.8 x timeout) "
+                    "or a positive number of seconds"
+                )
             object.__setattr__(self, "attempt_timeout", float(self.attempt_timeout))
         if not isinstance(self.use_journal, bool):
             raise ConfigError(f"use_journal={self.use_journal!r} must be True or False")
@@ -149,16 +154,21 @@ class GuardianConfig:
             if not _is_int(self.keep_last) or self.keep_last < 1:
                 raise ConfigError(f"keep_last={self.keep_last!r} must be None or a positive integer")
             if self.keep_last < MIN_KEEP_LAST:
-                log.warning("keep_last=%d raised to %d: the newest checkpoint alone could be the bad one (F40)",
-                            self.keep_last, MIN_KEEP_LAST)
+                log.warning(
+                    "keep_last=%d raised to %d: the newest checkpoint alone could be the bad one (F40)",
+                    self.keep_last,
+                    MIN_KEEP_LAST,
+                )
                 object.__setattr__(self, "keep_last", MIN_KEEP_LAST)
         object.__setattr__(self, "per_rank", frozenset(_names("per_rank", self.per_rank)))
         for name in ("rng", "repair"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
         if not (_is_int(self.save_failures) and self.save_failures >= 0):
-            raise ConfigError(f"save_failures={self.save_failures!r} must be a non-negative integer "
-                              "(failed saves in a row tolerated before one raises)")
+            raise ConfigError(
+                f"save_failures={self.save_failures!r} must be a non-negative integer "
+                "(failed saves in a row tolerated before one raises)"
+            )
         if not (_is_number(self.mirror_timeout) and self.mirror_timeout >= 0):
             raise ConfigError(f"mirror_timeout={self.mirror_timeout!r} must be a non-negative number of seconds")
 
@@ -166,8 +176,18 @@ class GuardianConfig:
 _RESUME_KEYS = tuple(f.name for f in fields(ResumeConfig) if f.name not in ("stores", "run"))
 _SAVE_KEYS = tuple(f.name for f in fields(GuardianConfig) if f.name != "resume")
 # What ``dist_guardian.resume(load_fn, stores, **options)`` accepts: the loading knobs are its load_fn's business.
-_RESUME_FN_KEYS = ("run", "compat", "layout", "suspect", "on_exhausted", "timeout", "attempt_timeout",
-                   "storage_options", "extra_safe_globals", "use_journal")
+_RESUME_FN_KEYS = (
+    "run",
+    "compat",
+    "layout",
+    "suspect",
+    "on_exhausted",
+    "timeout",
+    "attempt_timeout",
+    "storage_options",
+    "extra_safe_globals",
+    "use_journal",
+)
 # What ``Guardian(...)`` accepts: layout is the live state's, filled in by ``Guardian.resume``.
 _GUARDIAN_RESUME_KEYS = tuple(k for k in _RESUME_KEYS if k not in ("layout", "attempt_timeout", "use_journal"))
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from . import _faults, stores, verify
 from .attempts import MAX_ATTEMPTS, LoopContext, Record, attempt_loop
@@ -33,8 +34,9 @@ log = logging.getLogger(__name__)
 __all__ = ["MAX_ATTEMPTS", "available_locally", "resolve_stores", "resume"]
 
 
-def available_locally(c: Candidate, store_list: Sequence[Store], rank: int, world_size: int,
-                      listings: dict[int, Any]) -> str | None:
+def available_locally(
+    c: Candidate, store_list: Sequence[Store], rank: int, world_size: int, listings: dict[int, Any]
+) -> str | None:
     """Why this rank cannot reach ``c`` (None when it can): files present, regular, right size."""
     store = next((s for s in store_list if s.index == c.store_index), None)
     if store is None:
@@ -46,8 +48,9 @@ def available_locally(c: Candidate, store_list: Sequence[Store], rank: int, worl
         if planted:
             log.warning("security_event: %s; never opened", planted)
             return planted
-    return stores.missing_files(store, c.rel, [(f.name, f.size) for f in wanted], is_dir=c.kind == "dcp",
-                                listings=listings)
+    return stores.missing_files(
+        store, c.rel, [(f.name, f.size) for f in wanted], is_dir=c.kind == "dcp", listings=listings
+    )
 
 
 def resume(
@@ -112,8 +115,14 @@ class _Settings:
     @property
     def request(self) -> PlanRequest:
         cfg = self.config
-        return PlanRequest(run=cfg.run, compat=cfg.compat, suspect=cfg.suspect, layout=cfg.layout,
-                           extra_safe_globals=cfg.safe_global_names, use_journal=cfg.use_journal)
+        return PlanRequest(
+            run=cfg.run,
+            compat=cfg.compat,
+            suspect=cfg.suspect,
+            layout=cfg.layout,
+            extra_safe_globals=cfg.safe_global_names,
+            use_journal=cfg.use_journal,
+        )
 
 
 def _resume(settings: _Settings, comm: Comm) -> ResumeResult:
@@ -121,9 +130,16 @@ def _resume(settings: _Settings, comm: Comm) -> ResumeResult:
     cfg = settings.config
     store_list, refused = resolve_stores(cfg.stores, cfg.storage_options)
     primary = store_list[0] if store_list and store_list[0].index == 0 else None  # the journal lives here
-    ctx = LoopContext(comm=comm, load_fn=settings.load_fn, apply_fn=settings.apply_fn, store_list=tuple(store_list),
-                      run=cfg.run, suspect=cfg.suspect, attempt_timeout=cfg.load_deadline,
-                      journal_store=primary if cfg.use_journal else None)
+    ctx = LoopContext(
+        comm=comm,
+        load_fn=settings.load_fn,
+        apply_fn=settings.apply_fn,
+        store_list=tuple(store_list),
+        run=cfg.run,
+        suspect=cfg.suspect,
+        attempt_timeout=cfg.load_deadline,
+        journal_store=primary if cfg.use_journal else None,
+    )
     cursor = PlanCursor(store_list, settings.request, refused=refused) if comm.rank == 0 else None
     rec = Record(t0=settings.t0)
     more = True
@@ -156,8 +172,15 @@ def _agree_on_page(comm: Comm, cursor: PlanCursor | None) -> Plan:
             plan_doc = cursor.next_page().to_json()
         except Exception as e:
             log.exception("planning failed")
-            plan_doc = Plan(candidates=(), rejected=(), unreachable=(), warnings=(), generation=0, sightings=0,
-                            error=f"{type(e).__name__}: {e}").to_json()
+            plan_doc = Plan(
+                candidates=(),
+                rejected=(),
+                unreachable=(),
+                warnings=(),
+                generation=0,
+                sightings=0,
+                error=f"{type(e).__name__}: {e}",
+            ).to_json()
     plan_doc = comm.broadcast_json(plan_doc, "broadcast plan")
     if _faults.hit("after_broadcast", rank=comm.rank) == "corrupt" and plan_doc["candidates"]:
         plan_doc["candidates"] = plan_doc["candidates"][1:]
@@ -169,9 +192,15 @@ def _agree_on_page(comm: Comm, cursor: PlanCursor | None) -> Plan:
 
 
 def _log_plan(run: str, plan: Plan) -> None:
-    log.info("resume plan for run %s: %d candidates (%d sightings, %d rejected, %d stores unreachable)%s",
-             run, len(plan.candidates), plan.sightings, len(plan.rejected), len(plan.unreachable),
-             "; older steps follow if these fail" if plan.more else "")
+    log.info(
+        "resume plan for run %s: %d candidates (%d sightings, %d rejected, %d stores unreachable)%s",
+        run,
+        len(plan.candidates),
+        plan.sightings,
+        len(plan.rejected),
+        len(plan.unreachable),
+        "; older steps follow if these fail" if plan.more else "",
+    )
     for i, c in enumerate(plan.candidates):
         log.info("  plan[%d] %s%s", i, c.describe(), f" ({'; '.join(c.reasons)})" if c.reasons else "")
 
@@ -185,24 +214,30 @@ def _exhausted(settings: _Settings, comm: Comm, rec: Record) -> ResumeResult:
         if not anything:
             raise NoReachableCheckpoint(
                 "no checkpoint found, but a store was unreachable, so starting fresh could throw progress away; "
-                f"fix the store or remove it from stores=. {summary}")
+                f"fix the store or remove it from stores=. {summary}"
+            )
         raise ResumeFailed(
             "every reachable candidate failed, and a store was unreachable or an attempt timed out (maybe transient); "
-            f"not starting fresh. Let the launcher retry. {summary}")
+            f"not starting fresh. Let the launcher retry. {summary}"
+        )
     if anything and settings.config.on_exhausted == "raise":
         raise ResumeFailed(f"every candidate failed and on_exhausted='raise'. {summary}")
     if comm.rank == 0:
         if anything:
             log.error("starting FRESH: every candidate failed for a lasting reason; all are kept. %s", summary)
         else:
-            log.info("no checkpoint found in %s for run %s: starting fresh", ", ".join(settings.config.stores),
-                     settings.config.run)
+            log.info(
+                "no checkpoint found in %s for run %s: starting fresh",
+                ", ".join(settings.config.stores),
+                settings.config.run,
+            )
         log.info("resume decision: %s", result.to_json())
     return result
 
 
-def _availability_vote(candidates: Sequence[Candidate], comm: Comm, store_list: Sequence[Store],
-                       attempts: list[Attempt]) -> list[Candidate]:
+def _availability_vote(
+    candidates: Sequence[Candidate], comm: Comm, store_list: Sequence[Store], attempts: list[Attempt]
+) -> list[Candidate]:
     """Collective: drop what not every rank can reach, before any data is read (F21, F22)."""
     rank, world = comm.rank, comm.world_size
     listings: dict[int, Any] = {}
@@ -218,11 +253,24 @@ def _availability_vote(candidates: Sequence[Candidate], comm: Comm, store_list: 
             remaining.append(c)
             continue
         reasons = tuple((r, per_rank[r][i]) for r in range(world) if per_rank[r][i])
-        attempts.append(Attempt(candidate_id=c.id, step=c.step, store=c.store, path=c.path, tier=c.tier,
-                                outcome="unavailable", reasons=reasons))
+        attempts.append(
+            Attempt(
+                candidate_id=c.id,
+                step=c.step,
+                store=c.store,
+                path=c.path,
+                tier=c.tier,
+                outcome="unavailable",
+                reasons=reasons,
+            )
+        )
         if rank == 0:
-            log.warning("candidate_unavailable id=%s ranks=%s: %s", c.path, [r for r, _ in reasons],
-                        "; ".join(f"rank {r}: {w}" for r, w in reasons))
+            log.warning(
+                "candidate_unavailable id=%s ranks=%s: %s",
+                c.path,
+                [r for r, _ in reasons],
+                "; ".join(f"rank {r}: {w}" for r, w in reasons),
+            )
     return remaining
 
 

@@ -31,9 +31,17 @@ from .stores import Store
 log = logging.getLogger(__name__)
 
 
-
-def copy_checkpoint(src_dir: str, dst: Store, run: str, dirname: str, *, exclusive: bool = False,
-                    token: str | None = None, transfer: stores.Transfer | None = None, abort_stale: bool = True) -> str:
+def copy_checkpoint(
+    src_dir: str,
+    dst: Store,
+    run: str,
+    dirname: str,
+    *,
+    exclusive: bool = False,
+    token: str | None = None,
+    transfer: stores.Transfer | None = None,
+    abort_stale: bool = True,
+) -> str:
     """Copy one committed checkpoint (a local dir holding its manifest) to a store, manifest last.
 
     Returns its location there. A destination that already holds a committed copy is left
@@ -53,22 +61,31 @@ def copy_checkpoint(src_dir: str, dst: Store, run: str, dirname: str, *, exclusi
     if dst.is_local:
         return _copy_local(src_dir, mbytes, mf, dst, run, dirname, exclusive=exclusive)
     up = _Upload(src_dir=src_dir, mbytes=mbytes, mf=mf, dst=dst, run=run, dirname=dirname)
-    return _copy_remote(up, exclusive=exclusive, token=token or uuid.uuid4().hex, transfer=transfer,
-                        abort_stale=abort_stale)
+    return _copy_remote(
+        up, exclusive=exclusive, token=token or uuid.uuid4().hex, transfer=transfer, abort_stale=abort_stale
+    )
 
 
-def commit_remote(store: Store, run: str, staging: str, step: int, generation: int, manifest_bytes: bytes, *,
-                  abort_stale: bool) -> str:
+def commit_remote(
+    store: Store, run: str, staging: str, step: int, generation: int, manifest_bytes: bytes, *, abort_stale: bool
+) -> str:
     """Commit a checkpoint finished in local ``staging`` to a remote primary: upload it, manifest last (exclusive).
 
     The final name follows :func:`commit.commit_lineage`, as a local commit does.
     """
     stores.write_new_file(os.path.join(staging, MANIFEST_NAME), manifest_bytes)
-    return commit_lineage(store, run, step, generation,
-                          lambda name: copy_checkpoint(staging, store, run, name, exclusive=True, abort_stale=abort_stale))
+    return commit_lineage(
+        store,
+        run,
+        step,
+        generation,
+        lambda name: copy_checkpoint(staging, store, run, name, exclusive=True, abort_stale=abort_stale),
+    )
 
 
-def _copy_local(src_dir: str, mbytes: bytes, mf: manifest.Manifest, dst: Store, run: str, dirname: str, *, exclusive: bool) -> str:
+def _copy_local(
+    src_dir: str, mbytes: bytes, mf: manifest.Manifest, dst: Store, run: str, dirname: str, *, exclusive: bool
+) -> str:
     final = dst.join(run, dirname)
     if stores.lexists(final):
         if exclusive:
@@ -93,8 +110,6 @@ def _copy_local(src_dir: str, mbytes: bytes, mf: manifest.Manifest, dst: Store, 
     return final
 
 
-
-
 def _read_claim(dst: Store, run: str, dirname: str) -> tuple[str, float, bool] | None:
     """(writer token, age in seconds by the store's clock, writer known dead) of a step's claim, or None.
 
@@ -107,7 +122,12 @@ def _read_claim(dst: Store, run: str, dirname: str) -> tuple[str, float, bool] |
         doc = json.loads(stores.read_small(dst, claim_rel(run, dirname), 64 * 1024))
         token = str(doc.get("token", "")) if isinstance(doc, dict) else ""
         w = doc.get("writer") if isinstance(doc, dict) else None
-        if isinstance(w, dict) and w.get("host") == socket.gethostname() and isinstance(w.get("pid"), int) and w["pid"] > 0:
+        if (
+            isinstance(w, dict)
+            and w.get("host") == socket.gethostname()
+            and isinstance(w.get("pid"), int)
+            and w["pid"] > 0
+        ):
             dead = w["pid"] != os.getpid() and not _pid_alive(w["pid"])
     except FileNotFoundError:
         return None
@@ -142,8 +162,9 @@ class _Upload:
         return f"{self.run}/{self.dirname}"
 
 
-def _copy_remote(up: _Upload, *, exclusive: bool, token: str, transfer: stores.Transfer | None,
-                 abort_stale: bool) -> str:
+def _copy_remote(
+    up: _Upload, *, exclusive: bool, token: str, transfer: stores.Transfer | None, abort_stale: bool
+) -> str:
     dst, uri = up.dst, up.dst.uri(up.rel_dir)
     # (1) What dead writers left under the run (the caller asks once per start, F14).
     if abort_stale:
@@ -169,8 +190,10 @@ def _copy_remote(up: _Upload, *, exclusive: bool, token: str, transfer: stores.T
     for f in up.mf.files:
         got = listing.get(f.name)
         if got is None or got.size != f.size:
-            raise OSError(errno.EIO, f"{dst.uri(up.rel_dir, f.name)}: uploaded {got.size if got else 'nothing'}, "
-                                     f"expected {f.size} bytes")
+            raise OSError(
+                errno.EIO,
+                f"{dst.uri(up.rel_dir, f.name)}: uploaded {got.size if got else 'nothing'}, expected {f.size} bytes",
+            )
     # (5) The commit point.
     step = up.mf.step
     _faults.hit("before_s3_manifest", rank=0, step=step)
@@ -178,7 +201,9 @@ def _copy_remote(up: _Upload, *, exclusive: bool, token: str, transfer: stores.T
         stores.put_bytes_exclusive(dst, f"{up.rel_dir}/{MANIFEST_NAME}", up.mbytes)
     except FileExistsError:
         if exclusive:
-            raise FileExistsError(errno.EEXIST, f"commit_conflict: {uri} got a manifest from another writer (412)") from None
+            raise FileExistsError(
+                errno.EEXIST, f"commit_conflict: {uri} got a manifest from another writer (412)"
+            ) from None
         log.warning("commit_conflict: %s already has a manifest; keeping it", uri)
     _faults.hit("after_s3_manifest", rank=0, step=step)
     return uri
@@ -191,8 +216,9 @@ def _claim(up: _Upload, token: str) -> tuple[bool, bool]:
     claim (older than ``stale_s``, or of a dead writer on this host) is removed with its objects.
     """
     dst, uri = up.dst, up.dst.uri(up.rel_dir)
-    claim_doc = json.dumps({"token": token, "step": up.mf.step, "writer": writer_info(),
-                            "created_unix": time.time()}).encode()
+    claim_doc = json.dumps(
+        {"token": token, "step": up.mf.step, "writer": writer_info(), "created_unix": time.time()}
+    ).encode()
     cleared = False
     for _ in range(2):
         try:
@@ -206,8 +232,11 @@ def _claim(up: _Upload, token: str) -> tuple[bool, bool]:
         if other == token:
             return True, cleared  # our own claim: a retry of this job resumes where it stopped
         if age < dst.stale_s and not dead:
-            raise FileExistsError(errno.EEXIST, f"commit_conflict: {uri} is being written by another writer "
-                                                f"(claimed {age:.0f}s ago); ours is discarded")
+            raise FileExistsError(
+                errno.EEXIST,
+                f"commit_conflict: {uri} is being written by another writer "
+                f"(claimed {age:.0f}s ago); ours is discarded",
+            )
         remove_stale(dst, up.run, up.dirname, f"claim of a writer that stopped {age:.0f}s ago")
         cleared = True
     raise FileExistsError(errno.EEXIST, f"commit_conflict: could not claim {uri}; another writer holds it")
@@ -216,7 +245,9 @@ def _claim(up: _Upload, token: str) -> tuple[bool, bool]:
 def _upload_files(up: _Upload, have: dict[str, stores.Entry], transfer: stores.Transfer | None) -> None:
     step = up.mf.step
     total = sum(f.size for f in up.mf.files)
-    transfer = transfer if transfer is not None else stores.Transfer(total, f"mirror step {step} to {up.dst.url}", show=False)
+    transfer = (
+        transfer if transfer is not None else stores.Transfer(total, f"mirror step {step} to {up.dst.url}", show=False)
+    )
     for i, f in enumerate(up.mf.files):
         got = have.get(f.name)
         if got is not None and got.kind == "file" and got.size == f.size:
@@ -230,8 +261,9 @@ def _upload_files(up: _Upload, have: dict[str, stores.Entry], transfer: stores.T
                 fired[0] = True
                 _faults.hit("mid_s3_data", rank=0, step=step)
 
-        stores.put_file(up.dst, os.path.join(up.src_dir, f.name), f"{up.rel_dir}/{f.name}", transfer=transfer,
-                        on_part=on_part)
+        stores.put_file(
+            up.dst, os.path.join(up.src_dir, f.name), f"{up.rel_dir}/{f.name}", transfer=transfer, on_part=on_part
+        )
         if i == 0 and not fired[0]:
             _faults.hit("mid_s3_data", rank=0, step=step)
 
@@ -247,8 +279,11 @@ def clean_stale_uploads(store: Store, run: str) -> list[str]:
     if store.is_local:
         return []
     now = time.time()
-    claims = {e.rel[: -len(".json")]: e for e in stores.list_tree(store, f"{run}/{CLAIMS_DIR}", max_depth=1)
-              if e.kind == "file" and e.rel.endswith(".json")}
+    claims = {
+        e.rel[: -len(".json")]: e
+        for e in stores.list_tree(store, f"{run}/{CLAIMS_DIR}", max_depth=1)
+        if e.kind == "file" and e.rel.endswith(".json")
+    }
     live = {d for d, e in claims.items() if e.mtime is not None and now - e.mtime < store.stale_s}
     prefix = store.join(run).lstrip("/").split("/", 1)[-1] + "/"  # the key prefix inside the bucket
 
@@ -259,8 +294,11 @@ def clean_stale_uploads(store: Store, run: str) -> list[str]:
     gone = stores.abort_stale_uploads(store, run, keep=keep)
     stale = [d for d in claims if d not in live]
     if stale:
-        committed = {e.rel.split("/", 1)[0] for e in stores.list_tree(store, run, max_depth=2)
-                     if e.rel.endswith("/" + MANIFEST_NAME)}
+        committed = {
+            e.rel.split("/", 1)[0]
+            for e in stores.list_tree(store, run, max_depth=2)
+            if e.rel.endswith("/" + MANIFEST_NAME)
+        }
         for d in stale:
             if d in committed:
                 continue  # a committed checkpoint's claim is its record; retention removes it with it
@@ -300,7 +338,9 @@ def _copy_local_file(src: str, dst: str, size: int) -> None:
                 if n <= 0:
                     chunk = os.read(fd_in, min(left, 64 << 20))
                     if not chunk:
-                        raise OSError(errno.EIO, f"{src}: shorter than its manifest says ({size - left} of {size} bytes)")
+                        raise OSError(
+                            errno.EIO, f"{src}: shorter than its manifest says ({size - left} of {size} bytes)"
+                        )
                     formats.write_all(fd_out, memoryview(chunk))
                     n = len(chunk)
                 left -= n
@@ -359,4 +399,3 @@ def repair_replica(src: Store, src_rel: str, dst: Store, run: str, dirname: str)
         raise
     log.warning("replica_repaired %s from %s", final, src.uri(src_rel))
     return final
-

@@ -13,7 +13,8 @@ import io
 import logging
 import os
 import pickle
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -43,9 +44,15 @@ def _role(v: Any) -> str | None:
     return None
 
 
-def load_torch_file(c: Candidate, store: Store, state: dict[str, Any], *, extra_safe_globals: Iterable[Any] = (),
-                    foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
-                    required: Iterable[str] = ()) -> Staged:
+def load_torch_file(
+    c: Candidate,
+    store: Store,
+    state: dict[str, Any],
+    *,
+    extra_safe_globals: Iterable[Any] = (),
+    foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
+    required: Iterable[str] = (),
+) -> Staged:
     """Stage a bare ``torch.save`` file: checks, then ``weights_only=True`` only, then key matching."""
     extra_names, safe = _split_safe_globals(extra_safe_globals)
     data = stores.read_whole(store, c.rel)
@@ -75,15 +82,20 @@ def load_torch_file(c: Candidate, store: Store, state: dict[str, Any], *, extra_
     return Staged(tree=tree, rng=None, step=step, suspect=suspect, warnings=warnings)
 
 
-def match_foreign(obj: Any, state: dict[str, Any], *, path: str,
-                  foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
-                  required: Iterable[str] = ()) -> tuple[dict[str, Any], list[str]]:
+def match_foreign(
+    obj: Any,
+    state: dict[str, Any],
+    *,
+    path: str,
+    foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
+    required: Iterable[str] = (),
+) -> tuple[dict[str, Any], list[str]]:
     """Map a foreign object's top-level keys onto ``state``: same name, then common aliases, or the user's function."""
     if foreign_loader is not None:
-        tree = foreign_loader(obj, state)
-        if not isinstance(tree, dict):
-            raise CheckpointFormatError(f"{path}: foreign_loader returned {type(tree).__name__}, not a dict")
-        return tree, []
+        mapped = foreign_loader(obj, state)
+        if not isinstance(mapped, dict):
+            raise CheckpointFormatError(f"{path}: foreign_loader returned {type(mapped).__name__}, not a dict")
+        return mapped, []
     if not isinstance(obj, dict):
         raise CheckpointFormatError(f"{path}: holds a {type(obj).__name__}, not a dict of state")
     modules = [k for k, v in state.items() if _role(v) == "module"]
@@ -105,7 +117,8 @@ def match_foreign(obj: Any, state: dict[str, Any], *, path: str,
     if missing:
         raise CheckpointFormatError(
             f"{path}: keys do not match: missing {missing} (file has {sorted(map(str, obj))[:20]}); "
-            "pass foreign_loader= to map them")
+            "pass foreign_loader= to map them"
+        )
     return tree, warnings
 
 
@@ -149,9 +162,7 @@ def _split_safe_globals(extra_safe_globals: Iterable[Any]) -> tuple[list[str], l
     return names, [g for g in extra if not isinstance(g, str)]
 
 
-
-
-class _DCPMetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+class _DCPMetadataUnpickler(pickle._Unpickler):
     """Resolves only allowlisted globals; anything else (``posix.system``...) is refused before it is imported.
 
     The pure-Python unpickler, because its ``BUILD`` can be overridden (the C one's cannot): state
@@ -170,10 +181,11 @@ class _DCPMetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         return super().find_class(module, name)
 
     def _load_build(self) -> None:
-        state, inst = self.stack[-1], self.stack[-2]
+        state, inst = self.stack[-1], self.stack[-2]  # type: ignore[attr-defined]
         if isinstance(inst, type):
-            raise pickle.UnpicklingError(f"state_on_class: BUILD would set attributes of the class "
-                                         f"{inst.__module__}.{inst.__qualname__}")
+            raise pickle.UnpicklingError(
+                f"state_on_class: BUILD would set attributes of the class {inst.__module__}.{inst.__qualname__}"
+            )
         qual = f"{type(inst).__module__}.{type(inst).__qualname__}"
         if isinstance(inst, enum.Enum):  # a member is one shared object: BUILD would change it for the process
             raise pickle.UnpicklingError(f"state_on_enum_member: BUILD would set attributes of {qual}.{inst.name}")
@@ -183,9 +195,9 @@ class _DCPMetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
             bad = [k for k in part if not isinstance(k, str) or k.startswith("__")] if isinstance(part, dict) else []
             if bad:
                 raise pickle.UnpicklingError(f"unsafe_build_key: BUILD of a {qual} sets {str(bad[0])[:100]!r}")
-        super().load_build()
+        super().load_build()  # type: ignore[misc]
 
-    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: _load_build}  # type: ignore[attr-defined]
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: _load_build}  # type: ignore[dict-item]
 
 
 def read_dcp_metadata(path: str, extra_safe_globals: Iterable[str] = ()) -> Any:
@@ -197,8 +209,17 @@ def read_dcp_metadata(path: str, extra_safe_globals: Iterable[str] = ()) -> Any:
         raise CheckpointFormatError(f"{path}: DCP metadata larger than {formats.MAX_PICKLE_BYTES} bytes; not read")
     try:
         md = _DCPMetadataUnpickler(io.BytesIO(raw), frozenset(extra_safe_globals)).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
-            KeyError, RecursionError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        ImportError,
+        IndexError,
+        KeyError,
+        RecursionError,
+    ) as e:
         if isinstance(e, pickle.UnpicklingError):
             log.warning("security_event: %s: DCP metadata refused: %s", path, e)
         raise CheckpointFormatError(f"{path}: DCP metadata refused: {type(e).__name__}: {str(e)[:200]}") from None
@@ -291,7 +312,8 @@ def _check_dcp_tensors(md: Any, captured: dict[str, Any]) -> None:
             what = "dtype_mismatch" if props.dtype != t.dtype else "shape_mismatch"
             raise CheckpointFormatError(
                 f"{what}: tensor {fqn!r} is {props.dtype} {saved_shape} in the DCP checkpoint, "
-                f"{t.dtype} {tuple(t.shape)} in the live state; convert the checkpoint or the model first")
+                f"{t.dtype} {tuple(t.shape)} in the live state; convert the checkpoint or the model first"
+            )
 
 
 def _flat_tensors(v: Any, path: tuple[str, ...]):
@@ -313,4 +335,3 @@ def _empty_like_tree(v: Any) -> Any:
     if isinstance(v, list):
         return [_empty_like_tree(x) for x in v]
     return v
-

@@ -109,12 +109,20 @@ class Guardian:
         self.wait()
         check_state(state)
         comm, cfg = self.comm, self.config.resume
-        required = cfg.required if cfg.required is not None else tuple(
-            k for k, v in state.items() if isinstance(v, torch.nn.Module))
-        options = loading.LoadOptions(rank=comm.rank, world_size=comm.world_size, concurrency=cfg.remote_concurrency,
-                                      progress=cfg.progress if comm.rank == 0 else False,
-                                      extra_safe_globals=cfg.extra_safe_globals, foreign_loader=cfg.foreign_loader,
-                                      required=required)
+        required = (
+            cfg.required
+            if cfg.required is not None
+            else tuple(k for k, v in state.items() if isinstance(v, torch.nn.Module))
+        )
+        options = loading.LoadOptions(
+            rank=comm.rank,
+            world_size=comm.world_size,
+            concurrency=cfg.remote_concurrency,
+            progress=cfg.progress if comm.rank == 0 else False,
+            extra_safe_globals=cfg.extra_safe_globals,
+            foreign_loader=cfg.foreign_loader,
+            required=required,
+        )
 
         def load(c: Candidate, store: Store) -> Loaded:
             return loading.load_and_check(c, store, state, options)
@@ -122,16 +130,18 @@ class Guardian:
         def apply(c: Candidate, staged: Staged) -> None:
             staging.apply(staged, state)
 
-        result = coordinator.resume(load, apply_fn=apply, comm=comm,
-                                    config=replace(cfg, layout=statetree.layout_fingerprints(state)))
+        result = coordinator.resume(
+            load, apply_fn=apply, comm=comm, config=replace(cfg, layout=statetree.layout_fingerprints(state))
+        )
         self.generation = result.generation
         self._upkeep.note_attempts(result)
         if comm.rank == 0:
             self._upkeep.after_resume(result)
         return result
 
-    def save(self, state: dict[str, Any], step: int, metrics: dict[str, Any] | None = None, *,
-             blocking: bool = True) -> SaveResult | Future[SaveResult]:
+    def save(
+        self, state: dict[str, Any], step: int, metrics: dict[str, Any] | None = None, *, blocking: bool = True
+    ) -> SaveResult | Future[SaveResult]:
         """Collective: call on every rank. Write and commit a checkpoint of ``state`` at ``step``.
 
         Replicated state is written once by rank 0, per-rank state (RNG, ``per_rank`` keys)
@@ -196,4 +206,3 @@ class Guardian:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-

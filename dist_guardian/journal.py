@@ -55,8 +55,9 @@ def unfinished(store: Store, run: str, c: Candidate) -> int:
     return max(0, doc["started"] - doc["finished"])
 
 
-def record(store: Store, run: str, c: Candidate, *, started: int = 0, finished: int = 0,
-           outcome: str | None = None) -> None:
+def record(
+    store: Store, run: str, c: Candidate, *, started: int = 0, finished: int = 0, outcome: str | None = None
+) -> None:
     """Add to a candidate's counters (rank 0 only): the entry is replaced whole (atomically on local stores)."""
     try:
         doc = read(store, run, c)

@@ -16,8 +16,9 @@ import io
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, BinaryIO, cast
 
 import torch
 import xxhash
@@ -26,18 +27,26 @@ from . import _faults, formats, manifest, statetree, stores
 from .candidate import Candidate, Loaded
 from .errors import CheckpointFormatError
 from .foreign_loading import load_dcp, load_torch_file
+from .layout import MANIFEST_NAME
 from .manifest import Manifest
 from .staging import Staged, accept
 from .stores import Store
-from .layout import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 
 # One native file read: its header, the payload buffer, the file digest, and the digest of each tensor.
 NativeRead = tuple[formats.NativeHeader, torch.Tensor, str, dict[str, str]]
 
-__all__ = ["LoadOptions", "NativeRead", "load_and_check", "load_candidate", "load_native", "read_manifest",
-           "read_native_file", "staging_buffer"]
+__all__ = [
+    "LoadOptions",
+    "NativeRead",
+    "load_and_check",
+    "load_candidate",
+    "load_native",
+    "read_manifest",
+    "read_native_file",
+    "staging_buffer",
+]
 
 # ----------------------------------------------------------------------------- dispatch
 
@@ -58,11 +67,23 @@ class LoadOptions:
 def load_candidate(c: Candidate, store: Store, state: dict[str, Any], options: LoadOptions) -> Staged:
     """Stage any candidate on this rank, whatever its kind; nothing live is touched."""
     if c.kind == "native":
-        return load_native(c, store, rank=options.rank, world_size=options.world_size,
-                           concurrency=options.concurrency, progress=options.progress)
+        return load_native(
+            c,
+            store,
+            rank=options.rank,
+            world_size=options.world_size,
+            concurrency=options.concurrency,
+            progress=options.progress,
+        )
     if c.kind == "torch":
-        return load_torch_file(c, store, state, extra_safe_globals=options.extra_safe_globals,
-                               foreign_loader=options.foreign_loader, required=options.required)
+        return load_torch_file(
+            c,
+            store,
+            state,
+            extra_safe_globals=options.extra_safe_globals,
+            foreign_loader=options.foreign_loader,
+            required=options.required,
+        )
     return load_dcp(c, store, state, extra_safe_globals=options.extra_safe_globals)
 
 
@@ -94,8 +115,14 @@ def read_manifest(c: Candidate, store: Store) -> Manifest:
     return manifest.parse(data)
 
 
-def read_native_file(store: Store, rel: str, expected_size: int, *, concurrency: int | None = None,
-                     transfer: stores.Transfer | None = None) -> NativeRead:
+def read_native_file(
+    store: Store,
+    rel: str,
+    expected_size: int,
+    *,
+    concurrency: int | None = None,
+    transfer: stores.Transfer | None = None,
+) -> NativeRead:
     """One native file into a fresh uint8 buffer, with its file and per-tensor digests.
 
     Local: secure open, parallel ``pread`` into the buffer with hashing overlapped. Remote:
@@ -111,7 +138,7 @@ def read_native_file(store: Store, rel: str, expected_size: int, *, concurrency:
             with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
                 header = formats.parse_header(f, size, name=store.uri(rel))
             buf = staging_buffer(header.payload_size)
-            digest, per = formats.read_and_hash(fd, header, memoryview(buf.numpy()), name=store.uri(rel))
+            digest, per = formats.read_and_hash(fd, header, buf.numpy().data, name=store.uri(rel))
         finally:
             os.close(fd)
         return header, buf, digest, per
@@ -214,8 +241,9 @@ def _prefault(buf: torch.Tensor) -> threading.Thread | None:
     return t
 
 
-def _read_native_remote(store: Store, rel: str, expected_size: int, *, concurrency: int | None,
-                        transfer: stores.Transfer | None) -> NativeRead:
+def _read_native_remote(
+    store: Store, rel: str, expected_size: int, *, concurrency: int | None, transfer: stores.Transfer | None
+) -> NativeRead:
     """A remote native file straight into a fresh buffer, hashed as bytes arrive.
 
     One connection (a server that copies the object for every GET, like moto): a single
@@ -228,10 +256,10 @@ def _read_native_remote(store: Store, rel: str, expected_size: int, *, concurren
     conc = stores.read_concurrency(store, concurrency)
     if conc <= 1:
         with stores.RemoteReader(store, rel, size, transfer=transfer) as r:
-            header = formats.parse_header(r, size, name=name)
+            header = formats.parse_header(cast(BinaryIO, r), size, name=name)
             buf = staging_buffer(header.payload_size)
             _prefault(buf)
-            mv = memoryview(buf.numpy())
+            mv = buf.numpy().data
             hasher = _StreamDigests(header, mv)
             try:
                 if header.payload_size:
@@ -251,12 +279,13 @@ def _read_native_remote(store: Store, rel: str, expected_size: int, *, concurren
     header = formats.parse_header(io.BytesIO(bytes(head)), size, name=name)
     buf = staging_buffer(header.payload_size)
     _prefault(buf)
-    mv = memoryview(buf.numpy())
+    mv = buf.numpy().data
     hasher = _StreamDigests(header, mv)
     try:
         if header.payload_size:
-            stores.read_range_into(store, rel, header.data_start, mv, concurrency=conc, on_chunk=hasher.ready,
-                                   transfer=transfer)
+            stores.read_range_into(
+                store, rel, header.data_start, mv, concurrency=conc, on_chunk=hasher.ready, transfer=transfer
+            )
     except BaseException:
         hasher.stop()
         raise
@@ -264,8 +293,15 @@ def _read_native_remote(store: Store, rel: str, expected_size: int, *, concurren
     return header, buf, digest, per
 
 
-def load_native(c: Candidate, store: Store, *, rank: int, world_size: int, concurrency: int | None = None,
-                progress: bool | None = False) -> Staged:
+def load_native(
+    c: Candidate,
+    store: Store,
+    *,
+    rank: int,
+    world_size: int,
+    concurrency: int | None = None,
+    progress: bool | None = False,
+) -> Staged:
     """Stage a native checkpoint on this rank: the replicated file and this rank's per-rank file.
 
     ``progress``: a progress line on stderr for a remote load that lasts over a second
@@ -289,7 +325,7 @@ def load_native(c: Candidate, store: Store, *, rank: int, world_size: int, concu
         header, buf, digest, per = read_native_file(store, rel, f.size, concurrency=concurrency, transfer=transfer)
         if _faults.hit("load_file", rank=rank, step=c.step) == "corrupt" and buf.numel():
             buf[buf.numel() // 2] ^= 0x10
-            digest, per = formats.payload_digests(header, memoryview(buf.numpy()))
+            digest, per = formats.payload_digests(header, buf.numpy().data)
         if f.digest and digest != f.digest:
             expected = mf.tensors.get(f.name, {}) if mf else {}
             damaged = [t for t, d in per.items() if t in expected and expected[t].digest != d]
@@ -318,12 +354,20 @@ def load_native(c: Candidate, store: Store, *, rank: int, world_size: int, concu
             if saved_ws != world_size:
                 if rank >= saved_ws:
                     rng = statetree.reseed_rng(rng, rank)
-                warnings.append(f"world_size_changed from={saved_ws} to={world_size}: rank {rank} took per-rank "
-                                f"state of rank {f.rank}"
-                                + (" with a re-derived RNG" if rank >= saved_ws else ""))
+                warnings.append(
+                    f"world_size_changed from={saved_ws} to={world_size}: rank {rank} took per-rank "
+                    f"state of rank {f.rank}" + (" with a re-derived RNG" if rank >= saved_ws else "")
+                )
         tree.update(sub)
     if transfer is not None:
         transfer.close()
-    return Staged(tree=tree, rng=rng, step=c.step, suspect=suspect, warnings=warnings, stats=stats, names=names,
-                  tree_damaged=tree_damaged)
-
+    return Staged(
+        tree=tree,
+        rng=rng,
+        step=c.step,
+        suspect=suspect,
+        warnings=warnings,
+        stats=stats,
+        names=names,
+        tree_damaged=tree_damaged,
+    )

@@ -10,6 +10,7 @@ the worker. The copies themselves are ``copying``; the deletion rules ``retentio
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -23,8 +24,8 @@ from .candidate import Candidate, ResumeResult
 from .commit import Committed, discard_staging
 from .config import GuardianConfig
 from .errors import DistGuardianError
-from .stores import Store
 from .layout import MANIFEST_NAME
+from .stores import Store
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,14 @@ class Mirrors:
     deadline and a progress line, and reports what is still unmirrored.
     """
 
-    def __init__(self, *, base_backoff_s: float = 1.0, max_backoff_s: float = 60.0,
-                 on_mirrored: Callable[[Store, MirrorJob], None] | None = None, progress: bool | None = None):
+    def __init__(
+        self,
+        *,
+        base_backoff_s: float = 1.0,
+        max_backoff_s: float = 60.0,
+        on_mirrored: Callable[[Store, MirrorJob], None] | None = None,
+        progress: bool | None = None,
+    ):
         self.base_backoff_s = base_backoff_s
         self.max_backoff_s = max_backoff_s
         self.on_mirrored = on_mirrored
@@ -75,7 +82,9 @@ class Mirrors:
 
     # -- submitting
 
-    def submit(self, src_dir: str, run: str, dirname: str, step: int, targets: Sequence[Store], *, cleanup: bool = False) -> None:
+    def submit(
+        self, src_dir: str, run: str, dirname: str, step: int, targets: Sequence[Store], *, cleanup: bool = False
+    ) -> None:
         if not targets:
             if cleanup:
                 discard_staging(src_dir)
@@ -89,8 +98,11 @@ class Mirrors:
                     j.targets += [t for t in targets if t.url not in {x.url for x in j.targets}]
                     break
             else:
-                self._jobs.append(MirrorJob(src_dir=src_dir, cleanup=cleanup, run=run, dirname=dirname, step=step,
-                                            targets=list(targets)))
+                self._jobs.append(
+                    MirrorJob(
+                        src_dir=src_dir, cleanup=cleanup, run=run, dirname=dirname, step=step, targets=list(targets)
+                    )
+                )
             self._start()
             self._cv.notify_all()
 
@@ -123,7 +135,10 @@ class Mirrors:
 
     def pending(self) -> list[str]:
         with self._cv:
-            return [f"step {j.step} -> {', '.join(t.url for t in j.targets)} ({j.last_error or 'in progress'})" for j in self._jobs]
+            return [
+                f"step {j.step} -> {', '.join(t.url for t in j.targets)} ({j.last_error or 'in progress'})"
+                for j in self._jobs
+            ]
 
     def idle(self) -> bool:
         with self._cv:
@@ -166,8 +181,15 @@ class Mirrors:
         job.transfer = stores.Transfer(total, f"mirror step {job.step} to {t.url}", show=False)
         self.current = job
         try:
-            loc = copying.copy_checkpoint(job.src_dir, t, job.run, job.dirname, token=job.token, transfer=job.transfer,
-                                          abort_stale=t.url not in self.uploads_checked)
+            loc = copying.copy_checkpoint(
+                job.src_dir,
+                t,
+                job.run,
+                job.dirname,
+                token=job.token,
+                transfer=job.transfer,
+                abort_stale=t.url not in self.uploads_checked,
+            )
             self.uploads_checked.add(t.url)
         except Exception as e:
             n = job.tries[t.url] = job.tries.get(t.url, 0) + 1
@@ -211,7 +233,9 @@ class Mirrors:
             if el > 1.0:
                 if not announced:
                     announced = True
-                    log.info("close(): waiting up to %.0fs for mirror upload(s): %s", timeout_s, "; ".join(self.pending()))
+                    log.info(
+                        "close(): waiting up to %.0fs for mirror upload(s): %s", timeout_s, "; ".join(self.pending())
+                    )
                     line = stores.Transfer(0, "waiting for mirrors", show=self.progress)
                 cur = self.current
                 if line is not None and cur is not None and cur.transfer is not None:
@@ -227,7 +251,6 @@ class Mirrors:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-
 
 
 class Upkeep:
@@ -278,11 +301,21 @@ class Upkeep:
             for names in self.worker.unmirrored(self.run).values():
                 protected |= names
         guards = retention.RetentionGuards(
-            protected=protected, quarantined=self.quarantined, verified=self.verified,
+            protected=protected,
+            quarantined=self.quarantined,
+            verified=self.verified,
             journal_store=self._store_list()[0],
-            on_unmirrored=self._catch_up if mirrors and store.is_local else None)
-        return retention.retain(store, self.run, self.config.keep_last, compat=self.config.resume.compat or {},
-                                layout=self.layout, mirrors=mirrors, guards=guards)
+            on_unmirrored=self._catch_up if mirrors and store.is_local else None,
+        )
+        return retention.retain(
+            store,
+            self.run,
+            self.config.keep_last,
+            compat=self.config.resume.compat or {},
+            layout=self.layout,
+            mirrors=mirrors,
+            guards=guards,
+        )
 
     def _catch_up(self, c: Candidate, missing: list[Store]) -> None:
         """A committed local checkpoint that a mirror lacks (deferred, or from an earlier run): mirror it."""
@@ -313,8 +346,11 @@ class Upkeep:
         except (OSError, DistGuardianError) as e:
             log.warning("mirror catch-up skipped: cannot list %s (%s)", primary.url, e)
             return
-        good = sorted((c for c in checked if c.tier == "V" and c.path not in self.quarantined),
-                      key=lambda c: (c.step, c.generation), reverse=True)[: self.config.keep_last or 1]
+        good = sorted(
+            (c for c in checked if c.tier == "V" and c.path not in self.quarantined),
+            key=lambda c: (c.step, c.generation),
+            reverse=True,
+        )[: self.config.keep_last or 1]
         for m in store_list[1:]:
             if m.url in down:
                 continue  # unreachable at start: the next save's retention catches up (close() must not wait on it)
@@ -342,7 +378,7 @@ class Upkeep:
             return
         down = {u for u, _ in result.unreachable}
         for s in [s for s in store_list if not s.is_local and s.is_s3 and s.url not in down]:
-            self.worker.submit_task(f"clean stale uploads {s.url}", lambda s=s: self._clean_uploads(s))
+            self.worker.submit_task(f"clean stale uploads {s.url}", functools.partial(self._clean_uploads, s))
         if store_list[0].is_local and len(store_list) > 1:
             self.worker.submit_task("mirror catch-up", lambda: self._catch_up_on_start(store_list, down))
         if not result.resumed or result.store is None:
@@ -362,22 +398,35 @@ class Upkeep:
         self._report_damaged_replicas(result, store_list, src, rel)
 
     def _report_damaged_replicas(self, result: ResumeResult, store_list: Sequence[Store], src: Store, rel: str) -> None:
-        bad = {a.path: "; ".join(w for _, w in a.reasons) or a.outcome
-               for a in result.attempts if a.outcome in ("failed", "deferred")}
+        bad = {
+            a.path: "; ".join(w for _, w in a.reasons) or a.outcome
+            for a in result.attempts
+            if a.outcome in ("failed", "deferred")
+        }
         bad.update({p: why for p, why in result.rejected})
         repair = self.config.repair
         for s in store_list:
             where = s.uri(rel)
             if s.url == src.url or where not in bad:
                 continue
-            log.warning("replica_repair_needed path=%s reason=%s: step %s was loaded from %s instead%s",
-                        where, bad[where][:300], result.step, result.path,
-                        "; re-fetching it in the background" if repair and s.is_local else
-                        "; pass repair=True to re-fetch it" if s.is_local else "")
+            log.warning(
+                "replica_repair_needed path=%s reason=%s: step %s was loaded from %s instead%s",
+                where,
+                bad[where][:300],
+                result.step,
+                result.path,
+                "; re-fetching it in the background"
+                if repair and s.is_local
+                else "; pass repair=True to re-fetch it"
+                if s.is_local
+                else "",
+            )
             if repair and s.is_local:
                 dirname = rel.split("/", 1)[1]
-                self.worker.submit_task(f"repair {where}", lambda s=s, dirname=dirname:
-                                        copying.repair_replica(src, rel, s, self.run, dirname))
+                self.worker.submit_task(
+                    f"repair {where}",
+                    functools.partial(copying.repair_replica, src, rel, s, self.run, dirname),
+                )
 
     def flush(self, timeout_s: float) -> list[str]:
         """Wait for mirror uploads and housekeeping, at most ``timeout_s``; returns what is still unmirrored."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from . import discovery, journal, manifest, stores, verify
 from .candidate import Candidate
-from .errors import ConfigError, PlanFormatError, StoreError
 from .discovery import Discovery, Sighting
+from .errors import ConfigError, PlanFormatError, StoreError
 from .policy import order
 from .stores import Store
 
@@ -63,7 +64,7 @@ class Plan:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Plan":
+    def from_json(cls, d: dict[str, Any]) -> Plan:
         """The plan rank 0 broadcast. A malformed one raises :class:`PlanFormatError` naming the field."""
         if not isinstance(d, dict):
             raise PlanFormatError(f"malformed plan: a {type(d).__name__}, not an object")
@@ -75,7 +76,8 @@ class Plan:
         def pairs(key: str) -> tuple[tuple[str, str], ...]:
             v = d[key]
             if not isinstance(v, list) or not all(
-                    isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in v):
+                isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in v
+            ):
                 raise PlanFormatError(f"malformed plan: {key} must be a list of [text, text] pairs")
             return tuple((p[0], p[1]) for p in v)
 
@@ -145,8 +147,14 @@ class PlanCursor:
     policy holds across pages.
     """
 
-    def __init__(self, store_list: Sequence[Store], request: PlanRequest, *,
-                 refused: Sequence[tuple[str, str]] = (), page_steps: int | None = PAGE_STEPS):
+    def __init__(
+        self,
+        store_list: Sequence[Store],
+        request: PlanRequest,
+        *,
+        refused: Sequence[tuple[str, str]] = (),
+        page_steps: int | None = PAGE_STEPS,
+    ):
         """No I/O here: the stores are listed by the first :meth:`next_page`."""
         self.store_list, self.request, self.refused = list(store_list), request, tuple(refused)
         self.page_steps = page_steps
@@ -164,11 +172,14 @@ class PlanCursor:
     def _discover(self) -> Discovery:
         """One listing per store (on the first page): native sightings newest first, foreign ones by name."""
         found = discovery.discover(self.store_list, self.request.run)
-        self._native = sorted((s for s in found.sightings if s.kind == "native"),
-                              key=lambda s: (-(s.step if s.step is not None else -1), -(s.generation_hint or 0),
-                                             s.store.index))
-        self._foreign = sorted((s for s in found.sightings if s.kind != "native"),
-                               key=lambda s: (s.step is None, -(s.step or 0), s.store.index, s.rel))
+        self._native = sorted(
+            (s for s in found.sightings if s.kind == "native"),
+            key=lambda s: (-(s.step if s.step is not None else -1), -(s.generation_hint or 0), s.store.index),
+        )
+        self._foreign = sorted(
+            (s for s in found.sightings if s.kind != "native"),
+            key=lambda s: (s.step is None, -(s.step or 0), s.store.index, s.rel),
+        )
         for s in self._native:
             self._saw_generation(s.generation_hint or 0, s.store.uri(s.rel))
         self.found = found
@@ -202,8 +213,10 @@ class PlanCursor:
         if self._capped or self.max_generation < manifest.MAX_GENERATION:
             return []
         self._capped = True
-        msg = (f"generation_capped: {self._max_generation_from} carries generation {self.max_generation}; "
-               f"this incarnation saves at the cap {manifest.MAX_GENERATION}")
+        msg = (
+            f"generation_capped: {self._max_generation_from} carries generation {self.max_generation}; "
+            f"this incarnation saves at the cap {manifest.MAX_GENERATION}"
+        )
         log.warning("%s", msg)
         return [msg]
 
@@ -222,11 +235,18 @@ class PlanCursor:
         sightings = self._take()
         self.pages += 1
         req = self.request
-        checked = verify.verify_all(sightings, run=req.run, compat=req.compat,
-                                    extra_safe_globals=list(req.extra_safe_globals), layout=req.layout)
+        checked = verify.verify_all(
+            sightings,
+            run=req.run,
+            compat=req.compat,
+            extra_safe_globals=list(req.extra_safe_globals),
+            layout=req.layout,
+        )
         self.all_candidates += checked.candidates
-        self._saw_generation(checked.max_generation, next(
-            (c.path for c in checked.candidates if c.generation == checked.max_generation), "a manifest"))
+        self._saw_generation(
+            checked.max_generation,
+            next((c.path for c in checked.candidates if c.generation == checked.max_generation), "a manifest"),
+        )
         ordered = order(checked.candidates, req.suspect)
         if req.suspect == "last_resort":
             self._held += [c for c in ordered if c.tier == "S"]
@@ -274,15 +294,22 @@ def _lineage_warnings(ordered: Sequence[Candidate]) -> list[str]:
             gens.setdefault(c.step, set()).add(c.generation)
     for step, g in sorted(gens.items(), reverse=True):
         if len(g) > 1:  # F36: two lineages committed the same step (a rollback, a zombie writer)
-            msg = (f"lineage_fork step={step} generations={sorted(g, reverse=True)}: the newest lineage is tried "
-                   "first; all are kept")
+            msg = (
+                f"lineage_fork step={step} generations={sorted(g, reverse=True)}: the newest lineage is tried "
+                "first; all are kept"
+            )
             log.warning("%s", msg)
             out.append(msg)
     return out
 
 
-def make_plan(store_list: Sequence[Store], request: PlanRequest, *, refused: Sequence[tuple[str, str]] = (),
-              include_rejected: bool = False) -> Plan:
+def make_plan(
+    store_list: Sequence[Store],
+    request: PlanRequest,
+    *,
+    refused: Sequence[tuple[str, str]] = (),
+    include_rejected: bool = False,
+) -> Plan:
     """The whole plan at once (every manifest read): what ``dist-guardian plan`` prints.
 
     Rank 0 only; never raises for a bad store or candidate. ``include_rejected`` fills
@@ -302,5 +329,6 @@ def make_plan(store_list: Sequence[Store], request: PlanRequest, *, refused: Seq
         sightings=first.sightings,
         demoted=tuple(d for p in pages for d in p.demoted),
         listing=tuple(sorted(cur.all_candidates, key=lambda c: (-c.step, -c.generation, c.store_index, c.path)))
-        if include_rejected else (),
+        if include_rejected
+        else (),
     )

@@ -25,7 +25,6 @@ from .stores import Store
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(kw_only=True)
 class RetentionGuards:
     """What a live writer knows that a listing does not, and what it must not delete.
@@ -44,9 +43,17 @@ class RetentionGuards:
     on_unmirrored: Callable[[Any, list[Store]], None] | None = None
 
 
-def retain(store: Store, run: str, keep_last: int, *, compat: dict[str, Any] | None = None,
-           layout: dict[str, str] | None = None, mirrors: Sequence[Store] = (), dry_run: bool = False,
-           guards: RetentionGuards | None = None) -> list[str]:
+def retain(
+    store: Store,
+    run: str,
+    keep_last: int,
+    *,
+    compat: dict[str, Any] | None = None,
+    layout: dict[str, str] | None = None,
+    mirrors: Sequence[Store] = (),
+    dry_run: bool = False,
+    guards: RetentionGuards | None = None,
+) -> list[str]:
     """Delete old verified checkpoints beyond ``keep_last`` in one store. Returns what was deleted.
 
     The rules (F40-F42):
@@ -73,7 +80,11 @@ def retain(store: Store, run: str, keep_last: int, *, compat: dict[str, Any] | N
     if keep_last < 1:
         raise ConfigError("keep_last must be at least 1")
     if keep_last < MIN_KEEP_LAST:
-        log.warning("keep_last=%d raised to %d: the newest checkpoint alone could be the bad one (F40)", keep_last, MIN_KEEP_LAST)
+        log.warning(
+            "keep_last=%d raised to %d: the newest checkpoint alone could be the bad one (F40)",
+            keep_last,
+            MIN_KEEP_LAST,
+        )
         keep_last = MIN_KEEP_LAST
     guards = guards or RetentionGuards()
     listed = _list_verified(store, run)
@@ -103,26 +114,39 @@ def _list_verified(store: Store, run: str) -> tuple[Sequence[Any], Sequence[Any]
         return None
     unreadable = [c for c in checked if c.tier == "R" and policy.store_was_down(c.reasons)]
     if unreadable:
-        log.warning("retention skipped for %s: could not read %s (%s)", store.url, unreadable[0].path, "; ".join(unreadable[0].reasons))
+        log.warning(
+            "retention skipped for %s: could not read %s (%s)",
+            store.url,
+            unreadable[0].path,
+            "; ".join(unreadable[0].reasons),
+        )
         return None
     return sightings, checked
 
 
-def _groups(checked: Sequence[Any], compat: dict[str, Any] | None,
-            layout: dict[str, str] | None) -> dict[tuple[str | None, str | None], list[Any]]:
+def _groups(
+    checked: Sequence[Any], compat: dict[str, Any] | None, layout: dict[str, str] | None
+) -> dict[tuple[str | None, str | None], list[Any]]:
     """Tier V checkpoints by (compat, layout) fingerprint, newest first; only the wanted group when given."""
-    want = (None if compat is None else manifest.compat_fingerprint(compat),
-            None if layout is None else manifest.layout_fingerprint(layout))
+    want = (
+        None if compat is None else manifest.compat_fingerprint(compat),
+        None if layout is None else manifest.layout_fingerprint(layout),
+    )
     groups: dict[tuple[str | None, str | None], list[Any]] = {}
     for c in sorted((c for c in checked if c.tier == "V"), key=lambda c: (c.step, c.generation), reverse=True):
         key = (c.compat_fingerprint, c.layout_fingerprint)
-        if all(w is None or w == k for w, k in zip(want, key)):
+        if all(w is None or w == k for w, k in zip(want, key, strict=True)):
             groups.setdefault(key, []).append(c)
     return groups
 
 
-def _beyond_keep_last(store: Store, groups: dict[Any, list[Any]], keep_last: int, bad: set[str],
-                      verified: set[tuple[str, str, str]] | None) -> list[tuple[Any, list[Any]]]:
+def _beyond_keep_last(
+    store: Store,
+    groups: dict[Any, list[Any]],
+    keep_last: int,
+    bad: set[str],
+    verified: set[tuple[str, str, str]] | None,
+) -> list[tuple[Any, list[Any]]]:
     """(candidate, its group) for each checkpoint past the newest ``keep_last`` verified ones of its group."""
     doomed: list[tuple[Any, list[Any]]] = []
     for members in groups.values():
@@ -137,8 +161,12 @@ def _beyond_keep_last(store: Store, groups: dict[Any, list[Any]], keep_last: int
             if store.is_local and (verified is None or vkey not in verified):
                 tier, reasons = verify.verify_full(store, c.rel)
                 if tier != "V":
-                    log.warning("retention_not_counted %s: tier %s (%s); kept, and not counted as verified",
-                                c.path, tier, "; ".join(reasons))
+                    log.warning(
+                        "retention_not_counted %s: tier %s (%s); kept, and not counted as verified",
+                        c.path,
+                        tier,
+                        "; ".join(reasons),
+                    )
                     continue
                 if verified is not None:
                     verified.add(vkey)
@@ -146,8 +174,15 @@ def _beyond_keep_last(store: Store, groups: dict[Any, list[Any]], keep_last: int
     return doomed
 
 
-def _delete_unless_unmirrored(store: Store, run: str, doomed: list[tuple[Any, list[Any]]], keep_last: int,
-                              mirrors: Sequence[Store], guards: RetentionGuards, dry_run: bool) -> list[str]:
+def _delete_unless_unmirrored(
+    store: Store,
+    run: str,
+    doomed: list[tuple[Any, list[Any]]],
+    keep_last: int,
+    mirrors: Sequence[Store],
+    guards: RetentionGuards,
+    dry_run: bool,
+) -> list[str]:
     deleted: list[str] = []
     views: dict[str, dict[str, Any] | None] = {}
     for c, members in doomed:
@@ -162,8 +197,11 @@ def _delete_unless_unmirrored(store: Store, run: str, doomed: list[tuple[Any, li
             if not held_or_not_needed(c, views[m.url], keep_last, members):
                 missing.append(m)
         if missing:
-            log.warning("retention_blocked_unmirrored: keeping %s: not committed in %s yet",
-                        c.path, ", ".join(m.url for m in missing))
+            log.warning(
+                "retention_blocked_unmirrored: keeping %s: not committed in %s yet",
+                c.path,
+                ", ".join(m.url for m in missing),
+            )
             if guards.on_unmirrored is not None:
                 guards.on_unmirrored(c, missing)
             continue
@@ -192,7 +230,10 @@ def _journal_quarantined(journal_store: Store | None, run: str, checked: Sequenc
     out = set()
     for c in checked:
         rel = journal._rel(run, c)
-        if rel.rsplit("/", 1)[-1] in names and journal.read(journal_store, run, c).get("last_outcome") in ("failed", "deferred"):
+        if rel.rsplit("/", 1)[-1] in names and journal.read(journal_store, run, c).get("last_outcome") in (
+            "failed",
+            "deferred",
+        ):
             out.add(c.path)
     return out
 
@@ -258,7 +299,9 @@ def clean_orphans(store: Store, run: str, sightings: Sequence[Any] | None = None
             sightings = discovery.discover_store(store, run)
         except (OSError, StoreError):
             return []
-    orphans = [s for s in sightings if s.kind == "native" and s.rel.startswith(run + "/") and s.child(MANIFEST_NAME) is None]
+    orphans = [
+        s for s in sightings if s.kind == "native" and s.rel.startswith(run + "/") and s.child(MANIFEST_NAME) is None
+    ]
     if not orphans:
         return []
     try:
@@ -291,4 +334,3 @@ def _clean_trash(store: Store, run: str) -> None:
                 stores.remove_tree_local(store.join(run, n))
             except OSError as e:
                 log.warning("could not clean %s: %s", n, e)
-

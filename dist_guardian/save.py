@@ -44,7 +44,6 @@ from .stores import Store
 log = logging.getLogger(__name__)
 
 
-
 def check_state(state: Any) -> None:
     """Raise :class:`ConfigError` for a ``state`` that cannot be saved or resumed into (same on every rank)."""
     if not isinstance(state, dict) or not state or not all(isinstance(k, str) for k in state):
@@ -60,8 +59,9 @@ class Saver:
     coordination group, collectively; the second resolves the stores once).
     """
 
-    def __init__(self, config: GuardianConfig, comm: Callable[[], Comm], store_list: Callable[[], list[Store]],
-                 upkeep: Upkeep):
+    def __init__(
+        self, config: GuardianConfig, comm: Callable[[], Comm], store_list: Callable[[], list[Store]], upkeep: Upkeep
+    ):
         self.config = config
         self.run = config.resume.run
         self._comm = comm
@@ -72,8 +72,9 @@ class Saver:
         self._pool: ThreadPoolExecutor | None = None  # one background save at a time (blocking=False)
         self._pending: Future[SaveResult] | None = None
 
-    def save(self, state: dict[str, Any], step: int, metrics: dict[str, Any] | None, *, blocking: bool,
-             generation: int) -> SaveResult | Future[SaveResult]:
+    def save(
+        self, state: dict[str, Any], step: int, metrics: dict[str, Any] | None, *, blocking: bool, generation: int
+    ) -> SaveResult | Future[SaveResult]:
         """Collective: call on every rank (``Guardian.save`` documents it). Waits for a pending save first."""
         self.wait()
         check_state(state)
@@ -110,8 +111,15 @@ class Saver:
     def _rng_now(self) -> dict[str, Any] | None:
         return statetree.rng_state() if self.config.rng else None
 
-    def _save(self, captured: dict[str, Any], rng: dict[str, Any] | None, layout: dict[str, str], step: int,
-              metrics: dict[str, Any], generation: int) -> SaveResult:
+    def _save(
+        self,
+        captured: dict[str, Any],
+        rng: dict[str, Any] | None,
+        layout: dict[str, str],
+        step: int,
+        metrics: dict[str, Any],
+        generation: int,
+    ) -> SaveResult:
         comm = self._comm()
         store_list = self._store_list()
         primary = store_list[0]
@@ -144,7 +152,11 @@ class Saver:
                 outcome = {"path": done.path}
             except Exception as e:
                 discard_staging(staging)
-                reason = str(e) if isinstance(e, CommitConflict) else save_errno_reason(e, primary.root if primary.is_local else ".")
+                reason = (
+                    str(e)
+                    if isinstance(e, CommitConflict)
+                    else save_errno_reason(e, primary.root if primary.is_local else ".")
+                )
                 log.warning("%s", reason)
                 outcome = {"error": reason}
         outcome = comm.broadcast_json(outcome, f"broadcast commit of step {step}")
@@ -155,32 +167,43 @@ class Saver:
         if done is not None:
             self._upkeep.after_commit(store_list, done)
             log.info("saved step %d to %s (%.1f MB in %.2fs)", step, done.path, nbytes / 1e6, time.monotonic() - t0)
-        return SaveResult(committed=True, step=step, path=outcome["path"], seconds=time.monotonic() - t0,
-                          bytes_written=nbytes)
+        return SaveResult(
+            committed=True, step=step, path=outcome["path"], seconds=time.monotonic() - t0, bytes_written=nbytes
+        )
 
-    def _write_and_gather(self, comm: Comm, captured: dict[str, Any], rng: dict[str, Any] | None, staging: str,
-                          step: int) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+    def _write_and_gather(
+        self, comm: Comm, captured: dict[str, Any], rng: dict[str, Any] | None, staging: str, step: int
+    ) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
         """Collective: write this rank's files, then gather every rank's entries; (docs, errors by rank)."""
         mine: list[dict[str, Any]] = []
         err = ""
         try:
             if not stores.is_dir(staging):
-                raise SaveFailed("staging_not_shared", f"staging dir {staging} is not visible on this rank: the primary store must be shared by every rank")
+                raise SaveFailed(
+                    "staging_not_shared",
+                    f"staging dir {staging} is not visible on this rank: "
+                    "the primary store must be shared by every rank",
+                )
             mine = [w.to_json() for w in self._write_rank_files(captured, rng, staging, step, comm)]
         except Exception as e:
             err = save_errno_reason(e, staging if stores.is_dir(staging) else ".")
             log.warning("[rank=%d] %s", comm.rank, err)
-        texts = comm.gather_strings(json.dumps({"files": mine, "error": err}), f"gather digests of step {step}", max_len=1 << 26)
+        texts = comm.gather_strings(
+            json.dumps({"files": mine, "error": err}), f"gather digests of step {step}", max_len=1 << 26
+        )
         docs = [json.loads(t) for t in texts]
         return docs, [(r, d["error"]) for r, d in enumerate(docs) if d["error"]]
 
-    def _write_rank_files(self, captured: dict[str, Any], rng: dict[str, Any] | None, staging: str, step: int,
-                          comm: Comm) -> list[WrittenEntry]:
+    def _write_rank_files(
+        self, captured: dict[str, Any], rng: dict[str, Any] | None, staging: str, step: int, comm: Comm
+    ) -> list[WrittenEntry]:
         rank, per_rank = comm.rank, self.config.per_rank
         out = []
         if rank == 0:
             replicated = {k: v for k, v in captured.items() if k not in per_rank}
-            out.append(write_tree(os.path.join(staging, REPLICATED_FILE), replicated, rank=rank, step=step, file_rank=None))
+            out.append(
+                write_tree(os.path.join(staging, REPLICATED_FILE), replicated, rank=rank, step=step, file_rank=None)
+            )
         per = {k: v for k, v in captured.items() if k in per_rank}
         if rng is not None:
             per[statetree.RNG_KEY] = rng
@@ -188,24 +211,51 @@ class Saver:
         out.append(write_tree(os.path.join(staging, name), per, rank=rank, step=step, file_rank=rank))
         return out
 
-    def _commit(self, primary: Store, staging: str, step: int, entries: list[WrittenEntry], metrics: dict[str, Any],
-                world: int, layout: dict[str, str], generation: int) -> Committed:
+    def _commit(
+        self,
+        primary: Store,
+        staging: str,
+        step: int,
+        entries: list[WrittenEntry],
+        metrics: dict[str, Any],
+        world: int,
+        layout: dict[str, str],
+        generation: int,
+    ) -> Committed:
         """Rank 0: build the manifest and commit ``staging`` under the lineage rule, locally or remotely."""
-        mbytes = manifest.build(manifest.ManifestDraft(
-            run=self.run, step=step, generation=generation, world_size=world, created_unix=time.time(),
-            compat=self.config.resume.compat or {}, metrics=metrics, files=[w.entry for w in entries],
-            tensors={w.entry.name: w.stats for w in entries}, trees={w.entry.name: w.trees for w in entries},
-            torch_version=torch.__version__, writer=writer_info(), layout=layout,
-        ))
+        mbytes = manifest.build(
+            manifest.ManifestDraft(
+                run=self.run,
+                step=step,
+                generation=generation,
+                world_size=world,
+                created_unix=time.time(),
+                compat=self.config.resume.compat or {},
+                metrics=metrics,
+                files=[w.entry for w in entries],
+                tensors={w.entry.name: w.stats for w in entries},
+                trees={w.entry.name: w.trees for w in entries},
+                torch_version=torch.__version__,
+                writer=writer_info(),
+                layout=layout,
+            )
+        )
         if primary.is_local:
             path = commit_local(primary, self.run, staging, step, generation, mbytes)
         else:
             checked = self._upkeep.uploads_checked
-            path = copying.commit_remote(primary, self.run, staging, step, generation, mbytes,
-                                         abort_stale=primary.url not in checked)
+            path = copying.commit_remote(
+                primary, self.run, staging, step, generation, mbytes, abort_stale=primary.url not in checked
+            )
             checked.add(primary.url)
-        return Committed(path=path, staging=staging, step=step, dirname=os.path.basename(path.rstrip("/")),
-                         manifest_digest=manifest.digest_bytes(mbytes), layout=layout)
+        return Committed(
+            path=path,
+            staging=staging,
+            step=step,
+            dirname=os.path.basename(path.rstrip("/")),
+            manifest_digest=manifest.digest_bytes(mbytes),
+            layout=layout,
+        )
 
     def _failed(self, step: int, errors: list[tuple[int, str]], t0: float) -> SaveResult:
         self.failed_saves += 1
@@ -223,5 +273,13 @@ def write_tree(path: str, tree: dict[str, Any], *, rank: int, step: int, file_ra
     encoded = enc.encode(tree, "")
     tree_json = json.dumps(encoded, separators=(",", ":"), allow_nan=False)
     specs = [statetree.tensor_spec(n, t) for n, t in enc.tensors.items()]
-    return write_file(path, tree_json, specs, lambda spec: statetree.max_abs(enc.tensors[spec.name]),
-                      rank=rank, step=step, file_rank=file_rank, trees=formats.tree_key_digests(encoded))
+    return write_file(
+        path,
+        tree_json,
+        specs,
+        lambda spec: statetree.max_abs(enc.tensors[spec.name]),
+        rank=rank,
+        step=step,
+        file_rank=file_rank,
+        trees=formats.tree_key_digests(encoded),
+    )

@@ -9,8 +9,9 @@ belongs in ``loading``; nothing here does I/O, so every acceptance rule is in on
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -40,7 +41,6 @@ class Staged:
     tree_damaged: bool = False
 
 
-
 def accept(staged: Staged, state: dict[str, Any], required: Iterable[str]) -> Loaded:
     """This rank's verdict on what it staged: raises when it must not be applied, else its vote.
 
@@ -53,8 +53,9 @@ def accept(staged: Staged, state: dict[str, Any], required: Iterable[str]) -> Lo
             sanity_gate(staged)
         except CheckpointFormatError as e:
             raise CheckpointFormatError(f"{'; '.join(staged.suspect)}; {e}") from None
-    return Loaded(staged=staged, suspect=tuple(staged.suspect), warnings=tuple(staged.warnings),
-                  last_resort=staged.tree_damaged)
+    return Loaded(
+        staged=staged, suspect=tuple(staged.suspect), warnings=tuple(staged.warnings), last_resort=staged.tree_damaged
+    )
 
 
 def check_structure(staged: Staged, state: dict[str, Any], required: Iterable[str]) -> None:
@@ -97,15 +98,18 @@ def _check_module(k: str, live: torch.nn.Module, got: Any) -> None:
 def _check_optimizer(k: str, live: torch.optim.Optimizer, got: dict[str, Any]) -> None:
     """As many param groups as the live optimizer, each as long, with every hyperparameter its class uses."""
     groups = got.get("param_groups")
-    if not isinstance(groups, list) or len(groups) != len(live.param_groups) or any(
-        len(g.get("params", ())) != len(lg["params"]) for g, lg in zip(groups, live.param_groups, strict=True)
+    if (
+        not isinstance(groups, list)
+        or len(groups) != len(live.param_groups)
+        or any(len(g.get("params", ())) != len(lg["params"]) for g, lg in zip(groups, live.param_groups, strict=True))
     ):
         raise CheckpointFormatError(f"{k!r}: optimizer param groups differ from the live optimizer's")
     for i, (group, lacks) in enumerate(zip(groups, _groups_as_loaded(live, groups), strict=True)):
         if lacks:
             raise CheckpointFormatError(
                 f"{k!r}: optimizer param_groups[{i}] lacks {lacks[:10]} that {type(live).__name__} uses "
-                f"(it has {sorted(map(str, group))[:12]}): saved by another optimizer class?")
+                f"(it has {sorted(map(str, group))[:12]}): saved by another optimizer class?"
+            )
 
 
 def _groups_as_loaded(live: torch.optim.Optimizer, groups: list[Any]) -> list[list[str]]:
@@ -142,8 +146,9 @@ def sanity_gate(staged: Staged) -> None:
             m = float(x.abs().max())
             bound = SANITY_FACTOR * st.max_abs if st.max_abs > 0 else 1e-30
             if m > bound:
-                raise CheckpointFormatError(f"sanity_gate_failed: tensor {tname} max|x|={m:.3g} > "
-                                            f"{SANITY_FACTOR:g}x saved {st.max_abs:.3g}")
+                raise CheckpointFormatError(
+                    f"sanity_gate_failed: tensor {tname} max|x|={m:.3g} > {SANITY_FACTOR:g}x saved {st.max_abs:.3g}"
+                )
 
 
 def _iter_tensors(v: Any, path: str):

@@ -32,7 +32,6 @@ class _ReadInto(Protocol):
     def readinto(self, b: Any, /) -> int | None: ...
 
 
-
 def read_and_hash(
     fd: int,
     header: NativeHeader,

@@ -98,7 +98,7 @@ class WrittenFile:
     size: int
     digest: str
     tensor_digests: dict[str, str]
-    stats: dict[str, object] = field(default_factory=dict)
+    stats: dict[str, tuple[float | None, bool]] = field(default_factory=dict)  # name -> (max|x|, finite)
 
 
 def tree_digest(header_bytes: bytes, tensor_digests_in_order: Iterable[bytes]) -> str:
@@ -205,5 +205,3 @@ def parse_header(f: BinaryIO, file_size: int, *, name: str = "file") -> NativeHe
     if pos != payload:
         raise CheckpointFormatError(f"{name}: tensors cover {pos} bytes but the file holds {payload} after the header")
     return NativeHeader(header_bytes=head + blob, entries=tuple(entries), metadata=meta, payload_size=payload)
-
-

@@ -24,7 +24,7 @@ def write_native(
     specs: Sequence[TensorSpec],
     *,
     hook=None,
-    stats_fn: Callable[[TensorSpec], object] | None = None,
+    stats_fn: Callable[[TensorSpec], tuple[float | None, bool]] | None = None,
 ) -> WrittenFile:
     """Stream a native file to ``fd``, hashing each tensor as it goes out. The caller fsyncs.
 
@@ -40,7 +40,7 @@ def write_native(
     pipe.put(memoryview(header))
     digests: dict[str, str] = {}
     raw_digests: list[bytes] = []
-    stats: dict[str, object] = {}
+    stats: dict[str, tuple[float | None, bool]] = {}
     queued = 0
     mid_called = hook is None
     try:
@@ -155,4 +155,3 @@ def write_all(fd: int, mv: memoryview) -> None:
     while len(mv):
         n = os.write(fd, mv)
         mv = mv[n:]
-

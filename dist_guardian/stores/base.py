@@ -241,13 +241,10 @@ def _ensure_private_dir(path: str, *, what: str) -> None:
         )
     if st.st_mode & 0o022:
         raise InsecurePathError(
-            "node_local_root_insecure", f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o} "
-            "(group/world-writable); fix with chmod 700 or remove it"
+            "node_local_root_insecure",
+            f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o} "
+            "(group/world-writable); fix with chmod 700 or remove it",
         )
-
-
-
-
 
 
 def is_loopback(store: Store) -> bool:
