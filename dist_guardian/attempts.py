@@ -4,7 +4,7 @@ Belongs here: the attempt loop of a resume page (LLNL SCR's fallback loop): each
 the same candidate into staging under a deadline (:func:`run_with_deadline`), one vote takes
 the minimum, and :func:`_decide` turns the outcome into the next step (apply, move on, or
 defer a suspect), and the :class:`Record` every rank accumulates for the decision record.
-Failures travel as data (:class:`policy.Reason`), so every rank reaches every collective once.
+Failures travel as data (:class:`errors.Reason`), so every rank reaches every collective once.
 """
 
 from __future__ import annotations
@@ -12,21 +12,31 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 from . import _faults, journal
 from .candidate import Attempt, Candidate, Loaded, ResumeResult
 from .comm import Comm
-from .errors import AgreementTimeout, AttemptCapReached, CoordinationError, StoreError
+from .errors import AgreementTimeout, AttemptCapReached, CoordinationError, Reason, StoreError
 from .planning import Plan
-from .policy import MAX_ATTEMPTS, Reason, better_remains, defer_suspect, store_reason_is_transient
+from .policy import (
+    MAX_ATTEMPTS,
+    better_remains,
+    defer_suspect,
+    reason_from_wire,
+    reason_to_wire,
+    store_reason_is_transient,
+)
 from .stores import Store
 
 log = logging.getLogger(__name__)
 
 # The vote takes the minimum: one rank's damage outside the tensors (T10) moves the candidate to last resort on all.
 VOTE_FAIL, VOTE_LAST_RESORT, VOTE_SUSPECT, VOTE_OK = 0, 1, 2, 3
+# An attempt's failure text is kept to this many characters of the error's message (it crosses ranks).
+_DETAIL_CAP = 1500
 
 __all__ = ["MAX_ATTEMPTS", "LoadDeadlineExceeded", "LoopContext", "Record", "attempt_loop", "run_with_deadline"]
 
@@ -194,11 +204,12 @@ def _attempt(ctx: LoopContext, c: Candidate, warnings: list[str]) -> _Tried:
         else:
             tried.staged = result
     except LoadDeadlineExceeded as e:
-        tried.failure = Reason(text=f"TimeoutError: {e}"[:1500], transient=True)
+        tried.failure = Reason("TimeoutError", str(e)[:_DETAIL_CAP], transient=True)
     except BaseException as e:  # DCP's CheckpointException derives from BaseException
         if _is_fatal(e):
             raise
-        tried.failure = Reason(text=f"{type(e).__name__}: {e}"[:1500])
+        # The error's own field decides (F33): a store that drops mid-load (StoreUnavailable) may answer later.
+        tried.failure = Reason(type(e).__name__, str(e)[:_DETAIL_CAP], transient=getattr(e, "transient", False))
     if tried.failure is not None:
         tried.staged = None
     return tried
@@ -256,10 +267,10 @@ def _decide(ctx: LoopContext, verdict: int, remaining: list[Candidate], idx: int
 
 def _record_failure(ctx: LoopContext, c: Candidate, tried: _Tried, rec: Record) -> None:
     """Collective: gather every rank's reason for a failed vote into the record."""
-    raw = ctx.comm.gather_strings(tried.failure.to_wire() if tried.failure else "",
+    raw = ctx.comm.gather_strings(reason_to_wire(tried.failure),
                                   f"gather failure reasons for {c.path}")
-    failures = [(r, why) for r, why in ((r, Reason.from_wire(t)) for r, t in enumerate(raw)) if why is not None]
-    reasons = tuple((r, why.text) for r, why in failures)
+    failures = [(r, why) for r, why in ((r, reason_from_wire(t)) for r, t in enumerate(raw)) if why is not None]
+    reasons = tuple((r, str(why)) for r, why in failures)
     # A timeout may be transient (F33): every rank sees the same gathered reasons, so all agree.
     rec.transient = rec.transient or any(why.transient for _, why in failures)
     rec.attempts.append(Attempt(candidate_id=c.id, step=c.step, store=c.store, path=c.path, tier=c.tier,
