@@ -13,9 +13,10 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from . import formats, manifest, stores
+from .candidate import Candidate
 from .errors import StoreError
 from .stores import Entry, Store
 
@@ -51,6 +52,19 @@ class Sighting:
 
     def child(self, name: str) -> Entry | None:
         return self._by_name.get(name)
+
+    def candidate(self, **fields: Any) -> Candidate:
+        """The candidate this sighting starts as (tier V, no reasons), with ``fields`` verification learned."""
+        return Candidate(
+            id=self.id,
+            store=self.store.url,
+            store_index=self.store.index,
+            rel=self.rel,
+            path=self.store.uri(self.rel),
+            kind=self.kind,
+            step=self.step if self.step is not None else -1,
+            **fields,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

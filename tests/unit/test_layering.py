@@ -24,7 +24,7 @@ LAYERS = [
     {"stores"},
     {"config", "commit"},
     {"discovery"},
-    {"fullcheck"},
+    {"fullcheck", "verify_foreign"},
     {"verify"},
     {"journal", "planning"},
     {"copying"},
