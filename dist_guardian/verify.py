@@ -126,14 +126,12 @@ def foreign_owner(store: stores.Store, rels: Iterable[str]) -> str | None:
     me = os.geteuid()
     for rel in rels:
         try:
-            st = os.lstat(store.join(rel))
-        except FileNotFoundError:
-            continue
+            uid = stores.owner_uid(store.join(rel))
         except OSError as e:
             return f"unreadable: {store.uri(rel)}: {e}"
-        if st.st_uid != me:
+        if uid is not None and uid != me:
             return (
-                f"insecure: {store.uri(rel)} is owned by uid {st.st_uid}, not by us (uid {me}); "
+                f"insecure: {store.uri(rel)} is owned by uid {uid}, not by us (uid {me}); "
                 "a node-local candidate must be ours"
             )
     return None
@@ -268,10 +266,10 @@ def _unreadable(token: str, e: BaseException) -> str:
 def _check_native_header(s: Sighting, name: str, size: int) -> str | None:
     path = s.store.join(s.rel, name)
     try:
-        fd = stores.open_regular(path)
+        f = stores.open_reader(path)
     except OSError as e:
         return f"unreadable: {name}: {e}"
-    with os.fdopen(fd, "rb") as f:
+    with f:
         try:
             formats.parse_header(f, size, name=name)
         except CheckpointFormatError as e:

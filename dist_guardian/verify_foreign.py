@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Iterable
 
 from . import formats, manifest, stores
@@ -36,12 +35,12 @@ def verify_torch(s: Sighting, extra_safe: Iterable[str]) -> Candidate:
     path = s.store.join(s.rel)
     try:
         stores.check_dirs_no_symlink(s.store.root, s.rel)
-        fd = stores.open_regular(path)
+        f = stores.open_reader(path)
     except InsecurePathError as e:
         return c.with_verdict("R", _insecure(e))
     except OSError as e:
         return c.with_verdict("R", f"unreadable: {e}")
-    with os.fdopen(fd, "rb") as f:
+    with f:
         rep = formats.sniff_torch_file(f, s.size, s.rel, extra_safe)
     if rep.over_cap:
         return c.with_verdict("R", f"planning_cap_exceeded: {rep.over_cap}")
