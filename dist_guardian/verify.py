@@ -5,7 +5,9 @@ zip CRCs clean), S suspect (checksum or CRC mismatch, still loadable), R rejecte
 empty, truncated, unsafe, incompatible). Verification never raises for a bad candidate and
 never reads tensor data of a native checkpoint: checksums are checked while loading, when
 the bytes stream by anyway. :func:`verify_full` (``fullcheck``, re-exported here) is the
-exception, for ``dist-guardian verify`` and retention.
+exception, for ``dist-guardian verify`` and retention. Belongs here: the dispatch over
+sightings and the native step-directory checks; torch.save files and DCP directories are
+judged in ``verify_foreign``.
 """
 
 from __future__ import annotations
