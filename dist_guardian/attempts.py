@@ -4,7 +4,7 @@ Belongs here: the attempt loop of a resume page (LLNL SCR's fallback loop): each
 the same candidate into staging under a deadline (:func:`run_with_deadline`), one vote takes
 the minimum, and :func:`_decide` turns the outcome into the next step (apply, move on, or
 defer a suspect), and the :class:`Record` every rank accumulates for the decision record.
-Failures travel as data (:class:`policy.Reason`), so every rank reaches every collective once.
+Failures travel as data (:class:`errors.Reason`), so every rank reaches every collective once.
 """
 
 from __future__ import annotations
@@ -12,21 +12,31 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 from . import _faults, journal
 from .candidate import Attempt, Candidate, Loaded, ResumeResult
 from .comm import Comm
-from .errors import AgreementTimeout, AttemptCapReached, CoordinationError, StoreError
+from .errors import AgreementTimeout, AttemptCapReached, CoordinationError, Reason, StoreError
 from .planning import Plan
-from .policy import MAX_ATTEMPTS, Reason, better_remains, defer_suspect, store_reason_is_transient
+from .policy import (
+    MAX_ATTEMPTS,
+    better_remains,
+    defer_suspect,
+    reason_from_wire,
+    reason_to_wire,
+    store_reason_is_transient,
+)
 from .stores import Store
 
 log = logging.getLogger(__name__)
 
 # The vote takes the minimum: one rank's damage outside the tensors (T10) moves the candidate to last resort on all.
 VOTE_FAIL, VOTE_LAST_RESORT, VOTE_SUSPECT, VOTE_OK = 0, 1, 2, 3
+# An attempt's failure text is kept to this many characters of the error's message (it crosses ranks).
+_DETAIL_CAP = 1500
 
 __all__ = ["MAX_ATTEMPTS", "LoadDeadlineExceeded", "LoopContext", "Record", "attempt_loop", "run_with_deadline"]
 
@@ -112,16 +122,26 @@ class Record:
         self.rejected += plan.rejected
         self.warnings += plan.warnings
         # The decision record says why a newer candidate was tried last (DESIGN section 5: "reported").
-        self.warnings += [f"crash_loop_demoted: {p}: at least {journal.UNFINISHED_LIMIT} attempts never finished; "
-                          "tried last" for p in plan.demoted]
+        self.warnings += [
+            f"crash_loop_demoted: {p}: at least {journal.UNFINISHED_LIMIT} attempts never finished; tried last"
+            for p in plan.demoted
+        ]
 
     def result(self, loaded: Candidate | None) -> ResumeResult:
         """The decision: resumed from ``loaded``, or (None) a fresh start."""
         return ResumeResult(
-            resumed=loaded is not None, step=loaded.step if loaded else None, store=loaded.store if loaded else None,
-            path=loaded.path if loaded else None, tier=loaded.tier if loaded else None, generation=self.generation,
-            attempts=tuple(self.attempts), warnings=tuple(self.warnings), rejected=tuple(self.rejected),
-            unreachable=self.unreachable, seconds=time.monotonic() - self.t0)
+            resumed=loaded is not None,
+            step=loaded.step if loaded else None,
+            store=loaded.store if loaded else None,
+            path=loaded.path if loaded else None,
+            tier=loaded.tier if loaded else None,
+            generation=self.generation,
+            attempts=tuple(self.attempts),
+            warnings=tuple(self.warnings),
+            rejected=tuple(self.rejected),
+            unreachable=self.unreachable,
+            seconds=time.monotonic() - self.t0,
+        )
 
 
 @dataclass
@@ -169,9 +189,11 @@ def _check_attempt_cap(rank: int, attempts: Sequence[Attempt], untried: int) -> 
     if tried < MAX_ATTEMPTS:
         return
     # Same attempts on every rank (lockstep), so every rank raises here together.
-    msg = (f"attempt_cap_reached: {tried} candidates failed to load (cap MAX_ATTEMPTS={MAX_ATTEMPTS}) and "
-           f"at least {untried} remain untried; not starting fresh. Move files that are not checkpoints "
-           "(see the attempts) out of the stores, then restart")
+    msg = (
+        f"attempt_cap_reached: {tried} candidates failed to load (cap MAX_ATTEMPTS={MAX_ATTEMPTS}) and "
+        f"at least {untried} remain untried; not starting fresh. Move files that are not checkpoints "
+        "(see the attempts) out of the stores, then restart"
+    )
     if rank == 0:
         log.error("%s", msg)
     raise AttemptCapReached(msg, tried=tried, untried=untried)
@@ -194,11 +216,12 @@ def _attempt(ctx: LoopContext, c: Candidate, warnings: list[str]) -> _Tried:
         else:
             tried.staged = result
     except LoadDeadlineExceeded as e:
-        tried.failure = Reason(text=f"TimeoutError: {e}"[:1500], transient=True)
+        tried.failure = Reason("TimeoutError", str(e)[:_DETAIL_CAP], transient=True)
     except BaseException as e:  # DCP's CheckpointException derives from BaseException
         if _is_fatal(e):
             raise
-        tried.failure = Reason(text=f"{type(e).__name__}: {e}"[:1500])
+        # The error's own field decides (F33): a store that drops mid-load (StoreUnavailable) may answer later.
+        tried.failure = Reason(type(e).__name__, str(e)[:_DETAIL_CAP], transient=getattr(e, "transient", False))
     if tried.failure is not None:
         tried.staged = None
     return tried
@@ -218,8 +241,9 @@ def _vote(ctx: LoopContext, c: Candidate, tried: _Tried) -> int:
     return verdict
 
 
-def _decide(ctx: LoopContext, verdict: int, remaining: list[Candidate], idx: int, tried: _Tried,
-            rec: Record) -> tuple[Candidate | None, list[Candidate]]:
+def _decide(
+    ctx: LoopContext, verdict: int, remaining: list[Candidate], idx: int, tried: _Tried, rec: Record
+) -> tuple[Candidate | None, list[Candidate]]:
     """Collective: what a vote leads to. Returns the candidate to apply (None: move on) and the plan ahead.
 
     Failed: every rank's reason is recorded, all move on. Suspect: deferred behind an intact
@@ -237,17 +261,32 @@ def _decide(ctx: LoopContext, verdict: int, remaining: list[Candidate], idx: int
     policy = "last_resort" if verdict == VOTE_LAST_RESORT and suspect != "reject" else suspect
     if better_remains(c, remaining[idx + 1 :], policy) or policy == "reject":
         outcome: Literal["failed", "deferred"] = "failed" if suspect == "reject" else "deferred"
-        rec.attempts.append(Attempt(candidate_id=c.id, step=c.step, store=c.store, path=c.path, tier="S",
-                                    outcome=outcome, reasons=reasons, seconds=tried.elapsed))
+        rec.attempts.append(
+            Attempt(
+                candidate_id=c.id,
+                step=c.step,
+                store=c.store,
+                path=c.path,
+                tier="S",
+                outcome=outcome,
+                reasons=reasons,
+                seconds=tried.elapsed,
+            )
+        )
         if ctx.comm.rank == 0:
-            log.warning("candidate_suspect %s: %s; %s", c.path, "; ".join(t for _, t in reasons),
-                        "rejected by policy" if suspect == "reject" else "trying intact candidates first")
+            log.warning(
+                "candidate_suspect %s: %s; %s",
+                c.path,
+                "; ".join(t for _, t in reasons),
+                "rejected by policy" if suspect == "reject" else "trying intact candidates first",
+            )
         ctx.record(c, finished=1, outcome=outcome)
         found = "tree_damaged" if verdict == VOTE_LAST_RESORT else "checksum_mismatch"
         tail = defer_suspect(remaining, idx, policy, f"{found} found while loading")
         return None, remaining[: idx + 1] + tail
-    msg = (f"checkpoint_suspect_loaded: {c.path} (step {c.step}) loaded despite: "
-           + "; ".join(f"rank {r}: {t}" for r, t in reasons))
+    msg = f"checkpoint_suspect_loaded: {c.path} (step {c.step}) loaded despite: " + "; ".join(
+        f"rank {r}: {t}" for r, t in reasons
+    )
     rec.warnings.append(msg)
     if ctx.comm.rank == 0:
         log.warning("%s", msg)
@@ -256,14 +295,23 @@ def _decide(ctx: LoopContext, verdict: int, remaining: list[Candidate], idx: int
 
 def _record_failure(ctx: LoopContext, c: Candidate, tried: _Tried, rec: Record) -> None:
     """Collective: gather every rank's reason for a failed vote into the record."""
-    raw = ctx.comm.gather_strings(tried.failure.to_wire() if tried.failure else "",
-                                  f"gather failure reasons for {c.path}")
-    failures = [(r, why) for r, why in ((r, Reason.from_wire(t)) for r, t in enumerate(raw)) if why is not None]
-    reasons = tuple((r, why.text) for r, why in failures)
+    raw = ctx.comm.gather_strings(reason_to_wire(tried.failure), f"gather failure reasons for {c.path}")
+    failures = [(r, why) for r, why in ((r, reason_from_wire(t)) for r, t in enumerate(raw)) if why is not None]
+    reasons = tuple((r, str(why)) for r, why in failures)
     # A timeout may be transient (F33): every rank sees the same gathered reasons, so all agree.
     rec.transient = rec.transient or any(why.transient for _, why in failures)
-    rec.attempts.append(Attempt(candidate_id=c.id, step=c.step, store=c.store, path=c.path, tier=c.tier,
-                                outcome="failed", reasons=reasons, seconds=tried.elapsed))
+    rec.attempts.append(
+        Attempt(
+            candidate_id=c.id,
+            step=c.step,
+            store=c.store,
+            path=c.path,
+            tier=c.tier,
+            outcome="failed",
+            reasons=reasons,
+            seconds=tried.elapsed,
+        )
+    )
     if ctx.comm.rank == 0:
         log.warning("attempt_failed %s: %s", c.describe(), "; ".join(f"rank {r}: {t}" for r, t in reasons))
     ctx.record(c, finished=1, outcome="failed")
@@ -276,5 +324,14 @@ def _apply(ctx: LoopContext, c: Candidate, tried: _Tried, rec: Record) -> None:
     ctx.record(c, finished=1, outcome="loaded")
     if c.tier == "L":
         rec.warnings.append(f"legacy_unverified_loaded: {c.path} has no manifest checksums")
-    rec.attempts.append(Attempt(candidate_id=c.id, step=c.step, store=c.store, path=c.path, tier=c.tier,
-                                outcome="loaded", seconds=tried.elapsed))
+    rec.attempts.append(
+        Attempt(
+            candidate_id=c.id,
+            step=c.step,
+            store=c.store,
+            path=c.path,
+            tier=c.tier,
+            outcome="loaded",
+            seconds=tried.elapsed,
+        )
+    )

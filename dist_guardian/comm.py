@@ -23,6 +23,27 @@ from .errors import AgreementTimeout, CandidateListMismatch, CoordinationError
 
 log = logging.getLogger(__name__)
 
+# What a failed collective raises: torch's DistError family derives from RuntimeError, a bad tensor is a
+# ValueError, and a timeout raised as such is the builtin TimeoutError.
+_COLLECTIVE_ERRORS = (RuntimeError, ValueError, TimeoutError)
+
+
+def _is_timeout(e: BaseException) -> bool:
+    """Whether a failed collective ran out of time (AgreementTimeout) rather than lost a peer.
+
+    Decided on the type where there is one: the builtin ``TimeoutError``. torch has no timeout
+    type: gloo (torch 2.13, measured with two ranks) raises a plain ``RuntimeError`` both for a
+    collective that timed out ("Timed out waiting 2000ms for recv operation to complete") and
+    for a dead peer ("Connection closed by peer"), and its ``DistError`` subclasses say a timeout
+    in words too. Only for a ``RuntimeError`` is the text read, as the one way to tell them apart.
+    """
+    if isinstance(e, TimeoutError):
+        return True
+    if not isinstance(e, RuntimeError):
+        return False
+    msg = str(e).lower()
+    return "timed out" in msg or "timeout" in msg
+
 
 class Comm:
     """The coordination channel of one Guardian (or one ``resume`` call)."""
@@ -65,7 +86,7 @@ class Comm:
     def _fail(self, step: str, e: BaseException) -> CoordinationError:
         msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         self.broken = step
-        if "timed out" in msg.lower() or "timeout" in msg.lower():
+        if _is_timeout(e):
             return AgreementTimeout(
                 f"[rank={self.rank}] {step}: no answer from every rank within {self.timeout_s:.1f}s "
                 f"(a rank hangs or died): {msg}"
@@ -91,7 +112,7 @@ class Comm:
             )
             if int(n.item()):
                 dist.broadcast(buf, src=0, group=self.group)
-        except (RuntimeError, ValueError) as e:
+        except _COLLECTIVE_ERRORS as e:
             raise self._fail(step, e) from e
         return obj if self.rank == 0 else json.loads(bytes(buf.numpy()).decode())
 
@@ -104,7 +125,7 @@ class Comm:
         _faults.hit("mid_vote", rank=self.rank)
         try:
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
-        except (RuntimeError, ValueError) as e:
+        except _COLLECTIVE_ERRORS as e:
             raise self._fail(step, e) from e
         return int(t.item())
 
@@ -116,7 +137,7 @@ class Comm:
         t = torch.tensor([1 if b else 0 for b in bits], dtype=torch.uint8)
         try:
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
-        except (RuntimeError, ValueError) as e:
+        except _COLLECTIVE_ERRORS as e:
             raise self._fail(step, e) from e
         return [bool(x) for x in t.tolist()]
 
@@ -136,7 +157,7 @@ class Comm:
                 mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             out = [torch.zeros(width, dtype=torch.uint8) for _ in range(self.world_size)]
             dist.all_gather(out, mine, group=self.group)
-        except (RuntimeError, ValueError) as e:
+        except _COLLECTIVE_ERRORS as e:
             raise self._fail(step, e) from e
         return [bytes(o[: int(s.item())].numpy()).decode(errors="replace") for o, s in zip(out, sizes, strict=True)]
 
@@ -154,7 +175,7 @@ class Comm:
         try:
             dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.group)
             dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.group)
-        except (RuntimeError, ValueError) as e:
+        except _COLLECTIVE_ERRORS as e:
             raise self._fail(step, e) from e
         if not torch.equal(lo, hi) or not torch.equal(lo, digest):
             raise CandidateListMismatch(

@@ -12,12 +12,13 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from . import formats, stores
+from .candidate import Candidate
 from .errors import StoreError
-from .stores import Entry, Store
 from .layout import DCP_METADATA, MANIFEST_NAME, RANK_FILE_RE, REPLICATED_FILE, STEP_DIR_RE, TORCH_SUFFIXES  # noqa: F401 (re-exported)
+from .stores import Entry, Store
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,19 @@ class Sighting:
 
     def child(self, name: str) -> Entry | None:
         return self._by_name.get(name)
+
+    def candidate(self, **fields: Any) -> Candidate:
+        """The candidate this sighting starts as (tier V, no reasons), with ``fields`` verification learned."""
+        return Candidate(
+            id=self.id,
+            store=self.store.url,
+            store_index=self.store.index,
+            rel=self.rel,
+            path=self.store.uri(self.rel),
+            kind=self.kind,
+            step=self.step if self.step is not None else -1,
+            **fields,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

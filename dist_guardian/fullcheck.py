@@ -12,8 +12,8 @@ from typing import Any
 
 from . import formats, manifest, stores
 from .errors import CheckpointFormatError
-from .manifest import Manifest, ManifestError
 from .layout import MANIFEST_NAME, NATIVE_SUFFIX
+from .manifest import Manifest, ManifestError
 
 
 def verify_full(store: stores.Store, rel: str) -> tuple[str, list[str]]:

@@ -2,46 +2,40 @@
 
 Belongs here: :func:`order` (the plan from the verdicts alone: timestamps never order
 anything, F35), :func:`defer_suspect` and :func:`better_remains` (a candidate found suspect
-while loading), and :class:`Reason` with the rules that call a failure transient (a store
-that may answer later, an attempt that ran out of time) or lasting (F33, F48). Those rules
-read the token of an :class:`errors.Reason` (``LASTING_STORE_TOKENS``, ``STORE_DOWN_TOKENS``),
+while loading), the wire form of an attempt's :class:`errors.Reason` (its text plus the
+transient flag, F33), and the rules that call a store reason transient or lasting (F48).
+Those rules read the token of a reason (``LASTING_STORE_TOKENS``, ``STORE_DOWN_TOKENS``),
 never words of its text. Every rank computes the same from the same inputs; nothing here does I/O.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 from .candidate import TIER_RANK, Candidate, validate_suspect_policy
-from .errors import Reason as ErrorReason
+from .errors import Reason
 
 # Loads one resume tries before it stops (T04): 2,000 foreign files that sniff clean and fail to load cost
 # 2,000 attempts and journal entries. Reaching it with candidates left raises AttemptCapReached (never fresh).
 MAX_ATTEMPTS = 64
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Reason:
-    """Why one rank could not load a candidate: the text for people, and whether it may pass.
+def reason_to_wire(reason: Reason | None) -> str:
+    """A rank's attempt failure as one gathered string: a flag character, then its text ("" carries no reason).
 
-    ``transient`` decides the end of a resume (F33): after a transient failure every
-    candidate failing is not a reason to start fresh, since progress may only be out of reach.
+    The text alone does not say whether the failure may pass (F33), so the flag travels with it.
     """
+    if reason is None:
+        return ""
+    return ("T" if reason.transient else "L") + str(reason)
 
-    text: str
-    transient: bool = False
 
-    def to_wire(self) -> str:
-        """The reason as one gathered string: a flag character, then the text ("" carries no reason)."""
-        return ("T" if self.transient else "L") + self.text
-
-    @classmethod
-    def from_wire(cls, raw: str) -> Reason | None:
-        """What :meth:`to_wire` sent (None for a rank with nothing to report)."""
-        if not raw:
-            return None
-        return cls(text=raw[1:], transient=raw[0] == "T")
+def reason_from_wire(raw: str) -> Reason | None:
+    """What :func:`reason_to_wire` sent (None for a rank with nothing to report)."""
+    if not raw:
+        return None
+    return replace(Reason.parse(raw[1:]), transient=raw[0] == "T")
 
 
 # Store reasons that will not pass by waiting: an insecure node-local root or a symlinked path is refused for
@@ -51,12 +45,12 @@ LASTING_STORE_TOKENS = frozenset({"node_local_root_insecure", "run_dir_symlink",
 STORE_DOWN_TOKENS = frozenset({"store_unreachable", "store_auth_failed"})
 
 
-def reason_token(reason: str | ErrorReason) -> str:
+def reason_token(reason: str | Reason) -> str:
     """The token of a reason, given as the value or as its text (what crosses ranks in JSON)."""
-    return reason.token if isinstance(reason, ErrorReason) else ErrorReason.parse(reason).token
+    return reason.token if isinstance(reason, Reason) else Reason.parse(reason).token
 
 
-def store_reason_is_transient(reason: str | ErrorReason) -> bool:
+def store_reason_is_transient(reason: str | Reason) -> bool:
     """Whether an unreachable store may answer on a later start: decided on the reason's token."""
     return reason_token(reason) not in LASTING_STORE_TOKENS
 

@@ -5,12 +5,13 @@ zip CRCs clean), S suspect (checksum or CRC mismatch, still loadable), R rejecte
 empty, truncated, unsafe, incompatible). Verification never raises for a bad candidate and
 never reads tensor data of a native checkpoint: checksums are checked while loading, when
 the bytes stream by anyway. :func:`verify_full` (``fullcheck``, re-exported here) is the
-exception, for ``dist-guardian verify`` and retention.
+exception, for ``dist-guardian verify`` and retention. Belongs here: the dispatch over
+sightings and the native step-directory checks; torch.save files and DCP directories are
+judged in ``verify_foreign``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -21,14 +22,14 @@ from typing import Any
 
 import xxhash
 
-from . import formats, manifest, stores
+from . import formats, manifest, stores, verify_foreign
 from .candidate import Candidate, FileRef
-from .discovery import DCP_METADATA, RANK_FILE_RE, REPLICATED_FILE, Sighting
-from .errors import CheckpointFormatError, InsecurePathError, PlanningCapExceeded, Reason, StoreUnavailable
+from .discovery import Sighting
+from .errors import CheckpointFormatError, Reason, StoreUnavailable
 from .fullcheck import verify_full as verify_full  # re-exported: callers say verify.verify_full
+from .layout import MANIFEST_NAME, NATIVE_SUFFIX, RANK_FILE_RE, REPLICATED_FILE
 from .manifest import Manifest, ManifestError
 from .stores import Entry
-from .layout import MANIFEST_NAME, NATIVE_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def verify_all(
             )
         except Exception as e:  # never let one candidate break discovery
             log.exception("verification of %s crashed", s.rel)
-            c = _base(s).with_verdict("R", f"verification_error: {type(e).__name__}: {e}")
+            c = s.candidate().with_verdict("R", f"verification_error: {type(e).__name__}: {e}")
             gen, warns = 0, ()
         max_gen = max(max_gen, gen)
         warnings += warns
@@ -73,19 +74,6 @@ def verify_all(
             log.info("candidate_rejected id=%s path=%s reason=%s", c.id, c.path, "; ".join(c.reasons))
         out.append(c)
     return Verified(candidates=tuple(out), max_generation=max_gen, warnings=tuple(warnings))
-
-
-def _base(s: Sighting, **kw: Any) -> Candidate:
-    return Candidate(
-        id=s.id,
-        store=s.store.url,
-        store_index=s.store.index,
-        rel=s.rel,
-        path=s.store.uri(s.rel),
-        kind=s.kind,
-        step=s.step if s.step is not None else -1,
-        **kw,
-    )
 
 
 def verify_sighting(
@@ -99,10 +87,11 @@ def verify_sighting(
 ) -> tuple[Candidate, int, tuple[str, ...]]:
     """One sighting's verdict, the lineage generation it shows, and warnings worth logging."""
     if s.entry_kind == "symlink":
-        return _base(s).with_verdict("R", f"insecure: {s.store.uri(s.rel)} is a symlink; refusing to follow it"), 0, ()
+        why = f"insecure: {s.store.uri(s.rel)} is a symlink; refusing to follow it"
+        return s.candidate().with_verdict("R", why), 0, ()
     if s.entry_kind == "other":
         return (
-            _base(s).with_verdict("R", f"not_regular: {s.store.uri(s.rel)} is not a regular file or directory"),
+            s.candidate().with_verdict("R", f"not_regular: {s.store.uri(s.rel)} is not a regular file or directory"),
             0,
             (),
         )
@@ -110,12 +99,12 @@ def verify_sighting(
     if planted:
         # F37: decided from lstat alone, before anything of the candidate is opened.
         log.warning("security_event: %s; never opened", planted)
-        return _base(s).with_verdict("R", planted), 0, ()
+        return s.candidate().with_verdict("R", planted), 0, ()
     if s.kind == "native":
         if s.step is not None and s.step > manifest.MAX_STEP:
             # F49: a planted step-<2**64> would otherwise be "newest" forever.
             return (
-                _base(s).with_verdict(
+                s.candidate().with_verdict(
                     "R", f"bad_step: step {s.step} in the name is beyond the cap of {manifest.MAX_STEP}"
                 ),
                 0,
@@ -123,8 +112,8 @@ def verify_sighting(
             )
         return _verify_native(s, run=run, compat=compat, now=now, layout=layout)
     if s.kind == "torch":
-        return _verify_torch(s, extra_safe_globals), 0, ()
-    return _verify_dcp(s, extra_safe_globals), 0, ()
+        return verify_foreign.verify_torch(s, extra_safe_globals), 0, ()
+    return verify_foreign.verify_dcp(s, extra_safe_globals), 0, ()
 
 
 def foreign_owner(store: stores.Store, rels: Iterable[str]) -> str | None:
@@ -140,14 +129,12 @@ def foreign_owner(store: stores.Store, rels: Iterable[str]) -> str | None:
     me = os.geteuid()
     for rel in rels:
         try:
-            st = os.lstat(store.join(rel))
-        except FileNotFoundError:
-            continue
+            uid = stores.owner_uid(store.join(rel))
         except OSError as e:
             return f"unreadable: {store.uri(rel)}: {e}"
-        if st.st_uid != me:
+        if uid is not None and uid != me:
             return (
-                f"insecure: {store.uri(rel)} is owned by uid {st.st_uid}, not by us (uid {me}); "
+                f"insecure: {store.uri(rel)} is owned by uid {uid}, not by us (uid {me}); "
                 "a node-local candidate must be ours"
             )
     return None
@@ -165,7 +152,7 @@ def _verify_native(
     if mf_entry is None:
         if not s.store.is_local:
             why = "uncommitted: no manifest.json (an object store without a manifest holds no candidate)"
-            return _base(s).with_verdict("R", why), 0, ()
+            return s.candidate().with_verdict("R", why), 0, ()
         return _verify_native_legacy(s), 0, ()
     read = _read_manifest(s, mf_entry)
     if isinstance(read, Candidate):
@@ -206,9 +193,9 @@ def _read_manifest(s: Sighting, mf_entry: Entry) -> tuple[Manifest, bytes] | Can
             legacy = _verify_native_legacy(s)
             if legacy.tier != "R":
                 return legacy.with_verdict(legacy.tier, reason)
-        return _base(s).with_verdict("R", reason)
+        return s.candidate().with_verdict("R", reason)
     except (OSError, CheckpointFormatError) as e:
-        return _base(s).with_verdict("R", _unreadable("manifest_unreadable", e))
+        return s.candidate().with_verdict("R", _unreadable("manifest_unreadable", e))
 
 
 def _manifest_candidate(s: Sighting, mf: Manifest, data: bytes) -> Candidate:
@@ -217,8 +204,7 @@ def _manifest_candidate(s: Sighting, mf: Manifest, data: bytes) -> Candidate:
     replica_key = xxhash.xxh3_64_hexdigest(
         json.dumps([mf.run, mf.step, mf.generation, sorted((f.name, f.size, f.digest) for f in mf.files)]).encode()
     )
-    return _base(
-        s,
+    return s.candidate(
         generation=mf.generation,
         run=mf.run,
         world_size=mf.world_size,
@@ -280,18 +266,13 @@ def _unreadable(token: str, e: BaseException) -> str:
     return str(Reason(token, str(e)))
 
 
-def _insecure(e: InsecurePathError) -> str:
-    """The reason for a path refused as unsafe: ``insecure`` and what is wrong with it (lasting, F48)."""
-    return str(Reason("insecure", e.detail))
-
-
 def _check_native_header(s: Sighting, name: str, size: int) -> str | None:
     path = s.store.join(s.rel, name)
     try:
-        fd = stores.open_regular(path)
+        f = stores.open_reader(path)
     except OSError as e:
         return f"unreadable: {name}: {e}"
-    with os.fdopen(fd, "rb") as f:
+    with f:
         try:
             formats.parse_header(f, size, name=name)
         except CheckpointFormatError as e:
@@ -310,7 +291,7 @@ def _verify_native_legacy(s: Sighting) -> Candidate:
         elif m:
             files.append(FileRef(name=e.rel, size=e.size, rank=int(m.group(1))))
             ws = int(m.group(2))
-    c = _base(s, world_size=ws, files=tuple(files), replica_key=f"legacy:{s.id}")
+    c = s.candidate(world_size=ws, files=tuple(files), replica_key=f"legacy:{s.id}")
     if not files:
         return c.with_verdict("R", "uncommitted: no manifest.json and no checkpoint files")
     for f in files:
@@ -321,98 +302,6 @@ def _verify_native_legacy(s: Sighting) -> Candidate:
         if why:
             return c.with_verdict("R", why)
     return c.with_verdict("L", "legacy_unverified: no manifest.json, so no checksums to check")
-
-
-def _verify_torch(s: Sighting, extra_safe: Iterable[str]) -> Candidate:
-    c = _base(s, files=(FileRef(name="", size=s.size),), replica_key=f"torch:{s.rel.rsplit('/', 1)[-1]}:{s.size}")
-    if s.size == 0:
-        return c.with_verdict("R", f"empty: {s.rel} is 0 bytes")
-    if not s.store.is_local:
-        return c.with_verdict("L", "legacy_unverified: remote torch.save file, structure checked when loaded")
-    path = s.store.join(s.rel)
-    try:
-        stores.check_dirs_no_symlink(s.store.root, s.rel)
-        fd = stores.open_regular(path)
-    except InsecurePathError as e:
-        return c.with_verdict("R", _insecure(e))
-    except OSError as e:
-        return c.with_verdict("R", f"unreadable: {e}")
-    with os.fdopen(fd, "rb") as f:
-        rep = formats.sniff_torch_file(f, s.size, s.rel, extra_safe)
-    if rep.over_cap:
-        return c.with_verdict("R", f"planning_cap_exceeded: {rep.over_cap}")
-    if rep.unsafe_globals:
-        log.warning("security_event: %s needs unsafe_globals=%s; never loaded", path, list(rep.unsafe_globals))
-        return c.with_verdict("R", f"unsafe_globals={list(rep.unsafe_globals)}")
-    if not rep.ok:
-        return c.with_verdict("R", *(f"unloadable: {p}" for p in rep.problems))
-    if rep.step_key is not None and 0 <= rep.step_key <= manifest.MAX_STEP:
-        c = dataclasses.replace(c, step=rep.step_key)  # the file's own step wins over its name (T05)
-    elif s.step is None:
-        c = c.with_verdict(c.tier, "step_unknown: no step in the name or the file; ordered last")
-    if rep.crc == "mismatch":
-        return c.with_verdict("S", *(f"checksum_mismatch: {p}" for p in rep.problems))
-    if rep.crc == "partial":
-        return c.with_verdict(
-            "L",
-            "legacy_unverified: torch.save file, zip CRCs clean as far as checked",
-            f"crc_unchecked: {rep.crc_unchecked} of {s.size} bytes past the planning budget"
-            f" ({formats.PLANNING_CRC_BYTES} bytes, {formats.PLANNING_CRC_SECONDS:g} s);"
-            " checked when loaded",
-            *rep.problems,
-        )
-    note = (
-        "legacy_unverified: torch.save file, zip CRCs clean"
-        if rep.crc == "ok"
-        else "legacy_unverified: torch.save file written without CRCs"
-    )
-    return c.with_verdict("L", note, *rep.problems)
-
-
-def _verify_dcp(s: Sighting, extra_safe: Iterable[str] = ()) -> Candidate:
-    md = s.child(DCP_METADATA)
-    files = tuple(FileRef(name=e.rel, size=e.size) for e in s.children if e.kind == "file")
-    c = _base(s, files=files, replica_key=f"dcp:{s.id}")
-    if md is None or md.kind != "file" or md.size == 0:
-        return c.with_verdict("R", "unloadable: DCP directory without a readable .metadata")
-    bad = [e.rel for e in s.children if e.kind != "file"]
-    if bad:
-        return c.with_verdict("R", f"not_regular: {', '.join(bad[:5])}")
-    if md.size > formats.MAX_PICKLE_BYTES:  # refused by its listed size, never read
-        return c.with_verdict(
-            "R", f"planning_cap_exceeded: {DCP_METADATA} is {md.size} bytes, over the cap of {formats.MAX_PICKLE_BYTES}"
-        )
-    if s.store.is_local:
-        # .metadata is a pickle that torch's DCP reader would unpickle with plain pickle.load: its
-        # globals are checked here, without executing anything, as for a torch.save file (F44).
-        try:
-            data = stores.read_small(s.store, f"{s.rel}/{DCP_METADATA}", formats.MAX_PICKLE_BYTES)
-            unsafe, _step, problem = formats.scan_pickle(data, extra_safe, formats.PLANNING_SCAN_SECONDS, dcp=True)
-        except PlanningCapExceeded as e:
-            # Only the walk's time ran out (the size cap was checked above). A big real model's .metadata
-            # (~50,000 chunks past 10 MB) must stay loadable: the load unpickles it through the allowlisting,
-            # BUILD-refusing unpickler anyway, which is the judge; planning only stops paying for it here.
-            return c.with_verdict(
-                "L",
-                "legacy_unverified: PyTorch DCP directory",
-                f"scan_incomplete: {DCP_METADATA}: {e}; its globals are judged when loaded",
-            )
-        except InsecurePathError as e:
-            return c.with_verdict("R", _insecure(e))
-        except OSError as e:
-            return c.with_verdict("R", f"unreadable: {s.rel}/{DCP_METADATA}: {e}")
-        if unsafe:
-            log.warning(
-                "security_event: %s needs unsafe_globals=%s; never loaded",
-                s.store.uri(s.rel, DCP_METADATA),
-                list(unsafe),
-            )
-            return c.with_verdict("R", f"unsafe_globals={list(unsafe)}")
-        if problem:
-            return c.with_verdict("R", f"unloadable: {DCP_METADATA}: {problem}")
-    if s.step is None:
-        c = c.with_verdict("L", "step_unknown: no step in the directory name; ordered last")
-    return c.with_verdict("L", "legacy_unverified: PyTorch DCP directory")
 
 
 def describe_compat_diff(saved: dict[str, Any], live: dict[str, Any]) -> str:

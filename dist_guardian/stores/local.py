@@ -20,6 +20,7 @@ import stat
 import time
 import uuid
 from collections.abc import Callable
+from typing import BinaryIO
 
 from ..errors import InsecurePathError, StoreError
 from .base import STAGING_RE, Entry, EntryKind, Store
@@ -278,6 +279,19 @@ def dir_size(path: str) -> int:
 def list_names(path: str) -> list[str]:
     """The names in one local directory (``os.listdir``: raises ``OSError`` when it cannot be read)."""
     return os.listdir(path)
+
+
+def owner_uid(path: str) -> int | None:
+    """The uid that owns a local path itself (a symlink is not followed), or None when nothing is there (F37)."""
+    try:
+        return os.lstat(path).st_uid
+    except FileNotFoundError:
+        return None
+
+
+def open_reader(path: str) -> BinaryIO:
+    """A local regular file, opened as :func:`open_regular` opens it (no-follow, never a FIFO), as a file object."""
+    return os.fdopen(open_regular(path), "rb")
 
 
 def lstat_local(path: str) -> os.stat_result:

@@ -52,8 +52,9 @@ def read_whole(store: Store, rel: str) -> bytes:
     return bytes(buf)
 
 
-def missing_files(store: Store, rel: str, wanted: Sequence[WantedFile], *, is_dir: bool,
-                  listings: dict[int, Any]) -> str | None:
+def missing_files(
+    store: Store, rel: str, wanted: Sequence[WantedFile], *, is_dir: bool, listings: dict[int, Any]
+) -> str | None:
     """Why ``wanted`` files of the checkpoint at ``rel`` cannot be read from here (None when they can).
 
     Local: each file is there, regular (not a link, F45) and of its size. Remote: one listing

@@ -18,7 +18,7 @@ LAYERS = [
     "stores.base", "stores.errors", "stores.progress", "stores.local", "stores.deadline", "stores.s3",
     "stores.remote", "stores.reader", "stores.publish", "stores.ops", "stores",
     # planning on rank 0 and the save/mirror/retention side that needs no torch
-    "config", "commit", "discovery", "fullcheck", "verify", "journal", "planning", "copying", "retention", "mirror",
+    "config", "commit", "discovery", "fullcheck", "verify_foreign", "verify", "journal", "planning", "copying", "retention", "mirror",
     # torch from here on
     "comm", "statetree", "staging", "foreign_loading", "loading", "attempts", "coordinator", "save", "guardian",
     "bench", "cli", "__init__",

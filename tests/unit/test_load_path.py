@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import helpers
 import pytest
 import torch
 
-import helpers
 from dist_guardian import Guardian, discovery, journal, loading, planning, staging, stores, verify
-from dist_guardian.errors import CheckpointFormatError
-from dist_guardian.policy import Reason
+from dist_guardian.errors import CheckpointFormatError, Reason
+from dist_guardian.policy import reason_from_wire, reason_to_wire
 
 RUN = "r"
 
@@ -55,9 +55,10 @@ def test_the_acceptance_rules_live_in_staging_only():
 
 
 def test_reason_wire_keeps_the_transient_flag():
-    for r in (Reason(text="TimeoutError: timeout: slow", transient=True), Reason(text="ValueError: bad")):
-        assert Reason.from_wire(r.to_wire()) == r
-    assert Reason.from_wire("") is None
+    for r in (Reason("TimeoutError", "timeout: slow", transient=True), Reason("ValueError", "bad")):
+        assert reason_from_wire(reason_to_wire(r)) == r
+    assert reason_from_wire("") is None and reason_to_wire(None) == ""
+    assert reason_to_wire(Reason("TimeoutError", "timeout: slow", transient=True)) == "TTimeoutError: timeout: slow"
 
 
 def test_plan_cursor_lists_nothing_until_the_first_page(tmp_path, monkeypatch):
