@@ -66,7 +66,9 @@ def _worker(rank: int, world: int, port: int, rounds: int, root: str, q) -> None
 
         if world > 1:
             store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=datetime.timedelta(seconds=60))
-            dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+            dist.init_process_group(
+                "gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+            )
         comm = Comm(60.0)
         state = _state()
         g = Guardian(stores=[root], run="bench", timeout=60.0)
@@ -137,10 +139,14 @@ def run_world(world: int, rounds: int, timeout: float) -> dict[str, list[float]]
     try:
         master = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False) if world > 1 else None
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "torch.optim", "dist_guardian.guardian"])
+        ctx.set_forkserver_preload(
+            ["torch", "torch.distributed", "torch._dynamo", "torch.optim", "dist_guardian.guardian"]
+        )
         q = ctx.Queue()
-        procs = [ctx.Process(target=_worker, args=(r, world, master.port if master else 0, rounds, root, q), daemon=True)
-                 for r in range(world)]
+        procs = [
+            ctx.Process(target=_worker, args=(r, world, master.port if master else 0, rounds, root, q), daemon=True)
+            for r in range(world)
+        ]
         for p in procs:
             p.start()
         got: dict[int, Any] = {}
@@ -172,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", default="1,2,4", help="comma-separated world sizes (default 1,2,4)")
     p.add_argument("--rounds", type=int, default=50, help="measured rounds per operation (at least 20)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per world size")
-    p.add_argument("--out", default=os.path.join("benchmarks", "out", "agreement.jsonl"), help="JSON lines appended here")
+    p.add_argument(
+        "--out", default=os.path.join("benchmarks", "out", "agreement.jsonl"), help="JSON lines appended here"
+    )
     args = p.parse_args(argv)
     if args.rounds < 20:
         p.error("--rounds must be at least 20 (medians of fewer rounds are noise on a shared machine)")
@@ -183,13 +191,32 @@ def main(argv: list[str] | None = None) -> int:
         res = run_world(w, args.rounds, args.timeout)
         for op in OPS:
             xs = sorted(res[op])
-            rows.append({"bench": "agreement", "world": w, "op": op, "rounds": len(xs),
-                         "median_ms": statistics.median(xs) * 1e3, "p90_ms": xs[int(0.9 * (len(xs) - 1))] * 1e3,
-                         "min_ms": xs[0] * 1e3, "max_ms": xs[-1] * 1e3, "loadavg": load0})
-    common.print_table("Agreement cost on gloo (CPU), slowest rank per round, milliseconds", rows,
-                       [("world", "ranks", "d"), ("op", "operation", "s"), ("median_ms", "median", ".3f"),
-                        ("p90_ms", "p90", ".3f"), ("min_ms", "min", ".3f"), ("rounds", "rounds", "d"),
-                        ("loadavg", "load", ".1f")])
+            rows.append(
+                {
+                    "bench": "agreement",
+                    "world": w,
+                    "op": op,
+                    "rounds": len(xs),
+                    "median_ms": statistics.median(xs) * 1e3,
+                    "p90_ms": xs[int(0.9 * (len(xs) - 1))] * 1e3,
+                    "min_ms": xs[0] * 1e3,
+                    "max_ms": xs[-1] * 1e3,
+                    "loadavg": load0,
+                }
+            )
+    common.print_table(
+        "Agreement cost on gloo (CPU), slowest rank per round, milliseconds",
+        rows,
+        [
+            ("world", "ranks", "d"),
+            ("op", "operation", "s"),
+            ("median_ms", "median", ".3f"),
+            ("p90_ms", "p90", ".3f"),
+            ("min_ms", "min", ".3f"),
+            ("rounds", "rounds", "d"),
+            ("loadavg", "load", ".1f"),
+        ],
+    )
     common.write_jsonl(args.out, rows, common.machine())
     print(f"\nwrote {len(rows)} rows to {args.out}")
     return 0

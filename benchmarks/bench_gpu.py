@@ -65,13 +65,19 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
             t_resume.append(time.perf_counter() - t0)
             assert r.resumed
-        for name, ts in (("tensor.to('cuda') (pageable)", t_to), ("pinned copy_ (non_blocking)", t_pinned_to),
-                         ("dist_guardian resume into cuda model (read+verify+H2D)", t_resume)):
+        for name, ts in (
+            ("tensor.to('cuda') (pageable)", t_to),
+            ("pinned copy_ (non_blocking)", t_pinned_to),
+            ("dist_guardian resume into cuda model (read+verify+H2D)", t_resume),
+        ):
             rows.append({"method": name, "seconds": common.median(ts), "gb_s": nbytes / common.median(ts) / 1e9})
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    common.print_table(f"host to device, {nbytes / 1e9:.2f} GB, median of {args.runs} on {torch.cuda.get_device_name(0)}",
-                       rows, [("method", "method", "s"), ("seconds", "s", ".3f"), ("gb_s", "GB/s", ".2f")])
+    common.print_table(
+        f"host to device, {nbytes / 1e9:.2f} GB, median of {args.runs} on {torch.cuda.get_device_name(0)}",
+        rows,
+        [("method", "method", "s"), ("seconds", "s", ".3f"), ("gb_s", "GB/s", ".2f")],
+    )
     common.write_jsonl(args.out, rows, {"bench": "gpu", **common.machine()})
     return 0
 

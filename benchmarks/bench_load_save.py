@@ -26,7 +26,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -109,17 +108,27 @@ def run(args, base: str) -> int:
         return obj
 
     def dcp_load():
-        target = {"model": {k: torch.empty_like(v) for k, v in state["model"].items()},
-                  "optim": {"state": {k: {n: torch.empty_like(t) for n, t in v.items()} for k, v in state["optim"]["state"].items()},
-                            "param_groups": state["optim"]["param_groups"]}, "trainer": dict(state["trainer"])}
+        target = {
+            "model": {k: torch.empty_like(v) for k, v in state["model"].items()},
+            "optim": {
+                "state": {
+                    k: {n: torch.empty_like(t) for n, t in v.items()} for k, v in state["optim"]["state"].items()
+                },
+                "param_groups": state["optim"]["param_groups"],
+            },
+            "trainer": dict(state["trainer"]),
+        }
         dcp.load(target, checkpoint_id=dcp_dir)
         return target
 
     loads = {
         "raw readinto": (lambda: common.raw_read(dg_file, mv), dg_file, file_size),
         "torch.load": (lambda: common.touch(torch.load(pt, weights_only=True)), pt, os.path.getsize(pt)),
-        "torch.load(mmap)+clone": (lambda: {k: v.clone() for k, v in flat_tensors(torch.load(pt, weights_only=True, mmap=True)).items()},
-                                   pt, os.path.getsize(pt)),
+        "torch.load(mmap)+clone": (
+            lambda: {k: v.clone() for k, v in flat_tensors(torch.load(pt, weights_only=True, mmap=True)).items()},
+            pt,
+            os.path.getsize(pt),
+        ),
         "safetensors+clone": (lambda: {k: v.clone() for k, v in st.load_file(sf).items()}, sf, os.path.getsize(sf)),
         "seed (torch.load+sha256)": (lambda: common.touch(seed_way()), pt, os.path.getsize(pt)),
         "dist_guardian resume": (lambda: common.touch(dg_resume()), os.path.join(dg_root, "bench"), file_size),
@@ -176,8 +185,13 @@ def run(args, base: str) -> int:
         common.raw_write_fsync(raw, mv)
         os.unlink(raw)
 
-    saves = {"raw write+fsync": raw_write, "torch.save+fsync": torch_save_fsync, "safetensors+fsync": sf_save_fsync,
-             "dist_guardian save": dg_save, "dist_guardian async save (training blocked)": dg_async_blocked}
+    saves = {
+        "raw write+fsync": raw_write,
+        "torch.save+fsync": torch_save_fsync,
+        "safetensors+fsync": sf_save_fsync,
+        "dist_guardian save": dg_save,
+        "dist_guardian async save (training blocked)": dg_async_blocked,
+    }
     if not args.no_dcp:
         saves["DCP save+fsync"] = dcp_save
 
@@ -186,7 +200,9 @@ def run(args, base: str) -> int:
     for r in range(args.runs + 1):  # round 0 is an untimed warm-up
         for mode in modes:
             for name, (fn, path, _) in loads.items():
-                prep = (lambda p=path: common.warm_cache(p)) if mode == "warm" else (lambda p=path: common.drop_cache(p))
+                prep = (
+                    (lambda p=path: common.warm_cache(p)) if mode == "warm" else (lambda p=path: common.drop_cache(p))
+                )
                 t = common.timed(fn, prep)
                 if r:
                     times.setdefault(("load", f"{name} [{mode}]"), []).append(t)
@@ -204,8 +220,15 @@ def run(args, base: str) -> int:
     for (kind, name), t in med.items():
         mode = name.rsplit("[", 1)[-1].rstrip("]") if kind == "load" else "warm"
         size = nbytes
-        row = {"kind": kind, "method": name, "seconds": t, "gb_s": size / t / 1e9, "runs": len(times[(kind, name)]),
-               "min": min(times[(kind, name)]), "max": max(times[(kind, name)])}
+        row = {
+            "kind": kind,
+            "method": name,
+            "seconds": t,
+            "gb_s": size / t / 1e9,
+            "runs": len(times[(kind, name)]),
+            "min": min(times[(kind, name)]),
+            "max": max(times[(kind, name)]),
+        }
         if kind == "load":
             rawt = med[("load", f"raw readinto [{mode}]")]
             row["x_raw"] = rawt / t
@@ -216,12 +239,21 @@ def run(args, base: str) -> int:
             row["dg_speedup"] = t / med[("save", "dist_guardian save")]
         rows.append(row)
     meta = {"bench": "load_save", "size_gb": nbytes / 1e9, "tensors": len(flat), **common.machine()}
-    common.print_table(f"load/save of {nbytes / 1e9:.2f} GB ({len(flat)} tensors), median of {args.runs} "
-                       f"(x_raw: throughput relative to raw read/write of the same bytes; "
-                       f"dg_speedup: how much faster dist_guardian is than this row)", rows,
-                       [("method", "method", "s"), ("seconds", "s", ".3f"), ("gb_s", "GB/s", ".2f"),
-                        ("x_raw", "x raw", ".2f"), ("dg_speedup", "dg speedup", ".2f"), ("min", "min s", ".3f"),
-                        ("max", "max s", ".3f")])
+    common.print_table(
+        f"load/save of {nbytes / 1e9:.2f} GB ({len(flat)} tensors), median of {args.runs} "
+        f"(x_raw: throughput relative to raw read/write of the same bytes; "
+        f"dg_speedup: how much faster dist_guardian is than this row)",
+        rows,
+        [
+            ("method", "method", "s"),
+            ("seconds", "s", ".3f"),
+            ("gb_s", "GB/s", ".2f"),
+            ("x_raw", "x raw", ".2f"),
+            ("dg_speedup", "dg speedup", ".2f"),
+            ("min", "min s", ".3f"),
+            ("max", "max s", ".3f"),
+        ],
+    )
     common.write_jsonl(args.out, rows, meta)
     print(f"\nmachine: {meta}")
     print(f"JSON lines appended to {args.out}")

@@ -68,7 +68,9 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     port = s.getsockname()[1]
     s.close()
     exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     ep = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     while True:
@@ -78,7 +80,7 @@ def start_moto() -> tuple[subprocess.Popen, str]:
         except OSError:
             if time.monotonic() - t0 > 30 or proc.poll() is not None:
                 proc.kill()
-                raise RuntimeError("moto_server did not start")
+                raise RuntimeError("moto_server did not start") from None
             time.sleep(0.1)
 
 
@@ -110,10 +112,20 @@ def main() -> int:
         client = boto3.client("s3", endpoint_url=ep, region_name="us-east-1")
         client.create_bucket(Bucket=bucket)
         url = f"s3://{bucket}/ckpt"
-        so = {f"s3://{bucket}": {"key": "testing", "secret": "testing", "deadline_s": 120,
-                                 "client_kwargs": {"endpoint_url": ep, "region_name": "us-east-1"}}}
-        fs = s3fs.S3FileSystem(key="testing", secret="testing", skip_instance_cache=True,
-                               client_kwargs={"endpoint_url": ep, "region_name": "us-east-1"})
+        so = {
+            f"s3://{bucket}": {
+                "key": "testing",
+                "secret": "testing",
+                "deadline_s": 120,
+                "client_kwargs": {"endpoint_url": ep, "region_name": "us-east-1"},
+            }
+        }
+        fs = s3fs.S3FileSystem(
+            key="testing",
+            secret="testing",
+            skip_instance_cache=True,
+            client_kwargs={"endpoint_url": ep, "region_name": "us-east-1"},
+        )
         state = make_state(args.size)
         local = os.path.join(tmp, "local")
         g = Guardian(stores=[local, url], run=RUN, storage_options=so)
@@ -167,9 +179,16 @@ def main() -> int:
         for rnd in range(args.runs):
             print(f"round {rnd + 1}/{args.runs}", file=sys.stderr, flush=True)
             rec("load: boto3 get_object().read() (1 connection)", common.timed(get_read), obj_bytes)
-            rec("load: boto3 get_object() into new memory (1 connection)", common.timed(lambda: get_into(False)), obj_bytes)
-            rec("load: boto3 get_object() into a reused pre-touched buffer (reference)",
-                common.timed(lambda: get_into(True)), obj_bytes)
+            rec(
+                "load: boto3 get_object() into new memory (1 connection)",
+                common.timed(lambda: get_into(False)),
+                obj_bytes,
+            )
+            rec(
+                "load: boto3 get_object() into a reused pre-touched buffer (reference)",
+                common.timed(lambda: get_into(True)),
+                obj_bytes,
+            )
             rec("load: s3fs cat_file(max_concurrency=1)", common.timed(cat1), obj_bytes)
             dt, att = resume(None)
             rec("load: dist_guardian resume (store's choice: 1 stream)", dt, ckpt_bytes)
@@ -178,10 +197,16 @@ def main() -> int:
                 dt, _ = resume(c)
                 rec(f"load: dist_guardian resume, {c} ranged connections", dt, ckpt_bytes)
             key = f"ckpt/put-{rnd}.bin"
-            rec("save: boto3 put_object(Body=bytes) (1 request)",
-                common.timed(lambda: client.put_object(Bucket=bucket, Key=key, Body=payload)), obj_bytes)
-            rec("save: s3fs put_file (defaults: 50 MiB parts x10)",
-                common.timed(lambda: fs.put_file(obj_path, f"{bucket}/ckpt/putfile-{rnd}.bin")), obj_bytes)
+            rec(
+                "save: boto3 put_object(Body=bytes) (1 request)",
+                common.timed(lambda: client.put_object(Bucket=bucket, Key=key, Body=payload)),
+                obj_bytes,
+            )
+            rec(
+                "save: s3fs put_file (defaults: 50 MiB parts x10)",
+                common.timed(lambda: fs.put_file(obj_path, f"{bucket}/ckpt/putfile-{rnd}.bin")),
+                obj_bytes,
+            )
             gm = Guardian(stores=[os.path.join(tmp, f"m{rnd}"), url], run=f"mirror{rnd}", storage_options=so)
             t0 = time.perf_counter()
             assert gm.save(state, step=1).committed
@@ -197,27 +222,49 @@ def main() -> int:
             rec("save: dist_guardian remote-primary save()", time.perf_counter() - t0, ckpt_bytes)
             gp.close()
 
-        best_get = [max(a, b, c) for a, b, c in zip(rows["load: boto3 get_object().read() (1 connection)"],
-                                                   rows["load: boto3 get_object() into new memory (1 connection)"],
-                                                   rows["load: s3fs cat_file(max_concurrency=1)"])]
+        best_get = [
+            max(a, b, c)
+            for a, b, c in zip(
+                rows["load: boto3 get_object().read() (1 connection)"],
+                rows["load: boto3 get_object() into new memory (1 connection)"],
+                rows["load: s3fs cat_file(max_concurrency=1)"],
+            )
+        ]
         touched = rows["load: boto3 get_object() into a reused pre-touched buffer (reference)"]
         best_put = rows["save: boto3 put_object(Body=bytes) (1 request)"]
         table = []
         for name, vals in rows.items():
             ref = best_get if name.startswith("load") else best_put
             ratios = [v / r for v, r in zip(vals, ref)]
-            row = {"operation": name, "median": statistics.median(vals), "min": min(vals), "max": max(vals),
-                   "ratio": statistics.median(ratios)}
+            row = {
+                "operation": name,
+                "median": statistics.median(vals),
+                "min": min(vals),
+                "max": max(vals),
+                "ratio": statistics.median(ratios),
+            }
             if name.startswith("load"):
                 row["touched"] = statistics.median([v / r for v, r in zip(vals, touched)])
             table.append(row)
         common.print_table(
-            f"S3 via moto (separate process) on 127.0.0.1: object {obj_bytes / 1e6:.0f} MB, checkpoint {ckpt_bytes / 1e6:.0f} MB, "
+            f"S3 via moto (separate process) on 127.0.0.1: object {obj_bytes / 1e6:.0f} MB, "
+            f"checkpoint {ckpt_bytes / 1e6:.0f} MB, "
             f"{args.runs} rounds; ratio = median of per-round (this / best single-connection GET) for loads, "
             f"(this / single put_object) for saves",
-            table, [("operation", "operation", "s"), ("median", "GB/s median", ".3f"), ("min", "min", ".3f"),
-                    ("max", "max", ".3f"), ("ratio", "x best single GET/PUT", ".2f"), ("touched", "x pre-touched", ".2f")])
-        print(f"\nlocal save before the mirror (what training waits for): {extra['local save s (training waits)']:.2f} s max")
+            table,
+            [
+                ("operation", "operation", "s"),
+                ("median", "GB/s median", ".3f"),
+                ("min", "min", ".3f"),
+                ("max", "max", ".3f"),
+                ("ratio", "x best single GET/PUT", ".2f"),
+                ("touched", "x pre-touched", ".2f"),
+            ],
+        )
+        print(
+            "\nlocal save before the mirror (what training waits for): "
+            f"{extra['local save s (training waits)']:.2f} s max"
+        )
         if args.out:
             common.write_jsonl(args.out, table, {"bench": "s3", "size_mb": args.size, **common.machine()})
         return 0

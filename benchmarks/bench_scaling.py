@@ -53,15 +53,24 @@ def by_size(base: str, sizes_mb: list[int], runs: int) -> list[dict]:
         size = os.path.getsize(f)
         buf = torch.empty(size, dtype=torch.uint8)
         buf.fill_(0)
+        view = memoryview(buf.numpy())
         raw, dg = [], []
         for _ in range(runs):
             common.warm_cache(f)
-            raw.append(common.timed(lambda: common.raw_read(f, memoryview(buf.numpy()))))
+            raw.append(common.timed(lambda: common.raw_read(f, view)))  # noqa: F821 (called here, before the del)
             common.warm_cache(f)
             dg.append(resume_seconds(root)[0])
-        del buf
-        rows.append({"scale": "size", "mb": mb, "raw_s": common.median(raw), "resume_s": common.median(dg),
-                     "x_raw": common.median(raw) / common.median(dg), "gb_s": size / common.median(dg) / 1e9})
+        del view, buf  # frees the buffer before the next size
+        rows.append(
+            {
+                "scale": "size",
+                "mb": mb,
+                "raw_s": common.median(raw),
+                "resume_s": common.median(dg),
+                "x_raw": common.median(raw) / common.median(dg),
+                "gb_s": size / common.median(dg) / 1e9,
+            }
+        )
         shutil.rmtree(root)
         print(f"size {mb} MB done", flush=True)
     return rows
@@ -79,7 +88,9 @@ def by_tensors(base: str, counts: list[int], runs: int, total_mb: int = 256) -> 
             Guardian(stores=[root], run="bench", rng=False).save(state, step=r)
             saves.append(time.perf_counter() - t0)
             loads.append(resume_seconds(root)[0])
-        rows.append({"scale": "tensors", "tensors": count, "save_s": common.median(saves), "resume_s": common.median(loads)})
+        rows.append(
+            {"scale": "tensors", "tensors": count, "save_s": common.median(saves), "resume_s": common.median(loads)}
+        )
         shutil.rmtree(root)
         print(f"tensors {count} done", flush=True)
     return rows
@@ -110,12 +121,21 @@ def by_checkpoints(base: str, counts: list[int], runs: int) -> list[dict]:
         for _ in range(runs):
             res.append(resume_seconds(root)[0])
             t0 = time.perf_counter()
-            p = subprocess.run([sys.executable, "-m", "dist_guardian.cli", "plan", root, "--run", "bench", "--json"],
-                               capture_output=True, text=True)
+            p = subprocess.run(
+                [sys.executable, "-m", "dist_guardian.cli", "plan", root, "--run", "bench", "--json"],
+                capture_output=True,
+                text=True,
+            )
             plans.append(time.perf_counter() - t0)
             assert p.returncode == 0, p.stderr
-        rows.append({"scale": "checkpoints", "checkpoints": count, "resume_s": common.median(res),
-                     "plan_all_s": common.median(plans)})
+        rows.append(
+            {
+                "scale": "checkpoints",
+                "checkpoints": count,
+                "resume_s": common.median(res),
+                "plan_all_s": common.median(plans),
+            }
+        )
         shutil.rmtree(root)
         print(f"checkpoints {count} done", flush=True)
     return rows
@@ -137,14 +157,31 @@ def main(argv=None) -> int:
         rows += by_checkpoints(base, [int(x) for x in args.checkpoints.split(",") if x], args.runs)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    common.print_table("load time against checkpoint size (warm cache, checksums on)", [r for r in rows if r["scale"] == "size"],
-                       [("mb", "MB", "d"), ("raw_s", "raw read s", ".3f"), ("resume_s", "resume s", ".3f"),
-                        ("gb_s", "GB/s", ".2f"), ("x_raw", "x raw", ".2f")])
-    common.print_table("256 MB split into N tensors", [r for r in rows if r["scale"] == "tensors"],
-                       [("tensors", "tensors", "d"), ("save_s", "save s", ".3f"), ("resume_s", "resume s", ".3f")])
-    common.print_table("N committed checkpoints in one store", [r for r in rows if r["scale"] == "checkpoints"],
-                       [("checkpoints", "checkpoints", "d"), ("resume_s", "resume s (newest page only)", ".3f"),
-                        ("plan_all_s", "dist-guardian plan s (every manifest)", ".3f")])
+    common.print_table(
+        "load time against checkpoint size (warm cache, checksums on)",
+        [r for r in rows if r["scale"] == "size"],
+        [
+            ("mb", "MB", "d"),
+            ("raw_s", "raw read s", ".3f"),
+            ("resume_s", "resume s", ".3f"),
+            ("gb_s", "GB/s", ".2f"),
+            ("x_raw", "x raw", ".2f"),
+        ],
+    )
+    common.print_table(
+        "256 MB split into N tensors",
+        [r for r in rows if r["scale"] == "tensors"],
+        [("tensors", "tensors", "d"), ("save_s", "save s", ".3f"), ("resume_s", "resume s", ".3f")],
+    )
+    common.print_table(
+        "N committed checkpoints in one store",
+        [r for r in rows if r["scale"] == "checkpoints"],
+        [
+            ("checkpoints", "checkpoints", "d"),
+            ("resume_s", "resume s (newest page only)", ".3f"),
+            ("plan_all_s", "dist-guardian plan s (every manifest)", ".3f"),
+        ],
+    )
     common.write_jsonl(args.out, rows, {"bench": "scaling", **common.machine()})
     return 0
 

@@ -7,7 +7,8 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -29,10 +30,18 @@ def transformer_state(total_bytes: int, *, n_small: int = 200, seed: int = 0) ->
         model[f"layers.{layer}.mlp.fc.weight"] = torch.randn(hidden, hidden, generator=g).to(torch.bfloat16)
     for i in range(n_small):
         model[f"norms.{i}.weight"] = torch.randn(hidden, generator=g)
-    state = {name: {"step": torch.tensor(10.0), "exp_avg": torch.randn(t.shape, generator=g) * 1e-3,
-                    "exp_avg_sq": torch.rand(t.shape, generator=g) * 1e-6} for name, t in model.items()}
-    optim = {"state": state, "param_groups": [{"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1,
-                                               "params": list(model)}]}
+    state = {
+        name: {
+            "step": torch.tensor(10.0),
+            "exp_avg": torch.randn(t.shape, generator=g) * 1e-3,
+            "exp_avg_sq": torch.rand(t.shape, generator=g) * 1e-6,
+        }
+        for name, t in model.items()
+    }
+    optim = {
+        "state": state,
+        "param_groups": [{"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1, "params": list(model)}],
+    }
     return {"model": model, "optim": optim, "trainer": {"step": 1000, "tokens": 123456789}}
 
 
@@ -50,7 +59,11 @@ def touch(tree: Any) -> None:
     """Touch one byte per 4 KiB page of every tensor, so a lazily mapped load counts its page faults."""
     if isinstance(tree, torch.Tensor):
         if tree.numel():
-            flat = tree.reshape(-1).view(torch.uint8) if tree.is_contiguous() else tree.contiguous().reshape(-1).view(torch.uint8)
+            flat = (
+                tree.reshape(-1).view(torch.uint8)
+                if tree.is_contiguous()
+                else tree.contiguous().reshape(-1).view(torch.uint8)
+            )
             int(flat[::4096].sum())
     elif isinstance(tree, dict):
         for v in tree.values():
@@ -112,8 +125,11 @@ def median(xs: list[float]) -> float:
 
 def machine() -> dict[str, Any]:
     return {
-        "python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-        "platform": platform.platform(), "date": time.strftime("%Y-%m-%d"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%d"),
         "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
     }
 
@@ -121,11 +137,15 @@ def machine() -> dict[str, Any]:
 def print_table(title: str, rows: list[dict[str, Any]], cols: list[tuple[str, str, str]]) -> None:
     """cols: (key, header, format)."""
     print(f"\n{title}")
-    widths = [max(len(h), *(len(format(r.get(k, ""), f) if r.get(k) is not None else "-") for r in rows)) for k, h, f in cols]
+    widths = [
+        max(len(h), *(len(format(r.get(k, ""), f) if r.get(k) is not None else "-") for r in rows)) for k, h, f in cols
+    ]
     print("  ".join(h.ljust(w) for (_, h, _), w in zip(cols, widths)))
     print("  ".join("-" * w for w in widths))
     for r in rows:
-        print("  ".join((format(r[k], f) if r.get(k) is not None else "-").ljust(w) for (k, _, f), w in zip(cols, widths)))
+        print(
+            "  ".join((format(r[k], f) if r.get(k) is not None else "-").ljust(w) for (k, _, f), w in zip(cols, widths))
+        )
 
 
 def write_jsonl(path: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:

@@ -29,8 +29,16 @@ sys.path.insert(0, ROOT)
 
 def torchrun(args: list[str], log_path: str, *, max_restarts: int = 0) -> tuple[int, float]:
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           f"--max-restarts={max_restarts}", os.path.join(HERE, "train.py"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        f"--max-restarts={max_restarts}",
+        os.path.join(HERE, "train.py"),
+        *args,
+    ]
     t0 = time.monotonic()
     with open(log_path, "w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, timeout=300).returncode
@@ -60,7 +68,7 @@ def _short(path: str | None) -> str:
     if not path:
         return "-"
     prefix = "file://" if path.startswith("file://") else ""
-    bare = path[len(prefix):]
+    bare = path[len(prefix) :]
     return prefix + os.path.relpath(bare, ROOT) if bare.startswith(ROOT) else path
 
 
@@ -87,28 +95,44 @@ def main(argv: list[str] | None = None) -> int:
     store_args = ["--stores", os.path.join(out, "ckpt"), "tmp://dg-demo", "file://" + os.path.join(out, "remote")]
     common = [*store_args, "--run-name", "demo", "--save-every", "10", "--quiet"]
 
-    print("dist_guardian demo: 2 ranks on CPU (gloo), stores: local demo-out/ckpt (primary), "
-          "node-local tmp://dg-demo, remote file://demo-out/remote\n", flush=True)
+    print(
+        "dist_guardian demo: 2 ranks on CPU (gloo), stores: local demo-out/ckpt (primary), "
+        "node-local tmp://dg-demo, remote file://demo-out/remote\n",
+        flush=True,
+    )
     print("1. Training steps 0-40 under torchrun --max-restarts=1; rank 1 crashes at step 25 ...", flush=True)
-    rc, t1 = torchrun([*common, "--steps", "40", "--fail-at-step", "25", "--out", os.path.join(out, "phase1.json")],
-                      os.path.join(out, "phase1.log"), max_restarts=1)
+    rc, t1 = torchrun(
+        [*common, "--steps", "40", "--fail-at-step", "25", "--out", os.path.join(out, "phase1.json")],
+        os.path.join(out, "phase1.log"),
+        max_restarts=1,
+    )
     if rc != 0:
         print(f"   torchrun failed (exit {rc}); see {os.path.join(out, 'phase1.log')}")
         return 1
     with open(os.path.join(out, "phase1.json")) as f:
         phase1 = json.load(f)["resume"]
-    print(f"   rank 1 crashed at step 25; torchrun restarted the job, which resumed from step {phase1['step']} "
-          f"({_short(phase1['path'])}, tier {phase1['tier']}) and trained to step 40.  [{t1:.0f}s]")
-    print(f"   steps {phase1['step'] + 1}-24 ran twice; nothing up to the last checkpoint (step {phase1['step']}) was lost.\n")
+    print(
+        f"   rank 1 crashed at step 25; torchrun restarted the job, which resumed from step {phase1['step']} "
+        f"({_short(phase1['path'])}, tier {phase1['tier']}) and trained to step 40.  [{t1:.0f}s]"
+    )
+    print(
+        f"   steps {phase1['step'] + 1}-24 ran twice; "
+        f"nothing up to the last checkpoint (step {phase1['step']}) was lost.\n"
+    )
 
     print("2. Damaging the newest checkpoint (step 40) for rank 1 only, in the local and node-local copies:")
-    for label, base in (("demo-out/ckpt", os.path.join(out, "ckpt", "demo")), ("tmp://dg-demo", os.path.join(node_local, "demo"))):
+    for label, base in (
+        ("demo-out/ckpt", os.path.join(out, "ckpt", "demo")),
+        ("tmp://dg-demo", os.path.join(node_local, "demo")),
+    ):
         what = damage_rank_file(os.path.join(base, "step-000000000040"), 1, 2)
         print(f"   {label}: flipped one exponent bit in {os.path.basename(what.split(' ')[0])} {what.split(' ', 1)[1]}")
     print()
 
     print("3. Restarting (a new torchrun launch) to train on to step 50 ...", flush=True)
-    rc, t2 = torchrun([*common, "--steps", "50", "--out", os.path.join(out, "phase3.json")], os.path.join(out, "phase3.log"))
+    rc, t2 = torchrun(
+        [*common, "--steps", "50", "--out", os.path.join(out, "phase3.json")], os.path.join(out, "phase3.log")
+    )
     if rc != 0:
         print(f"   torchrun failed (exit {rc}); see {os.path.join(out, 'phase3.log')}")
         return 1
@@ -130,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"     warning: {w[:160]}")
     newest = 40
     lost = newest - record["step"] if record["resumed"] else newest
-    print(f"\nSummary: resumed from step {record['step']} ({_short(record['store'])}); steps lost beyond the last "
-          f"checkpoint: {lost}; training finished at step {summary['final_step']} (loss {summary['loss']:.4f}).  [{t2:.0f}s]")
+    print(
+        f"\nSummary: resumed from step {record['step']} ({_short(record['store'])}); steps lost beyond the last "
+        f"checkpoint: {lost}; training finished at step {summary['final_step']} "
+        f"(loss {summary['loss']:.4f}).  [{t2:.0f}s]"
+    )
     print(f"Full decision record: {_short(os.path.join(out, 'decision.json'))}; logs: {_short(out)}/phase*.log")
     ok = record["resumed"] and record["step"] == newest and "remote" in (record["path"] or "")
     return 0 if ok else 1

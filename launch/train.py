@@ -49,21 +49,34 @@ class SyntheticData:
 
 def build_model(dim: int = 32, hidden: int = 64) -> torch.nn.Module:
     return torch.nn.Sequential(
-        torch.nn.Linear(dim, hidden), torch.nn.GELU(), torch.nn.Dropout(0.1),
-        torch.nn.Linear(hidden, hidden), torch.nn.GELU(), torch.nn.LayerNorm(hidden),
+        torch.nn.Linear(dim, hidden),
+        torch.nn.GELU(),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.GELU(),
+        torch.nn.LayerNorm(hidden),
         torch.nn.Linear(hidden, 1),
     )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--stores", nargs="+", default=["checkpoints/", "tmp://example"],
-                   help="store URLs, primary first (default: %(default)s)")
+    p.add_argument(
+        "--stores",
+        nargs="+",
+        default=["checkpoints/", "tmp://example"],
+        help="store URLs, primary first (default: %(default)s)",
+    )
     p.add_argument("--run-name", "--run_name", default="example", help="dist_guardian run name")
     p.add_argument("--steps", type=int, default=50, help="train through this step (inclusive)")
     p.add_argument("--save-every", "--save_every", type=int, default=10)
-    p.add_argument("--lr-horizon", "--lr_horizon", type=int, default=1000,
-                   help="cosine schedule length in steps (independent of --steps, so a run can be extended)")
+    p.add_argument(
+        "--lr-horizon",
+        "--lr_horizon",
+        type=int,
+        default=1000,
+        help="cosine schedule length in steps (independent of --steps, so a run can be extended)",
+    )
     p.add_argument("--keep-last", "--keep_last", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=60.0, help="dist_guardian agreement timeout (s)")
@@ -89,8 +102,11 @@ def init_distributed(timeout_s: float) -> tuple[int, int]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world = init_distributed(args.timeout)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
-                        format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        stream=sys.stderr,
+        format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s",
+    )
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     torch.manual_seed(args.seed)  # same initial weights on every rank
     model = build_model()
@@ -99,19 +115,36 @@ def main(argv=None) -> int:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=args.lr_horizon)
     data = SyntheticData(args.seed, rank)
     torch.manual_seed(args.seed * 7919 + rank)  # per-rank stream (dropout)
-    state = {"model": model, "optim": optim, "sched": sched, "data": data,
-             "local": {"loss_ema": torch.zeros(1, dtype=torch.float32)}}
+    state = {
+        "model": model,
+        "optim": optim,
+        "sched": sched,
+        "data": data,
+        "local": {"loss_ema": torch.zeros(1, dtype=torch.float32)},
+    }
 
     guardian = Guardian(
-        stores=args.stores, run=args.run_name, compat={"model": "mlp-32-64", "seed": args.seed},
-        keep_last=args.keep_last, timeout=args.timeout, per_rank=("data", "local"),
+        stores=args.stores,
+        run=args.run_name,
+        compat={"model": "mlp-32-64", "seed": args.seed},
+        keep_last=args.keep_last,
+        timeout=args.timeout,
+        per_rank=("data", "local"),
         storage_options=json.loads(args.storage_options) if args.storage_options else None,
     )
     result = guardian.resume(state)
     start = result.step + 1 if result.resumed else 0
     if rank == 0:
-        print(f"[train] incarnation {restart}: " + (f"resumed from step {result.step} ({result.store}, tier {result.tier})"
-              if result.resumed else "starting fresh"), file=sys.stderr, flush=True)
+        print(
+            f"[train] incarnation {restart}: "
+            + (
+                f"resumed from step {result.step} ({result.store}, tier {result.tier})"
+                if result.resumed
+                else "starting fresh"
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
 
     loss = torch.zeros(())
     t0 = time.monotonic()

@@ -14,10 +14,10 @@ import socket
 import time
 import uuid
 
-import pytest
-
 import corruption
 import helpers
+import pytest
+
 from dist_guardian import Guardian, copying, discovery, loading, stores, verify
 from dist_guardian.errors import ConfigError, StoreUnavailable
 
@@ -48,11 +48,21 @@ def backend(request, tmp_path):
         from fsspec.implementations.memory import MemoryFileSystem
 
         other = MemoryFileSystem(skip_instance_cache=True)  # another client of the same store
-        yield kind, store, (lambda rel, data: other.pipe_file(store.join(rel), data)), (lambda rel: other.rm_file(store.join(rel)))
+        yield (
+            kind,
+            store,
+            (lambda rel, data: other.pipe_file(store.join(rel), data)),
+            (lambda rel: other.rm_file(store.join(rel))),
+        )
     else:
         bucket = request.getfixturevalue("s3")
         store = stores.resolve(bucket.url, 0, bucket.storage_options(deadline_s=10))
-        yield kind, store, (lambda rel, data: bucket.put(f"ckpt/{rel}", data)), (lambda rel: bucket.delete(f"ckpt/{rel}"))
+        yield (
+            kind,
+            store,
+            (lambda rel, data: bucket.put(f"ckpt/{rel}", data)),
+            (lambda rel: bucket.delete(f"ckpt/{rel}")),
+        )
 
 
 def _rels(entries):
@@ -122,8 +132,15 @@ def test_read_range_into_exact_bytes_and_every_piece_reported_once(backend, conc
     start, n = 1234, 250_000
     buf = bytearray(n)
     seen = []
-    stores.read_range_into(store, "r/blob.bin", start, memoryview(buf), concurrency=concurrency, part_size=64 * 1024,
-                           on_chunk=lambda lo, hi: seen.append((lo, hi)))
+    stores.read_range_into(
+        store,
+        "r/blob.bin",
+        start,
+        memoryview(buf),
+        concurrency=concurrency,
+        part_size=64 * 1024,
+        on_chunk=lambda lo, hi: seen.append((lo, hi)),
+    )
     assert bytes(buf) == data[start : start + n]
     covered = sorted(seen)
     pos = 0
@@ -221,7 +238,9 @@ def test_copied_checkpoint_is_discovered_verified_and_loads_identically(backend,
     4 KiB parts, landing out of order while the digests follow the filled prefix."""
     kind, store, _, _ = backend
     if concurrency and not store.is_local:
-        store = stores.resolve(store.url, 0, {store.url: dict(store.storage_options, concurrency=concurrency, part_size=4096)})
+        store = stores.resolve(
+            store.url, 0, {store.url: dict(store.storage_options, concurrency=concurrency, part_size=4096)}
+        )
     _, src_dir, tensors = _local_checkpoint(tmp_path)
     name = os.path.basename(src_dir)
     copying.copy_checkpoint(src_dir, store, RUN, name)
@@ -280,8 +299,12 @@ def test_unreachable_endpoint_is_store_unavailable_within_the_deadline():
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
-    opts = {"key": "testing", "secret": "testing", "deadline_s": 3,
-            "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"}}
+    opts = {
+        "key": "testing",
+        "secret": "testing",
+        "deadline_s": 3,
+        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"},
+    }
     store = stores.resolve("s3://nobody/ckpt", 0, {"s3://nobody": opts})
     t0 = time.monotonic()
     with pytest.raises(StoreUnavailable) as ei:
@@ -292,7 +315,9 @@ def test_unreachable_endpoint_is_store_unavailable_within_the_deadline():
 
 
 def test_missing_bucket_is_unavailable_not_empty(s3_server):
-    store = stores.resolve("s3://no-such-bucket-dg/ckpt", 0, {"s3://no-such-bucket-dg": s3_server.options(deadline_s=5)})
+    store = stores.resolve(
+        "s3://no-such-bucket-dg/ckpt", 0, {"s3://no-such-bucket-dg": s3_server.options(deadline_s=5)}
+    )
     with pytest.raises(StoreUnavailable, match="the bucket does not exist"):
         stores.list_tree(store, RUN)
 

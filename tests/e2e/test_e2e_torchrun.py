@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 import repo_paths
 
 ROOT = repo_paths.REPO_ROOT
@@ -29,12 +28,29 @@ def node_root(tmp):
 
 
 def torchrun(tmp, name, args, *, nproc=2, max_restarts=0, env=None, timeout=240):
-    e = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", PYTHONUNBUFFERED="1",
-             DIST_GUARDIAN_NODE_LOCAL_ROOT=node_root(tmp))
+    e = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
+        PYTHONUNBUFFERED="1",
+        DIST_GUARDIAN_NODE_LOCAL_ROOT=node_root(tmp),
+    )
     e.update(env or {})
     out = os.path.join(tmp, f"{name}.json")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           f"--max-restarts={max_restarts}", "--monitor-interval=0.2", TRAIN, *args, "--out", out, "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={max_restarts}",
+        "--monitor-interval=0.2",
+        TRAIN,
+        *args,
+        "--out",
+        out,
+        "--quiet",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=timeout, cwd=ROOT)
     log = p.stdout + p.stderr
     with open(os.path.join(tmp, f"{name}.log"), "w") as f:
@@ -44,8 +60,14 @@ def torchrun(tmp, name, args, *, nproc=2, max_restarts=0, env=None, timeout=240)
 
 
 def stores(tmp, tag):
-    return ["--stores", os.path.join(tmp, tag, "ckpt"), f"tmp://{tag}", "file://" + os.path.join(tmp, tag, "remote"),
-            "--run-name", "e2e"]
+    return [
+        "--stores",
+        os.path.join(tmp, tag, "ckpt"),
+        f"tmp://{tag}",
+        "file://" + os.path.join(tmp, tag, "remote"),
+        "--run-name",
+        "e2e",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +85,12 @@ def uninterrupted(work):
 
 def test_killed_rank_restarted_by_torchrun_ends_bit_identical(work, uninterrupted):
     """Rank 1 dies at step 25 (os._exit); torchrun --max-restarts=1 restarts; the job resumes from step 20."""
-    rc, summary, log = torchrun(work, "crash", [*stores(work, "crash"), "--steps", "40", "--save-every", "10",
-                                                "--fail-at-step", "25"], max_restarts=1)
+    rc, summary, log = torchrun(
+        work,
+        "crash",
+        [*stores(work, "crash"), "--steps", "40", "--save-every", "10", "--fail-at-step", "25"],
+        max_restarts=1,
+    )
     assert rc == 0, log[-3000:]
     assert "simulated crash at step 25" in log
     assert summary["restart_count"] == 1
@@ -78,8 +104,11 @@ def test_fallback_past_corrupt_newest_is_bit_identical(work, uninterrupted):
 
     rc, _, log = torchrun(work, "fb1", [*stores(work, "fb"), "--steps", "30", "--save-every", "10"])
     assert rc == 0, log[-3000:]
-    copies = [os.path.join(work, "fb", "ckpt", "e2e"), os.path.join(node_root(work), "fb", "e2e"),
-              os.path.join(work, "fb", "remote", "e2e")]
+    copies = [
+        os.path.join(work, "fb", "ckpt", "e2e"),
+        os.path.join(node_root(work), "fb", "e2e"),
+        os.path.join(work, "fb", "remote", "e2e"),
+    ]
     for base in copies:
         corruption.flip_bit_in_tensor(os.path.join(base, "step-000000000030", "replicated.dgt"), bit=6, byte_in_elem=3)
     rc, summary, log = torchrun(work, "fb2", [*stores(work, "fb"), "--steps", "40", "--save-every", "10"])
@@ -121,8 +150,13 @@ def test_F28_oom_killed_rank_across_restarts(work):
     rc, _, log = torchrun(work, f"{tag}-1", [*stores(work, tag), "--steps", "20", "--save-every", "10"])
     assert rc == 0, log[-3000:]
     env = {"DIST_GUARDIAN_FAULT": "during_load@20:0:kill"}
-    rc, summary, log = torchrun(work, f"{tag}-2", [*stores(work, tag), "--steps", "30", "--save-every", "10",
-                                                   "--timeout", "6"], max_restarts=3, env=env)
+    rc, summary, log = torchrun(
+        work,
+        f"{tag}-2",
+        [*stores(work, tag), "--steps", "30", "--save-every", "10", "--timeout", "6"],
+        max_restarts=3,
+        env=env,
+    )
     assert rc == 0, log[-4000:]
     assert summary["resume"]["step"] == 10 and summary["restart_count"] == 2
 
@@ -136,9 +170,23 @@ def test_two_nodes_one_machine_availability_vote(work):
     out = os.path.join(work, "nodes")
     script = os.path.join(ROOT, "launch", "two_nodes_one_machine.sh")
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    common = ["--stores", os.path.join(out, "shared"), "tmp://nodes", "--run-name", "nodes", "--save-every", "10", "--quiet"]
-    p = subprocess.run([script, out, "--", *common, "--steps", "30", "--out", os.path.join(out, "a.json")],
-                       env=env, capture_output=True, text=True, timeout=240)
+    common = [
+        "--stores",
+        os.path.join(out, "shared"),
+        "tmp://nodes",
+        "--run-name",
+        "nodes",
+        "--save-every",
+        "10",
+        "--quiet",
+    ]
+    p = subprocess.run(
+        [script, out, "--", *common, "--steps", "30", "--out", os.path.join(out, "a.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     logs = "".join(open(os.path.join(out, f"node{n}.log")).read() for n in (0, 1))
     assert p.returncode == 0, logs[-3000:]
     # Who hosted rank 0 (and so mirrored into its node-local store)?
@@ -146,8 +194,13 @@ def test_two_nodes_one_machine_availability_vote(work):
     node_dir = os.path.join(out, f"node{rank0_node}", "nodes", "nodes")
     assert os.path.isdir(os.path.join(node_dir, "step-000000000030"))
     shutil.rmtree(os.path.join(out, "shared", "nodes", "step-000000000030"))  # now only in that node's tmp://
-    p = subprocess.run([script, out, "--", *common, "--steps", "40", "--out", os.path.join(out, "b.json")],
-                       env=env, capture_output=True, text=True, timeout=240)
+    p = subprocess.run(
+        [script, out, "--", *common, "--steps", "40", "--out", os.path.join(out, "b.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     logs = "".join(open(os.path.join(out, f"node{n}.log")).read() for n in (0, 1))
     assert p.returncode == 0, logs[-3000:]
     rec = json.load(open(os.path.join(out, "b.json")))["resume"]
@@ -160,8 +213,13 @@ def test_two_nodes_one_machine_availability_vote(work):
 
 def test_make_demo_story(tmp_path):
     """The `make demo` script itself: its summary says what was found, what failed and why, what loaded."""
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "demo.py"), "--out", str(tmp_path / "demo")],
-                       capture_output=True, text=True, timeout=280, cwd=ROOT)
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch", "demo.py"), "--out", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = p.stdout
     assert "rank 1 crashed at step 25; torchrun restarted the job, which resumed from step 20" in out

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import repo_paths
 import torch
 
 from dist_guardian import Guardian
-import repo_paths
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -37,7 +37,11 @@ def test_resume_into_cuda_model_through_pinned_staging(tmp_path):
 @needs_cuda
 def test_gpu_benchmark_runs(tmp_path):
     bench = os.path.join(repo_paths.REPO_ROOT, "benchmarks", "bench_gpu.py")
-    p = subprocess.run([sys.executable, bench, "--size-mb", "64", "--runs", "2", "--out", str(tmp_path / "g.jsonl")],
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, bench, "--size-mb", "64", "--runs", "2", "--out", str(tmp_path / "g.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert "dist_guardian resume into cuda model" in p.stdout

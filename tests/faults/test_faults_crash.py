@@ -18,16 +18,22 @@ import signal
 import subprocess
 import sys
 
-import pytest
-
 import helpers
-from dist_guardian import Guardian, formats, manifest, stores, verify
-from helpers import assert_nothing_lost, committed, make_state, same, snapshot
+import pytest
 import repo_paths
+from helpers import assert_nothing_lost, committed, make_state, same, snapshot
+
+from dist_guardian import Guardian, formats, manifest, stores, verify
 
 RUN = "r"
-POINTS = ["before_data_write", "mid_data_write", "after_data_fsync", "before_manifest",
-          "after_manifest_before_rename", "after_rename_before_dirsync"]
+POINTS = [
+    "before_data_write",
+    "mid_data_write",
+    "after_data_fsync",
+    "before_manifest",
+    "after_manifest_before_rename",
+    "after_rename_before_dirsync",
+]
 COMMITTED_AFTER = {"after_rename_before_dirsync"}
 
 CHILD = r"""
@@ -73,8 +79,13 @@ def crashed(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "DIST_GUARDIAN_FAULT"}
     env[stores.NODE_LOCAL_ENV] = str(nl)
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, "-c", CHILD, repo_paths.SUPPORT_DIR, json.dumps([[p, roots[p]] for p in POINTS])],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, repo_paths.SUPPORT_DIR, json.dumps([[p, roots[p]] for p in POINTS])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     status = json.loads(proc.stdout.strip().splitlines()[-1])
     c_state = make_state(seed=3)  # what the children saved (deterministic)

@@ -31,13 +31,13 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-import torch
-
 import helpers
-from dist_guardian import Guardian, stores, verify
-from helpers import assert_nothing_lost, committed, make_state, same, snapshot
+import pytest
 import repo_paths
+import torch
+from helpers import assert_nothing_lost, committed, make_state, same, snapshot
+
+from dist_guardian import Guardian, stores, verify
 
 RUN = "r"
 C = 300
@@ -112,8 +112,10 @@ def tmpfs(tmp_path):
     def mount(size_mib: int, name: str = "tmpfs") -> str:
         d = tmp_path / name
         d.mkdir()
-        _try(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0755", "tmpfs", str(d)],
-             f"a real ENOSPC needs a small tmpfs (mount as root)")
+        _try(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0755", "tmpfs", str(d)],
+            "a real ENOSPC needs a small tmpfs (mount as root)",
+        )
         mounted.append(str(d))
         return str(d)
 
@@ -180,8 +182,13 @@ def test_F11_rlimit_fsize_save_fails_cleanly_and_B_loads(tmp_path):
     fx = _save_a_b(root)
     env = {k: v for k, v in os.environ.items() if k != "DIST_GUARDIAN_FAULT"}
     env["OMP_NUM_THREADS"] = "1"
-    p = subprocess.run([sys.executable, "-c", CHILD, repo_paths.SUPPORT_DIR, root, str(1 << 20)],
-                       capture_output=True, text=True, timeout=120, env=env)
+    p = subprocess.run(
+        [sys.executable, "-c", CHILD, repo_paths.SUPPORT_DIR, root, str(1 << 20)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res["committed"] is False

@@ -18,12 +18,10 @@ import time
 from typing import Any
 
 import pytest
-import torch
-
-import dg_harness
 import rank_fns_faults as rf
-from dg_harness import RankOutcome, run_ranks, run_ranks_backend
+import torch
 from corruption import flip_bit_in_tensor
+from dg_harness import RankOutcome, run_ranks, run_ranks_backend
 from helpers import assert_nothing_lost, committed, step_dir
 
 from dist_guardian import journal, manifest
@@ -32,8 +30,6 @@ RUN = "r"
 A, B, C = 100, 200, 300
 SHORT = 4.0  # Guardian(timeout=...) for the hang/crash scenarios: bounds each vote and each attempt
 MARGIN = 8.0  # generous: two cores shared with other test sessions
-
-
 
 
 # ----------------------------------------------------------------------------- fixtures and helpers
@@ -51,8 +47,7 @@ def _template(base, world: int, steps: tuple[int, ...] = (A, B, C), blob_mb: dic
     key = (str(base), world, steps, json.dumps(blob_mb or {}, sort_keys=True))
     if key not in _TEMPLATES:
         root = os.path.join(str(base), f"w{world}-{'-'.join(map(str, steps))}-{len(_TEMPLATES)}")
-        out = run_ranks(rf.save_fixture, world, timeout=60, stores=[root], run=RUN, steps=list(steps),
-                        blob_mb=blob_mb)
+        out = run_ranks(rf.save_fixture, world, timeout=60, stores=[root], run=RUN, steps=list(steps), blob_mb=blob_mb)
         assert out.ok(), out.errors
         assert all(all(v for v in out.results[r]["committed"].values()) for r in range(world))
         _TEMPLATES[key] = (root, out.results)
@@ -144,8 +139,9 @@ def _assert_loaded(out: RankOutcome, template, world: int, step: int) -> None:
     for r in range(world):
         got = out.results[r]
         assert got["resumed"] and got["step"] == step, json.dumps(got["record"])[:3000]
-        assert json.dumps(got["digest"], sort_keys=True) == _digest_json(template, r, step), \
+        assert json.dumps(got["digest"], sort_keys=True) == _digest_json(template, r, step), (
             f"rank {r} differs from step {step}: " + _diff(got["digest"], _digest(template, r, step))
+        )
         assert got["next"] == template[1][r]["next"][step]
 
 
@@ -162,8 +158,11 @@ def _diff(a: Any, b: Any, path: str = "") -> str:
 
 def _decisions(record: dict[str, Any]) -> list:
     """What every rank must agree on in a decision record (timings are per rank)."""
-    return [(a["candidate_id"], a["path"], a["outcome"], a["reasons"]) for a in record["attempts"]] + \
-        [record["resumed"], record["step"], record["path"]]
+    return [(a["candidate_id"], a["path"], a["outcome"], a["reasons"]) for a in record["attempts"]] + [
+        record["resumed"],
+        record["step"],
+        record["path"],
+    ]
 
 
 def _rank_logs(out: RankOutcome, rank: int = 0) -> str:
@@ -238,7 +237,7 @@ def test_F21_missing_shard_on_shared_store_rejected_before_the_vote(tmp_path, te
     world = 2
     tpl = _template(template_root, world)
     ck = _store_with(tmp_path, tpl)
-    os.unlink(os.path.join(step_dir(ck, RUN, B), f"rank-00001-of-00002.dgt"))
+    os.unlink(os.path.join(step_dir(ck, RUN, B), "rank-00001-of-00002.dgt"))
     out = run_ranks(rf.resume_fixture, world, timeout=60, stores=[ck], run=RUN)
     _assert_loaded(out, tpl, world, A)
     rec = out.results[0]["record"]
@@ -286,16 +285,26 @@ def _start(tmp_path, world, ck, rule, *, hang: bool, timeout_s: float = SHORT) -
     rep = _report_dir(tmp_path)
     _clear_reports(rep)
     t0 = time.monotonic()
-    out = run_ranks(rf.resume_fixture, world, timeout=timeout_s + 2 * MARGIN, pg_timeout_s=timeout_s,
-                    env={1: {"DIST_GUARDIAN_FAULT": rule}}, stores=[ck], run=RUN, dg_timeout=timeout_s,
-                    report_dir=rep, watchdog_s=(timeout_s + MARGIN) if hang else None)
+    out = run_ranks(
+        rf.resume_fixture,
+        world,
+        timeout=timeout_s + 2 * MARGIN,
+        pg_timeout_s=timeout_s,
+        env={1: {"DIST_GUARDIAN_FAULT": rule}},
+        stores=[ck],
+        run=RUN,
+        dg_timeout=timeout_s,
+        report_dir=rep,
+        watchdog_s=(timeout_s + MARGIN) if hang else None,
+    )
     _assert_all_exited(out)
     assert time.monotonic() - t0 < timeout_s + 2 * MARGIN
     return out, _reports(rep)
 
 
-def _assert_survivors_failed(out: RankOutcome, reports: dict, world: int, *, types: tuple[str, ...],
-                             within: float) -> None:
+def _assert_survivors_failed(
+    out: RankOutcome, reports: dict, world: int, *, types: tuple[str, ...], within: float
+) -> None:
     for r in range(world):
         if r == 1:
             continue
@@ -304,7 +313,9 @@ def _assert_survivors_failed(out: RankOutcome, reports: dict, world: int, *, typ
         rep = reports[r]
         assert rep["elapsed"] < within, (r, rep["elapsed"], rep["error"])
         if rep["error_type"] == "AgreementTimeout":  # it was the vote timeout that fired, as configured
-            assert rep["elapsed"] > 0.9 * SHORT and f"no answer from every rank within {SHORT:.1f}s" in rep["error"], rep
+            assert rep["elapsed"] > 0.9 * SHORT and f"no answer from every rank within {SHORT:.1f}s" in rep["error"], (
+                rep
+            )
         else:
             assert "a peer failed or died" in rep["error"], rep["error"]
         assert rep["unchanged"], f"rank {r} applied something before failing"
@@ -319,8 +330,9 @@ def _assert_survivors_failed(out: RankOutcome, reports: dict, world: int, *, typ
 EXIT_CODES = {"hang": 143, "exit": 137, "kill": -9}  # hang: torn down by the (simulated) agent, never by the harness
 
 
-def _crash_loop(tmp_path, template_root, world, rule, *, hang: bool, first_types: tuple[str, ...],
-                within: float, outcome_word: str) -> None:
+def _crash_loop(
+    tmp_path, template_root, world, rule, *, hang: bool, first_types: tuple[str, ...], within: float, outcome_word: str
+) -> None:
     """Two starts die on B; the journal counts them; the third start demotes B and loads A."""
     tpl = _template(template_root, world)
     ck = _store_with(tmp_path, tpl)
@@ -353,8 +365,16 @@ def test_F23_rank_hangs_during_load_survivors_time_out_then_crash_loop_demotes_B
     the hung rank is torn down as torchrun's agent would (it never answers). The journal records
     the unfinished attempt (reason timeout). A second start with the same fault dies the same way;
     the third start demotes B (2 unfinished attempts) and every rank loads A."""
-    _crash_loop(tmp_path, template_root, world, "during_load@200:1:hang", hang=True,
-                first_types=("AgreementTimeout",), within=SHORT + MARGIN, outcome_word="timeout")
+    _crash_loop(
+        tmp_path,
+        template_root,
+        world,
+        "during_load@200:1:hang",
+        hang=True,
+        first_types=("AgreementTimeout",),
+        within=SHORT + MARGIN,
+        outcome_word="timeout",
+    )
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -362,8 +382,16 @@ def test_F24_rank_crashes_during_load_peers_fail_promptly_then_crash_loop_demote
     """Rank 1 exits (os._exit(137)) while loading B. The peers raise a CoordinationError at once
     (a dead peer, not a timeout: well under the vote timeout), the journal records the attempt,
     and a restart behaves as in F23."""
-    _crash_loop(tmp_path, template_root, world, "during_load@200:1:exit", hang=False,
-                first_types=("CoordinationError",), within=SHORT * 0.75, outcome_word="peer_failed")
+    _crash_loop(
+        tmp_path,
+        template_root,
+        world,
+        "during_load@200:1:exit",
+        hang=False,
+        first_types=("CoordinationError",),
+        within=SHORT * 0.75,
+        outcome_word="peer_failed",
+    )
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -371,9 +399,16 @@ def test_F25_rank_killed_before_vote_no_deadlock_then_crash_loop_demotes_B(tmp_p
     """Rank 1 is SIGKILLed right before the vote on B: no deadlock, every survivor exits non-zero
     within the bound, no later collective touches the failed group, and the restart behaviour of
     F23 follows."""
-    _crash_loop(tmp_path, template_root, world, "before_vote@200:1:kill", hang=False,
-                first_types=("CoordinationError", "AgreementTimeout"), within=SHORT + MARGIN,
-                outcome_word="peer_failed")
+    _crash_loop(
+        tmp_path,
+        template_root,
+        world,
+        "before_vote@200:1:kill",
+        hang=False,
+        first_types=("CoordinationError", "AgreementTimeout"),
+        within=SHORT + MARGIN,
+        outcome_word="peer_failed",
+    )
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -385,8 +420,9 @@ def test_F25_rank_killed_inside_the_vote_all_reduce_no_deadlock(tmp_path, templa
     tpl = _template(template_root, world)
     ck = _store_with(tmp_path, tpl)
     out, reports = _start(tmp_path, world, ck, "mid_vote:1:kill", hang=False)
-    _assert_survivors_failed(out, reports, world, types=("CoordinationError", "AgreementTimeout"),
-                             within=SHORT + MARGIN)
+    _assert_survivors_failed(
+        out, reports, world, types=("CoordinationError", "AgreementTimeout"), within=SHORT + MARGIN
+    )
     assert out.exitcodes[1] == -9
     assert _journal_entry(ck, B)["started"] == 1 and _journal_entry(ck, B)["finished"] == 0
 
@@ -394,8 +430,16 @@ def test_F25_rank_killed_inside_the_vote_all_reduce_no_deadlock(tmp_path, templa
 def test_F28_load_oom_killed_rank_peers_fail_promptly_then_crash_loop_demotes_B(tmp_path, template_root):
     """The OOM killer's form of F28: rank 1 gets SIGKILL while loading B. Peers fail promptly,
     and the journal stops the endless restart loop on B: the third start loads A."""
-    _crash_loop(tmp_path, template_root, 2, "during_load@200:1:kill", hang=False,
-                first_types=("CoordinationError",), within=SHORT * 0.75, outcome_word="peer_failed")
+    _crash_loop(
+        tmp_path,
+        template_root,
+        2,
+        "during_load@200:1:kill",
+        hang=False,
+        first_types=("CoordinationError",),
+        within=SHORT * 0.75,
+        outcome_word="peer_failed",
+    )
 
 
 # ----------------------------------------------------------------------------- F26
@@ -409,8 +453,15 @@ def test_F26_python_exception_during_load_is_caught_and_all_ranks_advance_to_A(t
     tpl = _template(template_root, world)
     ck = _store_with(tmp_path, tpl)
     action = "raise" if exc == "RuntimeError" else f"raise-{exc}"
-    out = run_ranks(rf.resume_fixture, world, timeout=60, env={1: {"DIST_GUARDIAN_FAULT": f"during_load@200:1:{action}"}},
-                    stores=[ck], run=RUN, dg_timeout=SHORT)
+    out = run_ranks(
+        rf.resume_fixture,
+        world,
+        timeout=60,
+        env={1: {"DIST_GUARDIAN_FAULT": f"during_load@200:1:{action}"}},
+        stores=[ck],
+        run=RUN,
+        dg_timeout=SHORT,
+    )
     _assert_loaded(out, tpl, world, A)
     rec = out.results[0]["record"]
     msg = "'injected fault at during_load'" if exc == "KeyError" else "injected fault at during_load"
@@ -447,8 +498,17 @@ def test_F27_plan_altered_on_one_rank_after_broadcast_raises_everywhere_nothing_
     tpl = _template(template_root, world)
     ck = _store_with(tmp_path, tpl)
     rep = _report_dir(tmp_path)
-    out = run_ranks(rf.resume_fixture, world, timeout=60, env={1: {"DIST_GUARDIAN_FAULT": "after_broadcast:1:corrupt"}},
-                    stores=[ck], run=RUN, dg_timeout=SHORT, report_dir=rep, probe_after_failure=False)
+    out = run_ranks(
+        rf.resume_fixture,
+        world,
+        timeout=60,
+        env={1: {"DIST_GUARDIAN_FAULT": "after_broadcast:1:corrupt"}},
+        stores=[ck],
+        run=RUN,
+        dg_timeout=SHORT,
+        report_dir=rep,
+        probe_after_failure=False,
+    )
     _assert_all_exited(out)
     reports = _reports(rep)
     for r in range(world):
@@ -501,8 +561,15 @@ def test_F29_failure_after_part_of_B_is_staged_no_rank_holds_a_mix(tmp_path, tem
     on every rank, and differ from B's (no rank holds a mix of A and B)."""
     tpl = _template(template_root, world)
     ck = _store_with(tmp_path, tpl)
-    out = run_ranks(rf.resume_fixture, world, timeout=60, env={1: {"DIST_GUARDIAN_FAULT": "load_file@200:1:raise"}},
-                    stores=[ck], run=RUN, dg_timeout=SHORT)
+    out = run_ranks(
+        rf.resume_fixture,
+        world,
+        timeout=60,
+        env={1: {"DIST_GUARDIAN_FAULT": "load_file@200:1:raise"}},
+        stores=[ck],
+        run=RUN,
+        dg_timeout=SHORT,
+    )
     _assert_loaded(out, tpl, world, A)  # exact digests of every tensor against A's, on every rank
     rec = out.results[0]["record"]
     assert [(a["step"], a["outcome"]) for a in rec["attempts"]] == [(B, "failed"), (A, "loaded")]
@@ -530,13 +597,19 @@ def test_F30_world_size_4_to_fewer_replicated_loads_per_rank_remapped(tmp_path, 
         for r in range(new_world):
             got = out.results[r]
             assert got["resumed"] and got["step"] == B and got["tier"] == "V"
-            assert any(w.startswith(f"world_size_changed from=4 to={new_world}") for w in got["warnings"]), got["warnings"]
+            assert any(w.startswith(f"world_size_changed from=4 to={new_world}") for w in got["warnings"]), got[
+                "warnings"
+            ]
             # Replicated and per-rank state: exactly saved rank r's (the replicated part is the same on all 4).
-            assert json.dumps(got["digest"], sort_keys=True) == _digest_json(tpl, r, B), _diff(got["digest"], _digest(tpl, r, B))
+            assert json.dumps(got["digest"], sort_keys=True) == _digest_json(tpl, r, B), _diff(
+                got["digest"], _digest(tpl, r, B)
+            )
             assert got["data"] == {"position": 100 * r + 2}
             assert got["next"] == tpl[1][r]["next"][B]
     # Deterministic: two resumes give the same per-rank assignment and the same numbers.
-    assert [outs[0].results[r]["next"] for r in range(new_world)] == [outs[1].results[r]["next"] for r in range(new_world)]
+    assert [outs[0].results[r]["next"] for r in range(new_world)] == [
+        outs[1].results[r]["next"] for r in range(new_world)
+    ]
 
 
 def test_F30_world_size_2_to_3_new_rank_gets_a_rederived_rng(tmp_path, template_root):
@@ -567,16 +640,21 @@ def test_F11_F12_multirank_save_one_rank_fails_to_write_every_rank_abandons(tmp_
     tpl = _template(template_root, world)
     ck = _store_with(tmp_path, tpl)
     before = committed(ck, RUN)
-    out = run_ranks(_resume_then_save, world, timeout=60, stores=[ck], run=RUN, step=C,
-                    fault={C: "mid_data_write:1:raise-OSError"})
+    out = run_ranks(
+        _resume_then_save, world, timeout=60, stores=[ck], run=RUN, step=C, fault={C: "mid_data_write:1:raise-OSError"}
+    )
     assert out.ok(), out.errors
     _assert_all_exited(out)
     reasons = {out.results[r]["reasons"][C] for r in range(world)}
     assert [out.results[r]["committed"][C] for r in range(world)] == [False] * world
     assert len(reasons) == 1
     reason = reasons.pop()
-    assert reason.startswith("rank 1: save_failed errno=EIO: OSError: [Errno 5] injected fault at mid_data_write"), reason
-    assert "save of step 300 abandoned on every rank; previous checkpoints untouched" in "\n".join(out.results[0]["logs"])
+    assert reason.startswith("rank 1: save_failed errno=EIO: OSError: [Errno 5] injected fault at mid_data_write"), (
+        reason
+    )
+    assert "save of step 300 abandoned on every rank; previous checkpoints untouched" in "\n".join(
+        out.results[0]["logs"]
+    )
     names = os.listdir(os.path.join(ck, RUN))
     assert not [n for n in names if n.startswith(".staging-")], names
     assert committed(ck, RUN) == before
@@ -638,19 +716,38 @@ def test_F33_all_candidates_fail_and_a_store_is_unreachable_raises_ResumeFailed(
     ck = _store_with(tmp_path, tpl)
     for s in (A, B):
         _corrupt_beyond_checks(ck, s)
-    dead = {"s3://dg-unreachable": {"key": "k", "secret": "s",
-                                    "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "us-east-1"},
-                                    "config_kwargs": {"connect_timeout": 1, "read_timeout": 1,
-                                                      "retries": {"max_attempts": 1, "mode": "standard"}},
-                                    "retries": 0, "deadline_s": 4.0}}
+    dead = {
+        "s3://dg-unreachable": {
+            "key": "k",
+            "secret": "s",
+            "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "us-east-1"},
+            "config_kwargs": {
+                "connect_timeout": 1,
+                "read_timeout": 1,
+                "retries": {"max_attempts": 1, "mode": "standard"},
+            },
+            "retries": 0,
+            "deadline_s": 4.0,
+        }
+    }
     rep = _report_dir(tmp_path)
-    out = run_ranks(rf.resume_fixture, world, timeout=60, stores=[ck, "s3://dg-unreachable/ck"], run=RUN,
-                    storage_options=dead, report_dir=rep)
+    out = run_ranks(
+        rf.resume_fixture,
+        world,
+        timeout=60,
+        stores=[ck, "s3://dg-unreachable/ck"],
+        run=RUN,
+        storage_options=dead,
+        report_dir=rep,
+    )
     _assert_all_exited(out)
     reports = _reports(rep)
     for r in range(world):
         assert out.error_type(r) == "ResumeFailed", out.errors
-        assert "a store was unreachable or an attempt timed out (maybe transient); not starting fresh" in reports[r]["error"]
+        assert (
+            "a store was unreachable or an attempt timed out (maybe transient); not starting fresh"
+            in reports[r]["error"]
+        )
         assert "store s3://dg-unreachable/ck: unreachable" in reports[r]["error"]
         assert reports[r]["unchanged"]
 
@@ -664,8 +761,16 @@ def test_F33_all_candidates_fail_one_by_attempt_timeout_raises_ResumeFailed(tmp_
     ck = _store_with(tmp_path, tpl)
     _corrupt_beyond_checks(ck, A)
     rep = _report_dir(tmp_path)
-    out = run_ranks(rf.resume_fixture, world, timeout=60, env={1: {"DIST_GUARDIAN_FAULT": "load_file@200:1:sleep-12"}},
-                    stores=[ck], run=RUN, dg_timeout=6.0, report_dir=rep)
+    out = run_ranks(
+        rf.resume_fixture,
+        world,
+        timeout=60,
+        env={1: {"DIST_GUARDIAN_FAULT": "load_file@200:1:sleep-12"}},
+        stores=[ck],
+        run=RUN,
+        dg_timeout=6.0,
+        report_dir=rep,
+    )
     _assert_all_exited(out)
     reports = _reports(rep)
     for r in range(world):
@@ -719,8 +824,16 @@ def test_F38_two_writers_same_step_same_root_exactly_one_commit_wins(tmp_path, t
     tpl = _template(template_root, 2)
     ck = _store_with(tmp_path, tpl)
     before = committed(ck, RUN)
-    out = run_ranks(rf.independent_writer, 2, timeout=60, root=ck, run=RUN, step=C,
-                    role={0: "writer", 1: "writer"}, fault={late: "after_manifest_before_rename:0:sleep-1.5"})
+    out = run_ranks(
+        rf.independent_writer,
+        2,
+        timeout=60,
+        root=ck,
+        run=RUN,
+        step=C,
+        role={0: "writer", 1: "writer"},
+        fault={late: "after_manifest_before_rename:0:sleep-1.5"},
+    )
     assert out.ok(), out.errors
     _assert_all_exited(out)
     wins = [r for r in range(2) if out.results[r]["committed"]]
@@ -732,7 +845,11 @@ def test_F38_two_writers_same_step_same_root_exactly_one_commit_wins(tmp_path, t
     assert any("commit_conflict" in line for line in lo["logs"])
     names = os.listdir(os.path.join(ck, RUN))
     assert not [n for n in names if n.startswith(".staging-")], names
-    assert sorted(n for n in names if n.startswith("step-")) == ["step-000000000100", "step-000000000200", "step-000000000300"]
+    assert sorted(n for n in names if n.startswith("step-")) == [
+        "step-000000000100",
+        "step-000000000200",
+        "step-000000000300",
+    ]
     tier, reasons = _full_verify(ck, f"{RUN}/step-000000000300")
     assert tier == "V", reasons
     assert _manifest_of(step_dir(ck, RUN, C)).writer["pid"] == w["pid"]
@@ -752,9 +869,17 @@ def test_F39_zombie_writer_of_old_generation_commits_after_new_incarnation(tmp_p
     lineage's checkpoint at the equal step."""
     tpl = _template(template_root, 2)
     ck = _store_with(tmp_path, tpl)
-    out = run_ranks(rf.independent_writer, 2, timeout=60, root=ck, run=RUN, step=C,
-                    role={0: "zombie", 1: "new"}, fault={0: "after_manifest_before_rename:0:sleep-6"},
-                    wait_for_staging_s=10.0)
+    out = run_ranks(
+        rf.independent_writer,
+        2,
+        timeout=60,
+        root=ck,
+        run=RUN,
+        step=C,
+        role={0: "zombie", 1: "new"},
+        fault={0: "after_manifest_before_rename:0:sleep-6"},
+        wait_for_staging_s=10.0,
+    )
     assert out.ok(), out.errors
     _assert_all_exited(out)
     zombie, new = out.results[0], out.results[1]
@@ -783,8 +908,17 @@ def test_F38_two_writers_same_step_same_s3_prefix_exactly_one_commit_wins(tmp_pa
     the other reports commit_conflict, and the committed checkpoint verifies fully and holds
     exactly the winner's state: no object of the loser under it."""
     opts = s3.storage_options()
-    out = run_ranks(rf.independent_writer, 2, timeout=60, root=s3.url, run=RUN, step=C, storage_options=opts,
-                    role={0: "writer", 1: "writer"}, fault={1: "before_s3_manifest:0:sleep-1.5"})
+    out = run_ranks(
+        rf.independent_writer,
+        2,
+        timeout=60,
+        root=s3.url,
+        run=RUN,
+        step=C,
+        storage_options=opts,
+        role={0: "writer", 1: "writer"},
+        fault={1: "before_s3_manifest:0:sleep-1.5"},
+    )
     assert out.ok(), out.errors
     _assert_all_exited(out)
     wins = [r for r in range(2) if out.results[r]["committed"]]
@@ -792,14 +926,18 @@ def test_F38_two_writers_same_step_same_s3_prefix_exactly_one_commit_wins(tmp_pa
     w, lo = out.results[wins[0]], out.results[1 - wins[0]]
     assert "commit_conflict" in lo["reason"], lo["reason"]
     keys = s3.keys("ckpt/")
-    assert [k for k in keys if k.endswith(manifest.MANIFEST_NAME)] == [f"ckpt/{RUN}/step-000000000300/{manifest.MANIFEST_NAME}"]
+    assert [k for k in keys if k.endswith(manifest.MANIFEST_NAME)] == [
+        f"ckpt/{RUN}/step-000000000300/{manifest.MANIFEST_NAME}"
+    ]
     from dist_guardian import stores as dg_stores
     from dist_guardian import verify
 
     store = dg_stores.resolve(s3.url, 0, opts)
     tier, reasons = verify.verify_full(store, f"{RUN}/step-000000000300")
     assert tier == "V", reasons
-    mbytes = dg_stores.read_small(store, f"{RUN}/step-000000000300/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES)
+    mbytes = dg_stores.read_small(
+        store, f"{RUN}/step-000000000300/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES
+    )
     assert manifest.parse(mbytes).writer["pid"] == w["pid"]
     back = run_ranks(rf.resume_fixture, 1, timeout=60, stores=[s3.url], run=RUN, storage_options=opts)
     assert back.ok(), back.errors
@@ -812,10 +950,14 @@ def test_F38_two_writers_same_step_same_s3_prefix_exactly_one_commit_wins(tmp_pa
 
 def _round_trip(tmp_path, backend: str, device_kind: str) -> None:
     root = str(tmp_path / "ck")
-    saved = run_ranks_backend(rf.round_trip_on_device, 2, backend, phase="save", root=root, run=RUN, device_kind=device_kind)
+    saved = run_ranks_backend(
+        rf.round_trip_on_device, 2, backend, phase="save", root=root, run=RUN, device_kind=device_kind
+    )
     assert saved.ok(), saved.errors
     assert all(saved.results[r]["committed"] == [True, True] for r in range(2))
-    back = run_ranks_backend(rf.round_trip_on_device, 2, backend, phase="resume", root=root, run=RUN, device_kind=device_kind)
+    back = run_ranks_backend(
+        rf.round_trip_on_device, 2, backend, phase="resume", root=root, run=RUN, device_kind=device_kind
+    )
     assert back.ok(), back.errors
     _assert_all_exited(back)
     for r in range(2):
@@ -823,7 +965,7 @@ def _round_trip(tmp_path, backend: str, device_kind: str) -> None:
         assert got["resumed"] and got["step"] == 20
         assert json.dumps(got["digest"], sort_keys=True) == json.dumps(saved.results[r]["digest"], sort_keys=True)
         assert got["next"] == saved.results[r]["next"]  # CPU and (on GPUs) CUDA streams continue exactly
-        assert got["param_device"] == ("cuda:%d" % r if device_kind == "cuda" else "cpu")
+        assert got["param_device"] == (f"cuda:{r}" if device_kind == "cuda" else "cpu")
 
 
 @pytest.mark.gpu

@@ -20,16 +20,16 @@ import threading
 import time
 from dataclasses import dataclass
 
-import pytest
-
 import corruption
 import helpers
+import pytest
 import rank_fns
 import s3_rank_fns
 from dg_harness import ctx, run_ranks
-from dist_guardian import Guardian, NoReachableCheckpoint, copying, discovery, manifest, retention, stores, verify
 from helpers import assert_nothing_lost, committed, make_state, same, snapshot
 from s3_helpers import ChaosProxy, MotoProcess
+
+from dist_guardian import Guardian, NoReachableCheckpoint, copying, discovery, manifest, retention, stores, verify
 
 RUN = "r"
 REPL = "replicated.dgt"
@@ -83,8 +83,16 @@ def _save_a_b(tmp_path, bucket, **kw) -> S3Std:
     before, before_s3 = committed(root, RUN), s3_committed(bucket)
     assert set(before) == set(before_s3) == {A, B}
     assert before == before_s3  # byte-identical manifests: the same checkpoints
-    return S3Std(root=root, bucket=bucket, url=bucket.url, so=so, snap_a=saved.snap_a, snap_b=saved.snap_b,
-                 before=before, before_s3=before_s3)
+    return S3Std(
+        root=root,
+        bucket=bucket,
+        url=bucket.url,
+        so=so,
+        snap_a=saved.snap_a,
+        snap_b=saved.snap_b,
+        before=before,
+        before_s3=before_s3,
+    )
 
 
 @pytest.fixture
@@ -246,8 +254,9 @@ def test_F14_kill_9_during_multipart_upload_then_stale_upload_cleanup(tmp_path, 
     so = opts(s3, upload_part_size=5 << 20, upload_concurrency=1, stale_s=1.0)
     q = ctx().Queue()
     env = {"DIST_GUARDIAN_FAULT": "mid_s3_data@300:0:kill", "DIST_GUARDIAN_NODE_LOCAL_ROOT": str(tmp_path / "node0")}
-    p = ctx().Process(target=s3_rank_fns.child_save, args=([root, s3.url], RUN, [300], so, env, q),
-                      kwargs={"blob_mb": 16})
+    p = ctx().Process(
+        target=s3_rank_fns.child_save, args=([root, s3.url], RUN, [300], so, env, q), kwargs={"blob_mb": 16}
+    )
     p.start()
     p.join(60)
     assert p.exitcode == -9, f"the writer was not killed (exit code {p.exitcode})"
@@ -317,11 +326,13 @@ def test_F16_store_refuses_connections_local_candidate_loaded_within_the_deadlin
     so = opts(std.bucket, proxy.endpoint)
     r, state, dt = resume([std.root, std.url], so)
     assert (r.step, r.store) == (200, std.root) and same(snapshot(state), std.snap_b)
-    (store, why), = r.unreachable
+    ((store, why),) = r.unreachable
     assert store == std.url and "store_unreachable" in why
     assert elapsed_in(why) < 1.5 * DEADLINE
     assert dt < 1.5 * DEADLINE + 2.0  # the whole resume: discovery bounded by our deadline
-    assert any("store_unreachable store=" + std.url in m and "elapsed=" in m for m in logged(caplog, "store_unreachable"))
+    assert any(
+        "store_unreachable store=" + std.url in m and "elapsed=" in m for m in logged(caplog, "store_unreachable")
+    )
     assert_nothing_lost(std.before, committed(std.root, RUN))
 
 
@@ -330,8 +341,9 @@ def test_F16_variant_nothing_local_and_s3_down_raises_no_reachable_checkpoint(tm
     proxy.mode = "refuse"
     so = opts(std.bucket, proxy.endpoint)
     empty = str(tmp_path / "empty")
-    out = run_ranks(s3_rank_fns.resume_report_error, 2, stores=[empty, std.url], run=RUN, storage_options=so,
-                    timeout=60)
+    out = run_ranks(
+        s3_rank_fns.resume_report_error, 2, stores=[empty, std.url], run=RUN, storage_options=so, timeout=60
+    )
     assert out.ok(), out.errors
     for rank in (0, 1):
         got = out.results[rank]
@@ -348,11 +360,15 @@ def test_F17_store_hangs_discovery_bounded_by_our_deadline_not_the_clients(tmp_p
     retries (60 s x 5 x 3 here); our deadline (3 s) bounds it."""
     only_s3_checkpoint(tmp_path, std.bucket, std.so, 300)
     proxy.mode = "hang"
-    so = opts(std.bucket, proxy.endpoint, retries=3,
-              config_kwargs={"connect_timeout": 60, "read_timeout": 60, "retries": {"max_attempts": 5, "mode": "standard"}})
+    so = opts(
+        std.bucket,
+        proxy.endpoint,
+        retries=3,
+        config_kwargs={"connect_timeout": 60, "read_timeout": 60, "retries": {"max_attempts": 5, "mode": "standard"}},
+    )
     r, state, dt = resume([std.root, std.url], so)
     assert (r.step, r.store) == (200, std.root) and same(snapshot(state), std.snap_b)
-    (store, why), = r.unreachable
+    ((store, why),) = r.unreachable
     assert f"did not answer within {DEADLINE:.1f}s" in why
     assert elapsed_in(why) < 1.5 * DEADLINE
     assert dt < 1.5 * DEADLINE + 2.0
@@ -365,8 +381,12 @@ def test_F18_503_slowdown_retried_within_the_deadline_with_bounded_requests(tmp_
     """Three 503 SlowDown answers: botocore's standard mode retries them with jittered exponential
     backoff (at most 1 + 2 + 4 s), inside our deadline of 10 s; every request is counted."""
     deadline = 10.0
-    so = opts(std.bucket, proxy.endpoint, deadline_s=deadline,
-              config_kwargs={"connect_timeout": 1, "read_timeout": 3, "retries": {"max_attempts": 4, "mode": "standard"}})
+    so = opts(
+        std.bucket,
+        proxy.endpoint,
+        deadline_s=deadline,
+        config_kwargs={"connect_timeout": 1, "read_timeout": 3, "retries": {"max_attempts": 4, "mode": "standard"}},
+    )
     empty = str(tmp_path / "empty")
     r, _, _ = resume([empty, std.url], so)  # baseline: the same resume, nothing throttled
     assert r.step == 200
@@ -384,8 +404,11 @@ def test_F18_503_slowdown_retried_within_the_deadline_with_bounded_requests(tmp_
 def test_F18_throttled_direct_get_falls_back_to_botocore_retries(s3, proxy):
     """A whole-object read is one presigned GET read straight into the buffer; a 503 SlowDown on it
     hands the read to botocore, which retries: the bytes arrive, with one extra request per 503."""
-    so = opts(s3, proxy.endpoint, config_kwargs={"connect_timeout": 1, "read_timeout": 3,
-                                                  "retries": {"max_attempts": 4, "mode": "standard"}})
+    so = opts(
+        s3,
+        proxy.endpoint,
+        config_kwargs={"connect_timeout": 1, "read_timeout": 3, "retries": {"max_attempts": 4, "mode": "standard"}},
+    )
     store = stores.resolve(s3.url, 1, so)
     data = os.urandom(3 << 20)
     s3.put("ckpt/obj.bin", data)
@@ -399,8 +422,11 @@ def test_F18_throttled_direct_get_falls_back_to_botocore_retries(s3, proxy):
 
 
 def test_F18_throttled_mirror_still_commits_manifest_last(tmp_path, s3, proxy):
-    so = opts(s3, proxy.endpoint, config_kwargs={"connect_timeout": 1, "read_timeout": 3,
-                                                  "retries": {"max_attempts": 4, "mode": "standard"}})
+    so = opts(
+        s3,
+        proxy.endpoint,
+        config_kwargs={"connect_timeout": 1, "read_timeout": 3, "retries": {"max_attempts": 4, "mode": "standard"}},
+    )
     proxy.mode, proxy.throttle = "slowdown", 3
     g = Guardian(stores=[str(tmp_path / "ck"), s3.url], run=RUN, storage_options=so, mirror_timeout=30)
     assert g.save(make_state(0), step=300).committed
@@ -423,12 +449,17 @@ def test_F19_wrong_keys_store_unavailable_after_one_request_no_retry_storm(tmp_p
         only_s3_checkpoint(tmp_path, bucket, std.so, 300)  # S3 alone holds the newest
         srv.enable_auth()
         px = ChaosProxy(srv.host, srv.port)
-        wrong = bucket.storage_options(px.endpoint, key="wrong-key", secret="wrong-secret", deadline_s=DEADLINE,
-                                       config_kwargs={"connect_timeout": 1, "read_timeout": 3,
-                                                      "retries": {"max_attempts": 5, "mode": "standard"}}, retries=5)
+        wrong = bucket.storage_options(
+            px.endpoint,
+            key="wrong-key",
+            secret="wrong-secret",
+            deadline_s=DEADLINE,
+            config_kwargs={"connect_timeout": 1, "read_timeout": 3, "retries": {"max_attempts": 5, "mode": "standard"}},
+            retries=5,
+        )
         r, state, _ = resume([std.root, bucket.url], wrong)
         assert (r.step, r.store) == (200, std.root) and same(snapshot(state), std.snap_b)
-        (store, why), = r.unreachable
+        ((store, why),) = r.unreachable
         assert store == bucket.url and "store_auth_failed" in why
         assert px.requests == 1, px.lines  # one attempt: no botocore or s3fs retries of a 403
         assert logged(caplog, "store_auth_failed")
@@ -458,8 +489,17 @@ def test_F20_object_deleted_between_discovery_and_load_all_ranks_move_to_A(tmp_p
     assert out.results[0]["unmirrored"] == [] and set(s3_committed(s3)) == {A, B}
     shutil.rmtree(os.path.join(root, RUN, B))  # S3 holds the only B
     key = f"ckpt/{RUN}/{B}/rank-00000-of-00002.dgt"
-    back = run_ranks(s3_rank_fns.resume_deleting_before_load, 2, stores=[root, s3.url], run=RUN, storage_options=so,
-                     endpoint=s3.server.endpoint, bucket=s3.name, key=key, step=200)
+    back = run_ranks(
+        s3_rank_fns.resume_deleting_before_load,
+        2,
+        stores=[root, s3.url],
+        run=RUN,
+        storage_options=so,
+        endpoint=s3.server.endpoint,
+        bucket=s3.name,
+        key=key,
+        step=200,
+    )
     assert back.ok(), back.errors
     assert back.results[0]["deleted"] == [key]
     for rank in (0, 1):
@@ -509,8 +549,11 @@ def test_F38_two_processes_save_the_same_step_to_s3_exactly_one_commits(tmp_path
         nl = tmp_path / f"node{i}x"
         nl.mkdir(mode=0o700)
         env = {"DIST_GUARDIAN_NODE_LOCAL_ROOT": str(nl)}
-        p = ctx().Process(target=s3_rank_fns.child_save, args=([s3.url], RUN, [300], so, env, q),
-                          kwargs={"seed": 10 + i, "start_at": start_at, "blob_mb": 2})
+        p = ctx().Process(
+            target=s3_rank_fns.child_save,
+            args=([s3.url], RUN, [300], so, env, q),
+            kwargs={"seed": 10 + i, "start_at": start_at, "blob_mb": 2},
+        )
         p.start()
         procs.append(p)
     got = [q.get(timeout=60) for _ in procs]
@@ -635,8 +678,11 @@ def test_F42_hung_mirror_keeps_local_checkpoints_until_their_remote_manifest_is_
     for step in (300, 400, 500):
         assert g.save(state, step=step).committed
     assert time.monotonic() - t0 < 1.5  # three saves; waiting on the hung remote would cost 1.5 s each
-    wait_for(lambda: any(os.path.join(root, RUN, C) in m for m in logged(caplog, "retention_blocked_unmirrored")),
-             20, "retention to keep C")
+    wait_for(
+        lambda: any(os.path.join(root, RUN, C) in m for m in logged(caplog, "retention_blocked_unmirrored")),
+        20,
+        "retention to keep C",
+    )
     wait_for(lambda: logged(caplog, "mirror_deferred step=300"), 20, "the hung mirror of C")
     assert committed(root, RUN).keys() == {A, B, C, "step-000000000400", "step-000000000500"}
     assert set(s3_committed(s3)) == {A, B}
@@ -698,7 +744,10 @@ def test_keep_last_applies_to_every_store_after_its_mirror_commits(tmp_path, s3)
     assert g.close() == []
     assert set(committed(root, RUN)) == set(s3_committed(s3)) == {C, "step-000000000400"}
     assert s3.uploads() == []
-    assert sorted(k.rsplit("/", 1)[1] for k in s3.keys(f"ckpt/{RUN}/.writers/")) == [f"{C}.json", "step-000000000400.json"]
+    assert sorted(k.rsplit("/", 1)[1] for k in s3.keys(f"ckpt/{RUN}/.writers/")) == [
+        f"{C}.json",
+        "step-000000000400.json",
+    ]
 
 
 def test_async_save_commits_locally_then_mirrors_in_the_background(tmp_path, s3):
@@ -721,7 +770,9 @@ def test_async_save_commits_locally_then_mirrors_in_the_background(tmp_path, s3)
 # ----------------------------------------------------------------------------- remote primary, multi-rank
 
 
-def test_remote_primary_commit_is_staged_locally_uploaded_manifest_last_and_resumes(tmp_path, s3, proxy, node_local_root):
+def test_remote_primary_commit_is_staged_locally_uploaded_manifest_last_and_resumes(
+    tmp_path, s3, proxy, node_local_root
+):
     so = opts(s3, proxy.endpoint)
     state = make_state(0)
     g = Guardian(stores=[s3.url], run=RUN, storage_options=so)

@@ -19,14 +19,14 @@ import logging
 import os
 import shutil
 
-import pytest
-import torch
-
 import helpers
+import pytest
 import rank_fns as rf
+import torch
 from dg_harness import run_ranks
-from dist_guardian import Guardian, formats, manifest, stores, verify
 from helpers import assert_nothing_lost, committed, make_state, same, snapshot
+
+from dist_guardian import Guardian, formats, manifest, stores, verify
 
 RUN = "r"
 NOBODY = 65534
@@ -51,7 +51,9 @@ def _chown_tree(path: str, uid: int) -> None:
         pytest.fail(f"F37 plants files owned by another uid: chown to {uid} failed ({e})")
 
 
-NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="F37 plants files owned by another uid: needs root (CI runs as root)")
+NEEDS_ROOT = pytest.mark.skipif(
+    os.geteuid() != 0, reason="F37 plants files owned by another uid: needs root (CI runs as root)"
+)
 
 
 def _plant_copy(src_dir: str, dst_dir: str, step: int) -> None:
@@ -154,7 +156,7 @@ def test_F37_foreign_owned_copy_in_another_nodes_root_is_unavailable(tmp_path):
     out = run_ranks(rf.save_steps, 2, timeout=90, env=env, stores=[ck], run=RUN, steps=[100, 200])
     assert out.ok(), out.errors
     b_dir = helpers.step_dir(ck, RUN, 200)
-    for i, r_ in enumerate(roots):
+    for r_ in roots:
         os.makedirs(os.path.join(str(r_), "nl", RUN), mode=0o700)
         os.chmod(os.path.join(str(r_), "nl"), 0o700)
         _plant_copy(b_dir, os.path.join(str(r_), "nl", RUN, stores.step_dir_name(300)), 300)

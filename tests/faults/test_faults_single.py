@@ -19,14 +19,14 @@ import struct
 import time
 from dataclasses import dataclass
 
+import helpers
 import pytest
 import torch
-
-import helpers
 from corruption import flip_bit_in_tensor, flip_byte, tensor_offset, zip_member_span
+from helpers import assert_nothing_lost, committed, make_state, same, snapshot
+
 from dist_guardian import Guardian, ResumeFailed, manifest, retention, stores
 from dist_guardian.errors import InsecurePathError
-from helpers import assert_nothing_lost, committed, make_state, same, snapshot
 
 RUN = "r"
 REPL = "replicated.dgt"
@@ -55,8 +55,15 @@ def _save_a_b(root: str, run: str = RUN, **kw) -> Std:
     saved = helpers.save_a_b([root], run, **kw)
     before = committed(root, run)
     assert set(before) == {"step-000000000100", "step-000000000200"}
-    return Std(root=root, run=run, a=helpers.step_dir(root, run, 100), b=helpers.step_dir(root, run, 200),
-               snap_a=saved.snap_a, snap_b=saved.snap_b, before=before)
+    return Std(
+        root=root,
+        run=run,
+        a=helpers.step_dir(root, run, 100),
+        b=helpers.step_dir(root, run, 200),
+        snap_a=saved.snap_a,
+        snap_b=saved.snap_b,
+        before=before,
+    )
 
 
 @pytest.fixture
@@ -92,8 +99,9 @@ def plan_of(stores_, run: str = RUN, *, compat=None, suspect="after_same_step", 
     from dist_guardian import planning
 
     store_list, refused = planning.resolve_stores(stores_ if isinstance(stores_, list) else [stores_], None)
-    request = planning.PlanRequest(run=run, compat=compat, suspect=suspect, extra_safe_globals=tuple(extra_safe),
-                                   use_journal=False)
+    request = planning.PlanRequest(
+        run=run, compat=compat, suspect=suspect, extra_safe_globals=tuple(extra_safe), use_journal=False
+    )
     return planning.make_plan(store_list, request, refused=refused, include_rejected=True)
 
 
@@ -134,8 +142,13 @@ def torch_state_file(path: str, seed: int, **extra) -> dict:
     """A bare torch.save file the way the seed world wrote them (no manifest); returns its snapshot."""
     st = make_state(seed=seed)
     st["trainer"] = {"epoch": seed, "seen": 1000 + seed}
-    obj = {"model": st["model"].state_dict(), "optim": st["optim"].state_dict(), "sched": st["sched"].state_dict(),
-           "trainer": dict(st["trainer"]), **extra}
+    obj = {
+        "model": st["model"].state_dict(),
+        "optim": st["optim"].state_dict(),
+        "sched": st["sched"].state_dict(),
+        "trainer": dict(st["trainer"]),
+        **extra,
+    }
     torch.save(obj, path)
     return snapshot(st)
 
@@ -147,8 +160,11 @@ def tree_listing(top: str, *, exclude: tuple[str, ...] = ()) -> dict[str, tuple]
         for n in dns + fns:
             p = os.path.join(dp, n)
             st = os.lstat(p)
-            out[os.path.relpath(p, top)] = (stat.S_IFMT(st.st_mode), st.st_size if stat.S_ISREG(st.st_mode) else 0,
-                                            st.st_mtime_ns)
+            out[os.path.relpath(p, top)] = (
+                stat.S_IFMT(st.st_mode),
+                st.st_size if stat.S_ISREG(st.st_mode) else 0,
+                st.st_mtime_ns,
+            )
     return out
 
 
@@ -169,7 +185,10 @@ def test_F01_truncated_data_file_falls_back(std, caplog):
     assert loaded_a(state, std)
     assert rejected(r)[std.b] == f"size_mismatch: {REPL} expected={size} got={size // 2}"
     assert [a.path for a in r.attempts] == [std.a]  # B was rejected before any data was read
-    assert f"candidate_rejected id=0:{RUN}/step-000000000200 path={std.b} reason=size_mismatch: {REPL} expected={size} got={size // 2}" in messages(caplog)
+    assert (
+        f"candidate_rejected id=0:{RUN}/step-000000000200 path={std.b} "
+        f"reason=size_mismatch: {REPL} expected={size} got={size // 2}" in messages(caplog)
+    )
     assert os.path.getsize(path) == size // 2  # quarantined, not deleted or "repaired"
     assert_nothing_lost(std.before, committed(std.root, RUN))
 
@@ -258,7 +277,9 @@ def test_F03_bit_flip_suspect_loaded_after_same_step(std, caplog):
     warn = [w for w in r.warnings if w.startswith("checkpoint_suspect_loaded:")]
     assert len(warn) == 1, r.warnings
     mf = read_manifest_doc(std.b)
-    assert warn[0].startswith(f"checkpoint_suspect_loaded: {std.b} (step 200) loaded despite: rank 0: checksum_mismatch: {path}")
+    assert warn[0].startswith(
+        f"checkpoint_suspect_loaded: {std.b} (step 200) loaded despite: rank 0: checksum_mismatch: {path}"
+    )
     assert f"expected={mf['files'][REPL]['xxh3_128']} got=" in warn[0]
     assert "damaged_tensors=['model/0.weight']" in warn[0]
     assert "checkpoint_suspect_loaded" in messages(caplog, logging.WARNING)
@@ -368,7 +389,10 @@ def test_F03_intact_replica_in_second_local_store_loads_first(tmp_path):
     r, fresh = resume([root, "file://" + mirror])
     assert r.step == 200 and r.tier == "V" and r.store == "file://" + mirror
     assert same(snapshot(fresh), snap_b)  # the intact copy, bit for bit
-    assert [(a.path, a.outcome) for a in r.attempts] == [(b, "deferred"), (helpers.step_dir(mirror, RUN, 200), "loaded")]
+    assert [(a.path, a.outcome) for a in r.attempts] == [
+        (b, "deferred"),
+        (helpers.step_dir(mirror, RUN, 200), "loaded"),
+    ]
     assert not any(w.startswith("checkpoint_suspect_loaded") for w in r.warnings)
     assert_nothing_lost(before, committed(root, RUN))
 
@@ -397,7 +421,9 @@ def test_F04_legacy_pt_bit_flip_is_suspect(std):
     # after_same_step (default): ordered like F03; nothing else at step 300, so it loads, with a warning.
     r, state = resume(std.root)
     assert r.step == 300 and r.tier == "S" and r.path == path
-    assert any(w.startswith(f"checkpoint_suspect_loaded: {path} (step 300)") and "zip CRC32 mismatch" in w for w in r.warnings)
+    assert any(
+        w.startswith(f"checkpoint_suspect_loaded: {path} (step 300)") and "zip CRC32 mismatch" in w for w in r.warnings
+    )
     assert same(snapshot(state)["trainer"], snap_l["trainer"])
     assert os.path.exists(path)
     assert_nothing_lost(std.before, committed(std.root, RUN))
@@ -437,24 +463,40 @@ def _manifest_variant(doc: dict, variant: str) -> tuple[bytes, str]:
     if variant == "truncated_json":
         return good[: len(good) // 2], "manifest_rejected: bad_json: "
     if variant == "invalid_utf8":
-        return good[:20] + b"\xff\xfe" + good[22:], "manifest_rejected: bad_json: not UTF-8 (invalid start byte at byte 20)"
+        return good[:20] + b"\xff\xfe" + good[
+            22:
+        ], "manifest_rejected: bad_json: not UTF-8 (invalid start byte at byte 20)"
     if variant == "50MB_json":
         big = json.dumps({**doc, "metrics": {"pad": "x" * (50 << 20)}}).encode()
         return big, f"manifest_rejected: manifest_too_large: {len(big)} bytes > cap {manifest.MAX_MANIFEST_BYTES}"
     if variant == "step_-1":
-        return json.dumps({**doc, "step": -1}).encode(), "manifest_rejected: bad_field: 'step'=-1 is outside [0, 999999999999999]"
+        return json.dumps(
+            {**doc, "step": -1}
+        ).encode(), "manifest_rejected: bad_field: 'step'=-1 is outside [0, 999999999999999]"
     if variant == "world_size_1e9_float":
         assert b'"world_size":1,' in good
-        return (good.replace(b'"world_size":1,', b'"world_size":1e9,'),
-                "manifest_rejected: bad_field: 'world_size' must be an integer, got float")
+        return (
+            good.replace(b'"world_size":1,', b'"world_size":1e9,'),
+            "manifest_rejected: bad_field: 'world_size' must be an integer, got float",
+        )
     if variant == "world_size_1e9_int":
-        return (json.dumps({**doc, "world_size": 10**9}).encode(),
-                "manifest_rejected: bad_field: 'world_size'=1000000000 is outside [1, 1048576]")
+        return (
+            json.dumps({**doc, "world_size": 10**9}).encode(),
+            "manifest_rejected: bad_field: 'world_size'=1000000000 is outside [1, 1048576]",
+        )
     assert variant == "duplicate_keys"
     return good[:-1] + b',"step":200}', "manifest_rejected: duplicate_key: key 'step' appears twice"
 
 
-VARIANTS = ["truncated_json", "invalid_utf8", "50MB_json", "step_-1", "world_size_1e9_float", "world_size_1e9_int", "duplicate_keys"]
+VARIANTS = [
+    "truncated_json",
+    "invalid_utf8",
+    "50MB_json",
+    "step_-1",
+    "world_size_1e9_float",
+    "world_size_1e9_int",
+    "duplicate_keys",
+]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -639,10 +681,14 @@ def test_F31_all_incompatible_starts_fresh_loudly(std, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
     r, state = resume(std.root, compat={"model": "mlp", "hidden": 32}, hidden=32)
     assert not r.resumed and r.step is None
-    assert rejected(r) == {std.a: "incompatible: compat differs: hidden: not in checkpoint, now 32; model: not in checkpoint, now 'mlp'",
-                           std.b: "incompatible: compat differs: hidden: not in checkpoint, now 32; model: not in checkpoint, now 'mlp'"}
+    assert rejected(r) == {
+        std.a: "incompatible: compat differs: hidden: not in checkpoint, now 32; model: not in checkpoint, now 'mlp'",
+        std.b: "incompatible: compat differs: hidden: not in checkpoint, now 32; model: not in checkpoint, now 'mlp'",
+    }
     errors = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.ERROR]
-    assert len(errors) == 1 and errors[0].startswith("starting FRESH: every candidate failed for a lasting reason; all are kept.")
+    assert len(errors) == 1 and errors[0].startswith(
+        "starting FRESH: every candidate failed for a lasting reason; all are kept."
+    )
     assert std.a in errors[0] and std.b in errors[0] and "hidden: not in checkpoint, now 32" in errors[0]
     assert_nothing_lost(std.before, committed(std.root, RUN))
     with pytest.raises(ResumeFailed, match="on_exhausted='raise'"):
@@ -675,8 +721,10 @@ def test_F32_manifest_from_the_future_is_unsupported_schema(std):
     write_manifest_bytes(std.b, json.dumps(doc).encode())
     r, state = resume(std.root)
     assert r.step == 100 and r.tier == "V" and loaded_a(state, std)
-    assert rejected(r)[std.b] == ("manifest_rejected: unsupported_schema: format 'dist_guardian/99' is newer or unknown; "
-                                 "this reader knows dist_guardian/1")
+    assert rejected(r)[std.b] == (
+        "manifest_rejected: unsupported_schema: format 'dist_guardian/99' is newer or unknown; "
+        "this reader knows dist_guardian/1"
+    )
     assert [a.path for a in r.attempts] == [std.a]
 
 
@@ -686,7 +734,9 @@ def test_F32_unknown_format_is_rejected(std):
     write_manifest_bytes(std.b, json.dumps(doc).encode())
     r, state = resume(std.root)
     assert r.step == 100 and loaded_a(state, std)
-    assert rejected(r)[std.b] == "manifest_rejected: unsupported_schema: format 'orbax/1' is not a dist_guardian manifest"
+    assert (
+        rejected(r)[std.b] == "manifest_rejected: unsupported_schema: format 'orbax/1' is not a dist_guardian manifest"
+    )
 
 
 def _spy_torch_load(monkeypatch) -> list:
@@ -710,7 +760,9 @@ def test_F34_legacy_pt_with_namespace_is_rejected_never_loaded_unsafely(std, mon
     assert r.step == 200 and loaded_b(state, std)
     assert rejected(r)[path] == "unsafe_globals=['argparse.Namespace']"
     assert calls == []  # never unpickled at all, let alone with weights_only=False
-    assert f"security_event: {path} needs unsafe_globals=['argparse.Namespace']; never loaded" in messages(caplog, logging.WARNING)
+    assert f"security_event: {path} needs unsafe_globals=['argparse.Namespace']; never loaded" in messages(
+        caplog, logging.WARNING
+    )
 
 
 def test_F34_extra_safe_globals_opt_in_makes_it_loadable(std, monkeypatch):
@@ -776,7 +828,9 @@ def test_F36_duplicate_step_from_two_lineages_prefers_generation_2(std, caplog):
     snap_g2 = snapshot(state)
     g2_dir = std.dir(200, 2)
     assert res.committed and res.path == g2_dir
-    assert f"lineage_fork step=200: {std.b} holds generation 1; committing generation 2 beside it" in messages(caplog, logging.WARNING)
+    assert f"lineage_fork step=200: {std.b} holds generation 1; committing generation 2 beside it" in messages(
+        caplog, logging.WARNING
+    )
     assert read_manifest_doc(g2_dir)["generation"] == 2 and read_manifest_doc(std.b)["generation"] == 1
     r, fresh = resume(std.root)
     assert r.step == 200 and r.path == g2_dir and r.tier == "V" and r.generation == 3
@@ -815,8 +869,11 @@ def test_F44_malicious_pickle_in_local_and_node_local_roots(std, node_local_root
     nl = os.path.join(str(node_local_root), "nl")
     os.makedirs(os.path.join(nl, RUN), mode=0o700)
     os.chmod(nl, 0o700)
-    planted = [os.path.join(std.root, RUN, "step-999999.pt"), os.path.join(nl, RUN, "step-999999.pt"),
-               os.path.join(nl, "step-999998.pt")]
+    planted = [
+        os.path.join(std.root, RUN, "step-999999.pt"),
+        os.path.join(nl, RUN, "step-999999.pt"),
+        os.path.join(nl, "step-999998.pt"),
+    ]
     for p in planted:
         torch.save({"model": _Evil(f"touch {marker}")}, p)
     # Control: the payload is live (unpickling it unsafely runs the command).
@@ -1009,8 +1066,12 @@ def test_F48_insecure_node_local_root_is_refused(std, node_local_root, tmp_path,
     assert [u[0] for u in r.unreachable] == ["tmp://nl"]
     why = r.unreachable[0][1]
     assert why.startswith("node_local_root_insecure: ")
-    expect = {"mode_0777": "has mode 0777 (group/world-writable)", "foreign_owner": "is owned by uid 65534, not by us",
-              "symlink": "is a symlink; refusing to follow it", "store_dir_0777": "has mode 0777 (group/world-writable)"}[kind]
+    expect = {
+        "mode_0777": "has mode 0777 (group/world-writable)",
+        "foreign_owner": "is owned by uid 65534, not by us",
+        "symlink": "is a symlink; refusing to follow it",
+        "store_dir_0777": "has mode 0777 (group/world-writable)",
+    }[kind]
     assert expect in why
     # Saving with the same stores: the primary commits, nothing is written to the refused root.
     g = Guardian(stores=[std.root, "tmp://nl"], run=RUN)
@@ -1071,7 +1132,10 @@ def test_F49_100MB_manifest_is_rejected_quickly(std):
     r, state = resume(std.root)
     assert time.monotonic() - t0 < 10.0
     assert r.step == 200 and loaded_b(state, std)
-    assert rejected(r)[d] == f"manifest_rejected: manifest_too_large: {100 << 20} bytes > cap {manifest.MAX_MANIFEST_BYTES}"
+    assert (
+        rejected(r)[d]
+        == f"manifest_rejected: manifest_too_large: {100 << 20} bytes > cap {manifest.MAX_MANIFEST_BYTES}"
+    )
 
 
 def test_F49_native_header_declaring_1e12_elements_is_rejected(std):
@@ -1090,9 +1154,13 @@ def test_F49_native_header_declaring_1e12_elements_is_rejected(std):
     r, state = resume(std.root)
     assert time.monotonic() - t0 < 10.0
     assert r.step == 200 and loaded_b(state, std)
-    assert rejected(r)[d] == f"bad_header: {REPL}: tensors cover {4 * 10**12} bytes but the file holds 64 after the header"
+    assert (
+        rejected(r)[d] == f"bad_header: {REPL}: tensors cover {4 * 10**12} bytes but the file holds 64 after the header"
+    )
     # Also when it is a bare legacy file (no manifest): rejected by the same header check.
     os.unlink(os.path.join(d, manifest.MANIFEST_NAME))
     r, _ = resume(std.root)
     assert r.step == 200
-    assert rejected(r)[d] == f"bad_header: {REPL}: tensors cover {4 * 10**12} bytes but the file holds 64 after the header"
+    assert (
+        rejected(r)[d] == f"bad_header: {REPL}: tensors cover {4 * 10**12} bytes but the file holds 64 after the header"
+    )

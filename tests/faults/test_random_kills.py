@@ -29,11 +29,11 @@ import subprocess
 import sys
 
 import pytest
+import repo_paths
 import torch
+from helpers import assert_nothing_lost, committed
 
 from dist_guardian import Guardian, manifest, stores, verify
-from helpers import assert_nothing_lost, committed
-import repo_paths
 
 RUN = "r"
 BIG_MIB = 20
@@ -71,7 +71,9 @@ def child(rank, step, port, ready_w, opts):
         os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
         if world > 1:
             store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=datetime.timedelta(seconds=15))
-            dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=10))
+            dist.init_process_group(
+                "gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=10)
+            )
         state = build(rank, step)
         g = Guardian(stores=cfg["stores"], run=cfg["run"], timeout=10, per_rank=("data", "shard"),
                      storage_options=opts, mirror_timeout=60)
@@ -153,8 +155,14 @@ class Driver:
         env = {k: v for k, v in os.environ.items() if k != "DIST_GUARDIAN_FAULT"}
         env["OMP_NUM_THREADS"] = "1"
         self.log = open(tmp_path / f"driver-{cfg['world']}.log", "w")
-        self.p = subprocess.Popen([sys.executable, "-c", DRIVER, repo_paths.SUPPORT_DIR, json.dumps(cfg)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+        self.p = subprocess.Popen(
+            [sys.executable, "-c", DRIVER, repo_paths.SUPPORT_DIR, json.dumps(cfg)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+        )
 
     def save(self, step: int, delay: float | None, victims=(0,), **extra) -> dict:
         self.p.stdin.write(json.dumps({"step": step, "delay": delay, "victims": list(victims), **extra}) + "\n")
@@ -186,8 +194,16 @@ def resume_state(big_mib: int, shard_mib: int) -> dict:
 class Checker:
     """The invariants after each kill, across the local stores (and optionally an S3 mirror)."""
 
-    def __init__(self, root: str, mirror: str | None, urls: list[str], storage_options=None, bucket=None,
-                 big_mib: int = BIG_MIB, shard_mib: int = SHARD_MIB):
+    def __init__(
+        self,
+        root: str,
+        mirror: str | None,
+        urls: list[str],
+        storage_options=None,
+        bucket=None,
+        big_mib: int = BIG_MIB,
+        shard_mib: int = SHARD_MIB,
+    ):
         self.root, self.mirror, self.urls = root, mirror, urls
         self.sizes = (big_mib, shard_mib)
         self.storage_options, self.bucket = storage_options, bucket
@@ -211,7 +227,9 @@ class Checker:
                 key = (d, name, digest)
                 if key not in self.verified:
                     tier, reasons = verify.verify_full(store, f"{RUN}/{name}")
-                    assert (tier, reasons) == ("V", []), f"iteration {it}: committed {d}/{name} is broken: {tier} {reasons}"
+                    assert (tier, reasons) == ("V", []), (
+                        f"iteration {it}: committed {d}/{name} is broken: {tier} {reasons}"
+                    )
                     self.verified.add(key)
                 steps = [int(n.split("-")[1]) for n in after]
                 newest = max([newest or -1] + steps)
@@ -259,11 +277,12 @@ class Checker:
             for f in mf.files:
                 assert sizes.get(prefix + f.name) == f.size, (
                     f"iteration {it}: s3://{self.bucket.name}/{key} is visible but {f.name} is "
-                    f"{sizes.get(prefix + f.name)} bytes, not {f.size}")
+                    f"{sizes.get(prefix + f.name)} bytes, not {f.size}"
+                )
             vkey = ("s3", key, manifest.digest_bytes(self.bucket.get(key)))
             if vkey not in self.verified:
                 rel = key.split("/", 1)[1][: -len("/" + manifest.MANIFEST_NAME)]
-                rel = rel[len("ckpt/"):] if rel.startswith("ckpt/") else rel
+                rel = rel[len("ckpt/") :] if rel.startswith("ckpt/") else rel
                 assert verify.verify_full(s3_store, rel) == ("V", []), f"iteration {it}: {key} does not verify"
                 self.verified.add(vkey)
         missing = self.s3_before - set(manifests)
@@ -286,7 +305,9 @@ class Checker:
             self.s3_before = {k for k in self.s3_before if k.rsplit("/", 2)[0] in dirs[-keep:]}
 
 
-def _loop(driver: Driver, checker: Checker, n: int, rng: random.Random, *, world: int, extra=lambda i: {}) -> list[dict]:
+def _loop(
+    driver: Driver, checker: Checker, n: int, rng: random.Random, *, world: int, extra=lambda i: {}
+) -> list[dict]:
     # Calibrate: how long an uninterrupted save (and its mirror) takes here, now. Every save that ends
     # before its kill time updates the estimate (the median of the last five), so a machine that gets
     # faster or slower (other jobs share it) still sees most kills land inside the save.

@@ -38,16 +38,16 @@ import shutil
 import struct
 import zipfile
 
-import pytest
-import torch
-
 import helpers
+import pytest
+import repo_paths
+import torch
+from helpers import assert_nothing_lost, committed, make_state, same, snapshot
+
 from dist_guardian import Guardian, cli, foreign_loading, formats, statetree, stores
 from dist_guardian.candidate import Candidate
 from dist_guardian.errors import CheckpointFormatError, PlanFormatError
 from dist_guardian.planning import Plan
-from helpers import assert_nothing_lost, committed, make_state, same, snapshot
-import repo_paths
 
 RUN = "r"
 
@@ -106,7 +106,9 @@ def test_dcp_metadata_with_a_code_payload_is_rejected_and_never_unpickled(ab, tm
     assert not marker.exists()
     assert r.resumed and r.step == 200 and same(snapshot(state), ab["snap_b"]), r.to_json()
     assert dict(r.rejected)[evil] == "unsafe_globals=['posix.system']"
-    assert any(m.getMessage().startswith("security_event:") and "posix.system" in m.getMessage() for m in caplog.records)
+    assert any(
+        m.getMessage().startswith("security_event:") and "posix.system" in m.getMessage() for m in caplog.records
+    )
     assert_nothing_lost(ab["before"], committed(ab["root"], RUN))
 
 
@@ -119,7 +121,9 @@ def test_dcp_load_itself_refuses_the_payload_even_if_verification_was_bypassed(t
     with open(os.path.join(d, ".metadata"), "wb") as f:
         pickle.dump(_Evil(f"touch {marker}"), f)
     store = stores.resolve(root)
-    c = Candidate(id="0:x", store=root, store_index=0, rel=f"{RUN}/dcp-step-900", path=d, kind="dcp", step=900, tier="L")
+    c = Candidate(
+        id="0:x", store=root, store_index=0, rel=f"{RUN}/dcp-step-900", path=d, kind="dcp", step=900, tier="L"
+    )
     with pytest.raises(CheckpointFormatError, match="unsafe_global posix.system"):
         foreign_loading.load_dcp(c, store, make_state(seed=1))
     assert not marker.exists()
@@ -137,7 +141,9 @@ def test_dcp_metadata_naming_a_file_outside_its_directory_is_refused(tmp_path):
     with open(os.path.join(d, ".metadata"), "wb") as f:
         pickle.dump(md, f)
     store = stores.resolve(root)
-    c = Candidate(id="0:x", store=root, store_index=0, rel=f"{RUN}/dcp-step-900", path=d, kind="dcp", step=900, tier="L")
+    c = Candidate(
+        id="0:x", store=root, store_index=0, rel=f"{RUN}/dcp-step-900", path=d, kind="dcp", step=900, tier="L"
+    )
     with pytest.raises(CheckpointFormatError, match="outside its directory"):
         foreign_loading.load_dcp(c, store, make_state(seed=1))
 
@@ -158,7 +164,9 @@ def test_journal_is_never_written_through_a_symlinked_directory(ab, tmp_path, ca
         g.close()
     assert r.resumed and r.step == 200
     assert os.listdir(outside) == [], "the journal wrote outside the store"
-    assert any("could not write the resume journal" in m.getMessage() and "symlink" in m.getMessage() for m in caplog.records)
+    assert any(
+        "could not write the resume journal" in m.getMessage() and "symlink" in m.getMessage() for m in caplog.records
+    )
 
 
 def test_journal_never_creates_directories_through_a_symlinked_run_dir(tmp_path):
@@ -170,7 +178,9 @@ def test_journal_never_creates_directories_through_a_symlinked_run_dir(tmp_path)
     outside.mkdir()
     os.symlink(str(outside), str(root / RUN))
     store = stores.resolve(str(root))
-    c = Candidate(id="0:x", store=str(root), store_index=0, rel=f"{RUN}/step-000000000100", path="p", kind="native", step=100)
+    c = Candidate(
+        id="0:x", store=str(root), store_index=0, rel=f"{RUN}/step-000000000100", path="p", kind="native", step=100
+    )
     journal.record(store, RUN, c, started=1)  # advisory: logs, never raises
     assert os.listdir(outside) == []
 
@@ -198,8 +208,15 @@ def test_state_tree_dtype_names_never_trigger_torch_lazy_imports(monkeypatch):
 
 
 def _good_candidate() -> dict:
-    return Candidate(id="0:r/step-000000000200", store="/s", store_index=0, rel="r/step-000000000200",
-                     path="/s/r/step-000000000200", kind="native", step=200).to_json()
+    return Candidate(
+        id="0:r/step-000000000200",
+        store="/s",
+        store_index=0,
+        rel="r/step-000000000200",
+        path="/s/r/step-000000000200",
+        kind="native",
+        step=200,
+    ).to_json()
 
 
 @pytest.mark.parametrize("rel", ["../../etc", "/etc/passwd", "r/../../x", "r//x", "r/./x", "r/x\x00y", ""])
@@ -216,19 +233,28 @@ def test_plan_file_name_with_a_separator_is_refused(name):
         Candidate.from_json(d)
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda d: d.pop("candidates"),
-    lambda d: d.update(candidates=[{"id": "x"}]),
-    lambda d: d.update(candidates=[_good_candidate() | {"bogus": 1}]),
-    lambda d: d.update(candidates=[_good_candidate() | {"step": "200"}]),
-    lambda d: d.update(candidates=[_good_candidate() | {"tier": ["V"]}]),
-    lambda d: d.update(generation=-1),
-    lambda d: d.update(rejected=[["only one"]]),
-    lambda d: d.update(more="yes"),
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.pop("candidates"),
+        lambda d: d.update(candidates=[{"id": "x"}]),
+        lambda d: d.update(candidates=[_good_candidate() | {"bogus": 1}]),
+        lambda d: d.update(candidates=[_good_candidate() | {"step": "200"}]),
+        lambda d: d.update(candidates=[_good_candidate() | {"tier": ["V"]}]),
+        lambda d: d.update(generation=-1),
+        lambda d: d.update(rejected=[["only one"]]),
+        lambda d: d.update(more="yes"),
+    ],
+)
 def test_malformed_plan_raises_a_named_error_not_a_crash_inside(mutate):
-    doc = Plan(candidates=(Candidate.from_json(_good_candidate()),), rejected=(), unreachable=(), warnings=(),
-               generation=1, sightings=1).to_json()
+    doc = Plan(
+        candidates=(Candidate.from_json(_good_candidate()),),
+        rejected=(),
+        unreachable=(),
+        warnings=(),
+        generation=1,
+        sightings=1,
+    ).to_json()
     assert Plan.from_json(json.loads(json.dumps(doc))).candidates[0].step == 200
     mutate(doc)
     with pytest.raises(PlanFormatError, match="malformed plan"):

@@ -3,10 +3,10 @@ ConfigError before any collective, and what save accepts resume accepts."""
 
 from __future__ import annotations
 
+import helpers
 import numpy as np
 import torch
 
-import helpers
 from dist_guardian import Guardian
 
 
@@ -46,8 +46,9 @@ def _cli(*argv: str, cwd: str) -> tuple[int, str]:
     import subprocess
     import sys
 
-    p = subprocess.run([sys.executable, "-m", "dist_guardian.cli", *argv], cwd=cwd, capture_output=True, text=True,
-                       timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "dist_guardian.cli", *argv], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
     return p.returncode, p.stdout + p.stderr
 
 
@@ -125,8 +126,11 @@ def test_flat_storage_options_are_a_clear_error_not_silently_dropped(tmp_path):
     from dist_guardian.cli import main
 
     ck = str(tmp_path / "ck")
-    for flat in ({"anon": True, "client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}},
-                 {"client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}}, ["s3://b"]):
+    for flat in (
+        {"anon": True, "client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}},
+        {"client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}},
+        ["s3://b"],
+    ):
         with pytest.raises(ConfigError, match="storage_options"):
             Guardian(stores=[ck, "s3://bucket/runs"], run="r", storage_options=flat)  # type: ignore[arg-type]
     Guardian(stores=[ck, "s3://bucket/runs"], run="r", storage_options={"s3://bucket": {"anon": True}})

@@ -14,14 +14,14 @@ import stat
 import threading
 import time
 
-import pytest
-import torch
-
 import helpers
+import pytest
+import repo_paths
+import torch
+from helpers import make_state, same, snapshot
+
 from dist_guardian import Guardian, cli, coordinator, journal, manifest, planning, stores
 from dist_guardian.errors import AttemptCapReached, InsecurePathError
-from helpers import make_state, same, snapshot
-import repo_paths
 
 RUN = "r"
 PKG = pathlib.Path(repo_paths.PACKAGE_DIR)
@@ -46,8 +46,10 @@ def _resume(root: str, **kw):
 
 
 def _journal_path(root: str, step: int) -> str:
-    plan = planning.make_plan(planning.resolve_stores([root], None)[0],
-                              planning.PlanRequest(run=RUN, suspect="after_same_step", use_journal=False))
+    plan = planning.make_plan(
+        planning.resolve_stores([root], None)[0],
+        planning.PlanRequest(run=RUN, suspect="after_same_step", use_journal=False),
+    )
     (c,) = [c for c in plan.candidates if c.step == step]
     return os.path.join(root, journal._rel(RUN, c))
 
@@ -128,7 +130,10 @@ def test_T04_every_open_in_the_package_goes_through_the_safe_helpers():
                     found.append((mod, fn.name, "open"))
                 elif isinstance(f, ast.Attribute) and f.attr == "open" and ast.unparse(f.value) == "os":
                     found.append((mod, fn.name, "os.open"))
-    assert sorted(set(found)) == [("stores.local", "_open_checked", "os.open"), ("stores.local", "fsync_dir", "os.open")]
+    assert sorted(set(found)) == [
+        ("stores.local", "_open_checked", "os.open"),
+        ("stores.local", "fsync_dir", "os.open"),
+    ]
 
 
 # ----------------------------------------------------------------------------- (b) foreign files are paged
@@ -157,8 +162,9 @@ def test_T04_foreign_files_are_verified_a_page_at_a_time(tmp_path, caplog):
     sniffed = [rec for rec in caplog.records if rec.getMessage().startswith("candidate_rejected")]
     assert len(sniffed) == planning.PAGE_FOREIGN
     # `ls` still shows everything.
-    full = planning.make_plan(store_list, planning.PlanRequest(run=RUN, suspect="after_same_step", use_journal=False),
-                              include_rejected=True)
+    full = planning.make_plan(
+        store_list, planning.PlanRequest(run=RUN, suspect="after_same_step", use_journal=False), include_rejected=True
+    )
     assert len(full.listing) == 1 + n + n // 4
 
 
@@ -211,9 +217,21 @@ def test_T04_ls_of_a_20k_file_manifest_is_linear(tmp_path, capsys):
         name = f"rank-{i:05d}-of-{n:05d}.dgt"
         open(os.path.join(d, name), "wb").close()
         files.append(manifest.FileEntry(name=name, size=1, digest="0" * 32, rank=i))
-    data = manifest.build(manifest.ManifestDraft(
-        run=RUN, step=100, generation=1, world_size=n, created_unix=time.time(), compat={},
-        metrics={}, files=files, tensors={}, torch_version="x", writer={}))
+    data = manifest.build(
+        manifest.ManifestDraft(
+            run=RUN,
+            step=100,
+            generation=1,
+            world_size=n,
+            created_unix=time.time(),
+            compat={},
+            metrics={},
+            files=files,
+            tensors={},
+            torch_version="x",
+            writer={},
+        )
+    )
     pathlib.Path(d, manifest.MANIFEST_NAME).write_bytes(data)
     t0 = time.perf_counter()
     rc = cli.main(["ls", str(tmp_path), "--run", RUN])

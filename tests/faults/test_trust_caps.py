@@ -22,9 +22,9 @@ import time
 import zipfile
 import zlib
 
+import repo_paths
 import torch
 
-import repo_paths
 from dist_guardian import Guardian, discovery, foreign_loading, formats, stores, verify
 
 RUN = "r"
@@ -56,8 +56,14 @@ else:
 def _child_peak(mode: str, root: str, arg: str) -> tuple[dict, list[str]]:
     """Run ``verify_full`` or ``dist-guardian ls --json`` in a fresh interpreter; its peak RSS rise and output."""
     env = dict(os.environ, PYTHONPATH=ROOT_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", _PEAK_CHILD, mode, root, arg], env=env, capture_output=True,
-                         text=True, timeout=90, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_CHILD, mode, root, arg],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=True,
+    )
     lines = out.stdout.strip().splitlines()
     return json.loads(lines[-1]), lines[:-1]
 
@@ -81,11 +87,16 @@ def _stored_zip(path: str, members: list[tuple[str, bytes | int, int]]) -> None:
                 f.seek(data, os.SEEK_CUR)  # a hole: zeros that cost nothing to make, but must be read
             else:
                 f.write(data)
-            central += struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 0x21, crc, size, size, len(nb),
-                                   0, 0, 0, 0, 0, offset) + nb
+            central += (
+                struct.pack(
+                    "<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 0x21, crc, size, size, len(nb), 0, 0, 0, 0, 0, offset
+                )
+                + nb
+            )
         cd_at = f.tell()
-        f.write(central + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(members), len(members), len(central),
-                                      cd_at, 0))
+        f.write(
+            central + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(members), len(members), len(central), cd_at, 0)
+        )
 
 
 def _flip_byte(path: str, tensor: str, at: int) -> None:
@@ -143,8 +154,14 @@ def test_T08c_planning_crc_check_is_bounded_on_a_sparse_3_5GiB_file(tmp_path):
     root.mkdir()
     pkl = pickle.dumps({"step": 7}, protocol=2)
     big = 7 << 29  # 3.5 GiB hole: costs seconds to read and CRC, nothing to make; its CRC is wrong
-    _stored_zip(str(root / "huge.pt"), [("archive/data.pkl", pkl, zlib.crc32(pkl)), ("archive/data/0", big, 1),
-                                        ("archive/version", b"3\n", zlib.crc32(b"3\n"))])
+    _stored_zip(
+        str(root / "huge.pt"),
+        [
+            ("archive/data.pkl", pkl, zlib.crc32(pkl)),
+            ("archive/data/0", big, 1),
+            ("archive/version", b"3\n", zlib.crc32(b"3\n")),
+        ],
+    )
     t0 = time.monotonic()
     tier, reasons = _verdicts(str(root))["huge.pt"]
     took = time.monotonic() - t0
@@ -172,8 +189,11 @@ def test_T08c_damage_past_the_planning_budget_is_found_by_the_load(tmp_path):
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([b[0] ^ 1]))
     store = stores.resolve(str(root))
-    c = next(c for c in verify.verify_all(discovery.discover_store(store, RUN), run=RUN, compat=None).candidates
-             if c.rel == "step_60.pt")
+    c = next(
+        c
+        for c in verify.verify_all(discovery.discover_store(store, RUN), run=RUN, compat=None).candidates
+        if c.rel == "step_60.pt"
+    )
     assert c.tier == "L" and any(r.startswith("crc_unchecked: ") for r in c.reasons), c.reasons
     staged = foreign_loading.load_torch_file(c, store, {"model": torch.nn.Linear(1, 1)})
     assert staged.suspect and staged.suspect[0].startswith("checksum_mismatch: ")
@@ -195,7 +215,8 @@ def test_T08d_dcp_metadata_over_the_cap_is_R_by_its_listed_size(tmp_path):
     tier, reasons = _verdicts(str(tmp_path / "ck"))["dcp_step_5"]
     assert tier == "R" and reasons == (
         f"planning_cap_exceeded: .metadata is {formats.MAX_PICKLE_BYTES + 1} bytes, over the cap of"
-        f" {formats.MAX_PICKLE_BYTES}",)
+        f" {formats.MAX_PICKLE_BYTES}",
+    )
 
 
 def test_T08d_dcp_metadata_pickle_walk_is_bounded_in_time(tmp_path):
@@ -209,7 +230,8 @@ def test_T08d_dcp_metadata_pickle_walk_is_bounded_in_time(tmp_path):
     # loadable) and its globals are judged by the allowlisting unpickler when it is loaded.
     assert tier == "L" and reasons[-1] == (
         f"scan_incomplete: .metadata: walking a {16 << 20 | 4}-byte pickle is over the planning cap of"
-        f" {formats.PLANNING_SCAN_SECONDS:g} s; its globals are judged when loaded"), reasons
+        f" {formats.PLANNING_SCAN_SECONDS:g} s; its globals are judged when loaded"
+    ), reasons
     assert took < formats.PLANNING_SCAN_SECONDS + 2.0, f"planning one DCP candidate took {took:.1f} s"
 
 
@@ -220,5 +242,10 @@ def test_T08b_zip_central_directory_over_the_cap_is_R_before_zipfile_parses_it(t
     long = [(f"archive/data/{i}-" + "x" * 60_000, b"", 0) for i in range(300)]  # an 18 MB central directory
     _stored_zip(str(root / "wide.pt"), [("archive/data.pkl", pkl, zlib.crc32(pkl))] + long)
     tier, reasons = _verdicts(str(root))["wide.pt"]
-    assert tier == "R" and reasons[0].startswith("planning_cap_exceeded: a ") and reasons[0].endswith(
-        f"-byte zip central directory is over the planning cap of {formats.MAX_ZIP_DIRECTORY_BYTES} bytes"), reasons
+    assert (
+        tier == "R"
+        and reasons[0].startswith("planning_cap_exceeded: a ")
+        and reasons[0].endswith(
+            f"-byte zip central directory is over the planning cap of {formats.MAX_ZIP_DIRECTORY_BYTES} bytes"
+        )
+    ), reasons

@@ -11,11 +11,11 @@ import os
 import pathlib
 import zipfile
 
+import helpers
 import pytest
 import torch
-
-import helpers
 from dg_harness import run_ranks
+
 from dist_guardian import Guardian
 
 
@@ -126,8 +126,14 @@ def test_T01_dcp_metadata_build_refuses_dunder_state_keys(tmp_path):
     d = os.path.join(root, "r", "dcp-step-300")
     _dcp_save(_model_tree(4, {"epoch": 1, "seen": 0})[1], d)
     # PosixPath("/x") (allowlisted), then BUILD with slot state {"__class__": PurePosixPath}
-    _prefix_metadata(d, b"\x80\x02cpathlib\nPosixPath\n" + _u("/x") + b"\x85RN}" + _u("__class__")
-                     + b"cpathlib\nPurePosixPath\ns\x86b0")
+    _prefix_metadata(
+        d,
+        b"\x80\x02cpathlib\nPosixPath\n"
+        + _u("/x")
+        + b"\x85RN}"
+        + _u("__class__")
+        + b"cpathlib\nPurePosixPath\ns\x86b0",
+    )
     r = Guardian(stores=[root], run="r").resume(_fresh())
     assert r.step == 100, r.to_json()
     assert "unsafe_build_key: BUILD of a pathlib.PosixPath sets '__class__'" in _failed(r, 300)
@@ -146,8 +152,13 @@ def _resume_with_note(rank: int, world: int, *, root: str) -> dict:
     fresh = _fresh()
     fresh["trainer"]["note"] = Note()
     r = Guardian(stores=[root], run="r", timeout=20, extra_safe_globals=[Note]).resume(fresh)
-    return {"step": r.step, "tier": r.tier, "note": fresh["trainer"]["note"].text, "json": r.to_json(),
-            "weights": {k: v.clone() for k, v in helpers.model_tensors(fresh).items()}}
+    return {
+        "step": r.step,
+        "tier": r.tier,
+        "note": fresh["trainer"]["note"].text,
+        "json": r.to_json(),
+        "weights": {k: v.clone() for k, v in helpers.model_tensors(fresh).items()},
+    }
 
 
 def test_T01_dcp_extra_safe_globals_honoured_when_loading(tmp_path):

@@ -15,9 +15,9 @@ import os
 import shutil
 
 import torch
+from helpers import committed, make_state, same, snapshot
 
 from dist_guardian import Guardian, cli, manifest, planning, stores
-from helpers import committed, make_state, same, snapshot
 
 RUN = "r"
 
@@ -90,7 +90,6 @@ def test_T02_prune_keeps_a_local_step_that_no_mirror_holds(tmp_path, capsys):
     assert set(committed(mirror, RUN)) == {name(s) for s in (200, 500)}
 
 
-
 def test_T02_newer_foreign_checkpoints_in_the_mirror_do_not_free_an_unmirrored_one(tmp_path, capsys):
     """The mirror holds two newer checkpoints of another compat, none of ours: it would keep our 100 (F42)."""
     primary, mirror = str(tmp_path / "local"), str(tmp_path / "mirror")
@@ -99,6 +98,7 @@ def test_T02_newer_foreign_checkpoints_in_the_mirror_do_not_free_an_unmirrored_o
     assert cli.main(["prune", primary, mirror, "--run", RUN, "--keep-last", "2", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["deleted"] == {primary: [], mirror: []}
     assert set(committed(primary, RUN)) == {name(s) for s in (100, 200, 300)}
+
 
 # ----------------------------------------------------------------------------- T03 generations and number bounds
 
@@ -197,21 +197,55 @@ def test_T03_every_written_number_round_trips_through_every_reader(tmp_path):
     assert not discovery.RANK_FILE_RE.match(rank_file_name(0, 1) + "\n")
     # Writer -> manifest -> directory -> discovery -> verify -> plan JSON -> every rank, at the extremes at once.
     gen, world, step = manifest.MAX_GENERATION, manifest.MAX_WORLD_SIZE, manifest.MAX_STEP
-    big = manifest.FileEntry(name=rank_file_name(world - 1, world), size=manifest.MAX_FILE_SIZE, digest="0" * 32,
-                             rank=world - 1)
-    mf = manifest.parse(manifest.build(manifest.ManifestDraft(
-        run=RUN, step=step, generation=gen, world_size=world, created_unix=0.0,
-        compat={}, metrics={}, files=[big], tensors={}, torch_version="x", writer={})))
+    big = manifest.FileEntry(
+        name=rank_file_name(world - 1, world), size=manifest.MAX_FILE_SIZE, digest="0" * 32, rank=world - 1
+    )
+    mf = manifest.parse(
+        manifest.build(
+            manifest.ManifestDraft(
+                run=RUN,
+                step=step,
+                generation=gen,
+                world_size=world,
+                created_unix=0.0,
+                compat={},
+                metrics={},
+                files=[big],
+                tensors={},
+                torch_version="x",
+                writer={},
+            )
+        )
+    )
     assert (mf.step, mf.generation, mf.world_size, mf.files[0].size, mf.files[0].rank) == (
-        step, gen, world, manifest.MAX_FILE_SIZE, world - 1)
+        step,
+        gen,
+        world,
+        manifest.MAX_FILE_SIZE,
+        world - 1,
+    )
     root = str(tmp_path / "ck")
     d = os.path.join(root, RUN, stores.step_dir_name(step, gen))
     os.makedirs(d)
     w = write_tree(os.path.join(d, big.name), {"x": torch.zeros(3)}, rank=world - 1, step=step, file_rank=world - 1)
     with open(os.path.join(d, manifest.MANIFEST_NAME), "wb") as f:
-        f.write(manifest.build(manifest.ManifestDraft(
-            run=RUN, step=step, generation=gen, world_size=world, created_unix=0.0, compat={},
-            metrics={}, files=[w.entry], tensors={w.entry.name: w.stats}, torch_version="x", writer={})))
+        f.write(
+            manifest.build(
+                manifest.ManifestDraft(
+                    run=RUN,
+                    step=step,
+                    generation=gen,
+                    world_size=world,
+                    created_unix=0.0,
+                    compat={},
+                    metrics={},
+                    files=[w.entry],
+                    tensors={w.entry.name: w.stats},
+                    torch_version="x",
+                    writer={},
+                )
+            )
+        )
     store = stores.resolve(root)
     sightings = discovery.discover_store(store, RUN)
     assert [(s.step, s.generation_hint) for s in sightings] == [(step, gen)]

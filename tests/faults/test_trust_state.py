@@ -11,10 +11,10 @@ import logging
 import os
 import struct
 
+import helpers
 import pytest
 import torch
 
-import helpers
 from dist_guardian import Guardian, formats
 
 RUN = "r"
@@ -39,12 +39,22 @@ def _resume(root: str, state: dict | None = None, **kw):
 # ----------------------------------------------------------------------------- T05a: steps from foreign names
 
 
-@pytest.mark.parametrize("name, step", [
-    ("step_300.pt", 300), ("checkpoint-300.pt", 300), ("global_step300.pt", 300), ("iter_300.pt", 300),
-    ("epoch=3-step=900.ckpt", 900), ("dcp-step-300", 300),
-    ("eval_export_20240501.pt", None), ("model_7.pt", None), ("checkpoint_20240501.pt", None),
-    ("ckpt-2024-05-01.pt", None), ("step_1234567890123456789.pt", None),
-])
+@pytest.mark.parametrize(
+    "name, step",
+    [
+        ("step_300.pt", 300),
+        ("checkpoint-300.pt", 300),
+        ("global_step300.pt", 300),
+        ("iter_300.pt", 300),
+        ("epoch=3-step=900.ckpt", 900),
+        ("dcp-step-300", 300),
+        ("eval_export_20240501.pt", None),
+        ("model_7.pt", None),
+        ("checkpoint_20240501.pt", None),
+        ("ckpt-2024-05-01.pt", None),
+        ("step_1234567890123456789.pt", None),
+    ],
+)
 def test_T05_step_from_name_only_when_the_name_says_step(name, step):
     assert formats.step_from_name(name) == step
 
@@ -116,8 +126,11 @@ def test_T10_damaged_tree_still_loads_as_last_resort_with_a_named_warning(tmp_pa
     assert state["optim"].param_groups[0]["lr"] == 0.03  # what the damaged file holds, loaded knowingly
     warn = [w for w in r.warnings if w.startswith("checkpoint_suspect_loaded:")]
     assert len(warn) == 1 and f"tree_damaged: {os.path.join(b, REPL)}: state tree damaged in key 'optim'" in warn[0]
-    logged = [rec for rec in caplog.records if rec.levelno == logging.WARNING and "checkpoint_suspect_loaded" in
-              rec.getMessage()]
+    logged = [
+        rec
+        for rec in caplog.records
+        if rec.levelno == logging.WARNING and "checkpoint_suspect_loaded" in rec.getMessage()
+    ]
     assert logged and "key 'optim'" in logged[0].getMessage()
 
 
@@ -176,8 +189,9 @@ def _adamw(p):
     return torch.optim.AdamW(p, lr=1e-3)
 
 
-@pytest.mark.parametrize("saved, live, lacks", [(_sgd, _adamw, "'betas', 'eps']"),
-                                                (_adamw, _sgd, "'dampening', 'momentum']")])
+@pytest.mark.parametrize(
+    "saved, live, lacks", [(_sgd, _adamw, "'betas', 'eps']"), (_adamw, _sgd, "'dampening', 'momentum']")]
+)
 def test_T05_native_checkpoint_of_another_optimizer_class_is_a_failed_attempt(tmp_path, saved, live, lacks):
     root = str(tmp_path / "ck")
     m = _model()
@@ -200,8 +214,9 @@ def test_T05_foreign_file_of_another_optimizer_class_falls_back_to_native(tmp_pa
     snap_a, _ = _save_a_b(root)
     m = _model(3)
     sgd = _stepped(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9))["optim"]
-    torch.save({"model": m.state_dict(), "optim": sgd.state_dict(), "step": 300},
-               os.path.join(root, RUN, "checkpoint-300.pt"))
+    torch.save(
+        {"model": m.state_dict(), "optim": sgd.state_dict(), "step": 300}, os.path.join(root, RUN, "checkpoint-300.pt")
+    )
     r, state = _resume(root)
     assert r.step == 200 and [a.outcome for a in r.attempts] == ["failed", "loaded"]
     assert "lacks ['betas'" in r.attempts[0].reasons[0][1]
@@ -235,8 +250,10 @@ def test_T05_bf16_dcp_weights_are_never_cast_into_an_fp32_model(tmp_path):
     r, _ = _resume(root, {"model": live})
     assert not r.resumed and [a.outcome for a in r.attempts] == ["failed"]
     why = r.attempts[0].reasons[0][1]
-    assert ("dtype_mismatch: tensor 'model.0.weight' is torch.bfloat16 (16, 8) in the DCP checkpoint, "
-            "torch.float32 (16, 8) in the live state") in why
+    assert (
+        "dtype_mismatch: tensor 'model.0.weight' is torch.bfloat16 (16, 8) in the DCP checkpoint, "
+        "torch.float32 (16, 8) in the live state"
+    ) in why
     assert helpers.same(helpers.model_tensors({"model": live}), before)  # untouched
 
 
@@ -249,8 +266,10 @@ def test_T05_dcp_of_another_shape_fails_naming_the_tensor_and_native_loads(tmp_p
     dcp.save({"model": wide["model"].state_dict()}, checkpoint_id=os.path.join(root, RUN, "dcp-step-300"))
     r, state = _resume(root)
     assert r.step == 200 and [a.outcome for a in r.attempts] == ["failed", "loaded"]
-    assert "shape_mismatch: tensor 'model.0.weight' is torch.float32 (32, 8) in the DCP checkpoint" in \
-        r.attempts[0].reasons[0][1]
+    assert (
+        "shape_mismatch: tensor 'model.0.weight' is torch.float32 (32, 8) in the DCP checkpoint"
+        in r.attempts[0].reasons[0][1]
+    )
     assert helpers.same(helpers.snapshot(state), snap_b)
 
 
@@ -270,8 +289,9 @@ def test_T10_damaged_tensor_index_is_last_resort_too(tmp_path):
     root = str(tmp_path / "ck")
     snap_a, _ = _save_a_b(root)
     b = helpers.step_dir(root, RUN, 200)
-    _rewrite_header(os.path.join(b, REPL), b'"optim/state/0/exp_avg":{"dtype":"F32"',
-                    b'"optim/state/0/exp_avg":{"dtype":"I32"')
+    _rewrite_header(
+        os.path.join(b, REPL), b'"optim/state/0/exp_avg":{"dtype":"F32"', b'"optim/state/0/exp_avg":{"dtype":"I32"'
+    )
     r, state = _resume(root)
     assert r.step == 100 and [a.outcome for a in r.attempts] == ["deferred", "loaded"]
     assert "header damaged outside the tensors (every tensor digest matches)" in r.attempts[0].reasons[0][1]
@@ -304,10 +324,12 @@ def test_T10_cli_verify_names_the_damaged_tree_key(tmp_path):
     _save_a_b(root)
     b = helpers.step_dir(root, RUN, 200)
     _damage_lr(os.path.join(b, REPL))
-    p = subprocess.run([sys.executable, "-m", "dist_guardian.cli", "verify", b, "--json"], capture_output=True,
-                       text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "dist_guardian.cli", "verify", b, "--json"], capture_output=True, text=True, timeout=60
+    )
     assert p.returncode == 4, p.stderr
     doc = json.loads(p.stdout)
     assert doc["tier"] == "S" and doc["reasons"][0].startswith(f"checksum_mismatch: {REPL} expected=")
-    assert doc["reasons"][1] == (f"tree_damaged: {REPL}: state tree damaged in key 'optim' "
-                                 "(not checkable by the sanity gate)")
+    assert doc["reasons"][1] == (
+        f"tree_damaged: {REPL}: state tree damaged in key 'optim' (not checkable by the sanity gate)"
+    )

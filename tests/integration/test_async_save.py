@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
-import torch
-
 import helpers
+import torch
 from dg_harness import run_ranks
+
 from dist_guardian import Guardian
 
 
@@ -52,8 +52,10 @@ def async_two_ranks(rank: int, world: int, *, root: str) -> dict:
         helpers.train(state, 1, data)
         futs.append(g.save(state, step=s, blocking=False))
     g.close()
-    return {"committed": [f.result().committed for f in futs],
-            "weights": {k: float(v.double().sum()) for k, v in state["model"].state_dict().items()}}
+    return {
+        "committed": [f.result().committed for f in futs],
+        "weights": {k: float(v.double().sum()) for k, v in state["model"].state_dict().items()},
+    }
 
 
 def test_async_save_on_two_ranks(tmp_path):

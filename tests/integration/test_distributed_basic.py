@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 import rank_fns
 from dg_harness import run_ranks
 from helpers import committed

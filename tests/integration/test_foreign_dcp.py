@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 import helpers
 from dg_harness import run_ranks
+
 from dist_guardian import Guardian
 
 
@@ -57,12 +56,18 @@ def dcp_two_ranks(rank: int, world: int, *, root: str) -> dict:
     import torch.distributed.checkpoint as dcp
 
     state = helpers.make_state(seed=5)
-    dcp.save({"model": state["model"].state_dict(), "trainer": dict(state["trainer"])},
-             checkpoint_id=os.path.join(root, "r", "dcp-step-700"))
+    dcp.save(
+        {"model": state["model"].state_dict(), "trainer": dict(state["trainer"])},
+        checkpoint_id=os.path.join(root, "r", "dcp-step-700"),
+    )
     fresh = helpers.make_state(seed=11)
     r = Guardian(stores=[root], run="r", timeout=20).resume({"model": fresh["model"], "trainer": fresh["trainer"]})
-    return {"step": r.step, "tier": r.tier, "weights": {k: float(v.double().sum()) for k, v in fresh["model"].state_dict().items()},
-            "want": {k: float(v.double().sum()) for k, v in state["model"].state_dict().items()}}
+    return {
+        "step": r.step,
+        "tier": r.tier,
+        "weights": {k: float(v.double().sum()) for k, v in fresh["model"].state_dict().items()},
+        "want": {k: float(v.double().sum()) for k, v in state["model"].state_dict().items()},
+    }
 
 
 def test_dcp_directory_loads_on_two_ranks_in_lockstep(tmp_path):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 import rank_fns
+import torch
 from dg_harness import run_ranks
 
 

@@ -8,17 +8,24 @@ import subprocess
 import sys
 
 import helpers
+
 from dist_guardian import Guardian
 
 
 def test_claim_of_a_dead_local_writer_is_taken_over_at_once(tmp_path, s3):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no longer exists
-    claim = {"token": "someone-else", "step": 5, "writer": {"host": socket.gethostname(), "pid": dead.pid},
-             "created_unix": 0}
+    claim = {
+        "token": "someone-else",
+        "step": 5,
+        "writer": {"host": socket.gethostname(), "pid": dead.pid},
+        "created_unix": 0,
+    }
     s3.put("ckpt/r/.writers/step-000000000005.json", json.dumps(claim).encode())
     state = helpers.make_state(seed=1)
-    g = Guardian(stores=[str(tmp_path / "ck"), s3.url], run="r", storage_options=s3.storage_options(), mirror_timeout=20)
+    g = Guardian(
+        stores=[str(tmp_path / "ck"), s3.url], run="r", storage_options=s3.storage_options(), mirror_timeout=20
+    )
     assert g.save(state, step=5).committed
     left = g.close()  # stale_s is an hour by default: without the fix this waits and reports the step
     assert left == []

@@ -44,7 +44,9 @@ def flip_bit_in_tensor(path: str, tensor: str | None = None, bit: int = 6, byte_
     float), so the value changes a lot and a checksum must catch it.
     """
     n, header = _native_header(path)
-    names = [k for k, v in header.items() if v["dtype"] in ("F32", "F64") and v["data_offsets"][1] > v["data_offsets"][0]]
+    names = [
+        k for k, v in header.items() if v["dtype"] in ("F32", "F64") and v["data_offsets"][1] > v["data_offsets"][0]
+    ]
     name = tensor or names[0]
     begin, _end = header[name]["data_offsets"]
     size = {"F32": 4, "F64": 8}[header[name]["dtype"]]

@@ -14,8 +14,9 @@ import os
 import queue
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 _CTX = None
 
@@ -30,8 +31,18 @@ def ctx() -> Any:
         _CTX = mp.get_context("forkserver")
         # The first optimizer step imports torch._dynamo (~3 s per rank here): preload it too,
         # so each 2-rank run costs ~0.3 s instead of 2-4 s.
-        _CTX.set_forkserver_preload(["torch", "torch.distributed", "numpy", "torch._dynamo", "torch.optim",
-                                     "dist_guardian.guardian", "dg_harness", "helpers"])
+        _CTX.set_forkserver_preload(
+            [
+                "torch",
+                "torch.distributed",
+                "numpy",
+                "torch._dynamo",
+                "torch.optim",
+                "dist_guardian.guardian",
+                "dg_harness",
+                "helpers",
+            ]
+        )
     return _CTX
 
 
@@ -80,10 +91,17 @@ def _entry(fn: Callable[..., Any], rank: int, world: int, launch: _Launch, q: An
         if launch.backend == "nccl":
             torch.cuda.set_device(rank)
             device_kw["device_id"] = torch.device("cuda", rank)
-        store = dist.TCPStore("127.0.0.1", launch.port, world, is_master=False,
-                              timeout=datetime.timedelta(seconds=launch.store_timeout_s))
-        dist.init_process_group(launch.backend, store=store, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=launch.pg_timeout_s), **device_kw)
+        store = dist.TCPStore(
+            "127.0.0.1", launch.port, world, is_master=False, timeout=datetime.timedelta(seconds=launch.store_timeout_s)
+        )
+        dist.init_process_group(
+            launch.backend,
+            store=store,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=launch.pg_timeout_s),
+            **device_kw,
+        )
         q.put((rank, "ok", fn(rank, world, **kwargs)))
     except BaseException as e:  # report everything, including SystemExit/KeyboardInterrupt
         q.put((rank, "err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
@@ -101,9 +119,16 @@ def _entry(fn: Callable[..., Any], rank: int, world: int, launch: _Launch, q: An
     os._exit(code)
 
 
-def run_ranks(fn: Callable[..., Any], world: int = 2, *, timeout: float = 60.0, pg_timeout_s: float = 20.0,
-              env: dict[int, dict[str, str]] | None = None, common_env: dict[str, str] | None = None,
-              **kwargs: Any) -> RankOutcome:
+def run_ranks(
+    fn: Callable[..., Any],
+    world: int = 2,
+    *,
+    timeout: float = 60.0,
+    pg_timeout_s: float = 20.0,
+    env: dict[int, dict[str, str]] | None = None,
+    common_env: dict[str, str] | None = None,
+    **kwargs: Any,
+) -> RankOutcome:
     """Run ``fn(rank, world, **kwargs)`` on ``world`` processes; return what each rank returned or raised."""
     launches = []
     for r in range(world):
@@ -113,23 +138,30 @@ def run_ranks(fn: Callable[..., Any], world: int = 2, *, timeout: float = 60.0, 
     return _run(ctx(), fn, launches, timeout, kwargs)
 
 
-def run_ranks_backend(fn: Callable[..., Any], world: int, backend: str, *, timeout: float = 120.0,
-                      **kwargs: Any) -> RankOutcome:
+def run_ranks_backend(
+    fn: Callable[..., Any], world: int, backend: str, *, timeout: float = 120.0, **kwargs: Any
+) -> RankOutcome:
     """``run_ranks`` for a default group other than gloo (NCCL): spawned ranks (CUDA must not be
     initialized before a fork), ``LOCAL_RANK`` set, 60 s timeouts, the same reporting."""
-    launches = [_Launch(env={"LOCAL_RANK": str(r)}, backend=backend, pg_timeout_s=60.0, store_timeout_s=60.0,
-                        debug_detail=False) for r in range(world)]
+    launches = [
+        _Launch(
+            env={"LOCAL_RANK": str(r)}, backend=backend, pg_timeout_s=60.0, store_timeout_s=60.0, debug_detail=False
+        )
+        for r in range(world)
+    ]
     return _run(mp.get_context("spawn"), fn, launches, timeout, kwargs)
 
 
-def _run(c: Any, fn: Callable[..., Any], launches: list[_Launch], timeout: float,
-         kwargs: dict[str, Any]) -> RankOutcome:
+def _run(
+    c: Any, fn: Callable[..., Any], launches: list[_Launch], timeout: float, kwargs: dict[str, Any]
+) -> RankOutcome:
     """Start one process per launch, hosting their TCPStore here; collect until all reported, died or the deadline."""
     import torch.distributed as dist
 
     world = len(launches)
-    store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True,
-                          timeout=datetime.timedelta(seconds=30), wait_for_workers=False)
+    store = dist.TCPStore(
+        "127.0.0.1", 0, world + 1, is_master=True, timeout=datetime.timedelta(seconds=30), wait_for_workers=False
+    )
     q = c.Queue()
     procs = []
     for r, launch in enumerate(launches):

@@ -95,7 +95,10 @@ def snapshot(state: dict[str, Any]) -> dict[str, Any]:
     opt = state["optim"].state_dict()
     return {
         "model": model_tensors(state),
-        "optim_state": {k: {n: (t.clone() if isinstance(t, torch.Tensor) else t) for n, t in v.items()} for k, v in opt["state"].items()},
+        "optim_state": {
+            k: {n: (t.clone() if isinstance(t, torch.Tensor) else t) for n, t in v.items()}
+            for k, v in opt["state"].items()
+        },
         "optim_groups": json.dumps(opt["param_groups"], default=str),
         "sched": json.dumps(state["sched"].state_dict(), default=str),
         "trainer": dict(state["trainer"]),

@@ -17,11 +17,9 @@ import threading
 import time
 from typing import Any
 
+import helpers
 import numpy as np
 import torch
-
-import helpers
-
 
 # ----------------------------------------------------------------------------- small tools
 
@@ -71,8 +69,12 @@ def rng_digest() -> str:
     """A digest of this process's python, numpy and torch CPU (and CUDA) RNG states."""
     version, internal, gauss = random.getstate()
     np_state = np.random.get_state()
-    parts = [repr((version, internal, gauss)).encode(), np_state[1].tobytes(), repr(np_state[2:]).encode(),
-             torch.get_rng_state().numpy().tobytes()]
+    parts = [
+        repr((version, internal, gauss)).encode(),
+        np_state[1].tobytes(),
+        repr(np_state[2:]).encode(),
+        torch.get_rng_state().numpy().tobytes(),
+    ]
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         parts += [torch.cuda.get_rng_state(i).numpy().tobytes() for i in range(torch.cuda.device_count())]
     return _h(b"|".join(parts))
@@ -133,9 +135,19 @@ def _agent_watchdog(report_dir: str, rank: int, hard_s: float) -> None:
 # ----------------------------------------------------------------------------- saving
 
 
-def save_fixture(rank: int, world: int, *, stores: list[str], run: str, steps: list[int], seed: int = 0,
-                 dg_timeout: float = 20.0, blob_mb: dict[int, float] | None = None,
-                 fault: dict[int, str] | None = None, report_dir: str | None = None) -> dict[str, Any]:
+def save_fixture(
+    rank: int,
+    world: int,
+    *,
+    stores: list[str],
+    run: str,
+    steps: list[int],
+    seed: int = 0,
+    dg_timeout: float = 20.0,
+    blob_mb: dict[int, float] | None = None,
+    fault: dict[int, str] | None = None,
+    report_dir: str | None = None,
+) -> dict[str, Any]:
     """Every rank builds the same model (replicated) and its own RNG stream and data position, trains one
     step before each save, and records the exact digest of what each save captured.
 
@@ -183,11 +195,23 @@ def save_fixture(rank: int, world: int, *, stores: list[str], run: str, steps: l
 # ----------------------------------------------------------------------------- resuming
 
 
-def resume_fixture(rank: int, world: int, *, stores: list[str], run: str, dg_timeout: float = 20.0,
-                   seed: int = 42, on_exhausted: str = "fresh", suspect: str = "after_same_step",
-                   storage_options: dict | None = None, report_dir: str | None = None,
-                   watchdog_s: float | None = None, rlimit_as_headroom_mb: float | None = None,
-                   blob_mb: float = 0.0, probe_after_failure: bool = True) -> dict[str, Any]:
+def resume_fixture(
+    rank: int,
+    world: int,
+    *,
+    stores: list[str],
+    run: str,
+    dg_timeout: float = 20.0,
+    seed: int = 42,
+    on_exhausted: str = "fresh",
+    suspect: str = "after_same_step",
+    storage_options: dict | None = None,
+    report_dir: str | None = None,
+    watchdog_s: float | None = None,
+    rlimit_as_headroom_mb: float | None = None,
+    blob_mb: float = 0.0,
+    probe_after_failure: bool = True,
+) -> dict[str, Any]:
     """Resume into a fresh state (different seed, so anything applied shows) and report what happened.
 
     On success: the decision record, the exact state digest, the next random numbers, the logs.
@@ -203,13 +227,20 @@ def resume_fixture(rank: int, world: int, *, stores: list[str], run: str, dg_tim
     state = _rank_state(seed, blob_mb=blob_mb)
     state["data"] = {"position": -1}
     before = state_digest(state)
-    g = Guardian(stores=stores, run=run, timeout=dg_timeout, per_rank=("data",), suspect=suspect,
-                 on_exhausted=on_exhausted, storage_options=storage_options)
+    g = Guardian(
+        stores=stores,
+        run=run,
+        timeout=dg_timeout,
+        per_rank=("data",),
+        suspect=suspect,
+        on_exhausted=on_exhausted,
+        storage_options=storage_options,
+    )
     limit_info = None
     if rlimit_as_headroom_mb is not None:
         import resource
 
-        g.comm  # collective (every rank creates the group the same way): its threads exist before the limit
+        _ = g.comm  # collective (every rank creates the group the same way): its threads exist before the limit
         with open("/proc/self/status") as f:
             vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
         limit = vm + int(rlimit_as_headroom_mb * (1 << 20))
@@ -220,8 +251,14 @@ def resume_fixture(rank: int, world: int, *, stores: list[str], run: str, dg_tim
         r = g.resume(state)
     except BaseException as e:
         elapsed = time.monotonic() - t0
-        doc: dict[str, Any] = {"error_type": type(e).__name__, "error": str(e)[:4000], "elapsed": elapsed,
-                               "unchanged": state_digest(state) == before, "logs": logs.lines, "limit": limit_info}
+        doc: dict[str, Any] = {
+            "error_type": type(e).__name__,
+            "error": str(e)[:4000],
+            "elapsed": elapsed,
+            "unchanged": state_digest(state) == before,
+            "logs": logs.lines,
+            "limit": limit_info,
+        }
         if probe_after_failure and isinstance(e, CoordinationError):
             # After a failed collective the group must not be touched again ("pair closure"):
             # a later vote raises at once, and close() returns at once.
@@ -241,18 +278,41 @@ def resume_fixture(rank: int, world: int, *, stores: list[str], run: str, dg_tim
     elapsed = time.monotonic() - t0
     digest = state_digest(state)
     g.close()
-    return {"resumed": r.resumed, "step": r.step, "path": r.path, "store": r.store, "tier": r.tier,
-            "record": json.loads(r.to_json()), "warnings": list(r.warnings), "digest": digest,
-            "unchanged": digest == before, "data": dict(state["data"]), "next": helpers.next_randoms(),
-            "logs": logs.lines, "elapsed": elapsed, "limit": limit_info}
+    return {
+        "resumed": r.resumed,
+        "step": r.step,
+        "path": r.path,
+        "store": r.store,
+        "tier": r.tier,
+        "record": json.loads(r.to_json()),
+        "warnings": list(r.warnings),
+        "digest": digest,
+        "unchanged": digest == before,
+        "data": dict(state["data"]),
+        "next": helpers.next_randoms(),
+        "logs": logs.lines,
+        "elapsed": elapsed,
+        "limit": limit_info,
+    }
 
 
 # ----------------------------------------------------------------------------- independent writers
 
 
-def independent_writer(rank: int, world: int, *, root: str, run: str, step: int, role: dict[int, str],
-                       fault: dict[int, str] | None = None, seed: int = 0, report_dir: str | None = None,
-                       wait_for_staging_s: float = 0.0, storage_options: dict | None = None) -> dict[str, Any]:
+def independent_writer(
+    rank: int,
+    world: int,
+    *,
+    root: str,
+    run: str,
+    step: int,
+    role: dict[int, str],
+    fault: dict[int, str] | None = None,
+    seed: int = 0,
+    report_dir: str | None = None,
+    wait_for_staging_s: float = 0.0,
+    storage_options: dict | None = None,
+) -> dict[str, Any]:
     """Two separate jobs on one machine: each harness rank leaves the process group and acts as a
     world-size-1 writer into the same root (F38, F39).
 
@@ -297,8 +357,17 @@ def independent_writer(rank: int, world: int, *, root: str, run: str, step: int,
     return out
 
 
-def resume_then_save(rank: int, world: int, *, stores: list[str], run: str, steps: list[int], keep_last: int | None,
-                     dg_timeout: float = 20.0, seed: int = 42) -> dict[str, Any]:
+def resume_then_save(
+    rank: int,
+    world: int,
+    *,
+    stores: list[str],
+    run: str,
+    steps: list[int],
+    keep_last: int | None,
+    dg_timeout: float = 20.0,
+    seed: int = 42,
+) -> dict[str, Any]:
     """Resume (whatever it decides), then train and save ``steps`` with retention on (F33: failed
     candidates are quarantined, so retention never deletes them)."""
     from dist_guardian import Guardian
@@ -309,8 +378,12 @@ def resume_then_save(rank: int, world: int, *, stores: list[str], run: str, step
     before = state_digest(state)
     g = Guardian(stores=stores, run=run, timeout=dg_timeout, per_rank=("data",), keep_last=keep_last)
     r = g.resume(state)
-    out: dict[str, Any] = {"resumed": r.resumed, "record": json.loads(r.to_json()),
-                           "unchanged": state_digest(state) == before, "committed": []}
+    out: dict[str, Any] = {
+        "resumed": r.resumed,
+        "record": json.loads(r.to_json()),
+        "unchanged": state_digest(state) == before,
+        "committed": [],
+    }
     for s in steps:
         helpers.train_replicated(state, 1)
         out["committed"].append(g.save(state, step=s).committed)
@@ -363,5 +436,10 @@ def round_trip_on_device(rank: int, world: int, *, phase: str, root: str, run: s
     nxt = helpers.next_randoms(device)
     step()  # training continues on the default group after the resume
     g.close()
-    return {"resumed": r.resumed, "step": r.step, "digest": digest, "next": nxt,
-            "param_device": str(next(state["model"].parameters()).device)}
+    return {
+        "resumed": r.resumed,
+        "step": r.step,
+        "digest": digest,
+        "next": nxt,
+        "param_device": str(next(state["model"].parameters()).device),
+    }

@@ -29,7 +29,11 @@ class MotoServer:
             "key": "testing",
             "secret": "testing",
             "client_kwargs": {"endpoint_url": endpoint or self.endpoint, "region_name": "us-east-1"},
-            "config_kwargs": {"connect_timeout": 1, "read_timeout": 3, "retries": {"max_attempts": 2, "mode": "standard"}},
+            "config_kwargs": {
+                "connect_timeout": 1,
+                "read_timeout": 3,
+                "retries": {"max_attempts": 2, "mode": "standard"},
+            },
             "retries": 1,
         }
         opts.update(extra)
@@ -38,10 +42,15 @@ class MotoServer:
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id="testing", aws_secret_access_key="testing")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
 
-    def new_bucket(self) -> "Bucket":
+    def new_bucket(self) -> Bucket:
         name = f"b-{uuid.uuid4().hex[:12]}"
         self.client().create_bucket(Bucket=name)
         return Bucket(self, name)
@@ -79,7 +88,9 @@ class Bucket:
             c.abort_multipart_upload(Bucket=self.name, Key=u["Key"], UploadId=u["UploadId"])
         keys = self.keys()
         for i in range(0, len(keys), 1000):
-            c.delete_objects(Bucket=self.name, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True})
+            c.delete_objects(
+                Bucket=self.name, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
+            )
         c.delete_bucket(Bucket=self.name)
 
     def keys(self, prefix: str = "") -> list[str]:
@@ -101,11 +112,15 @@ class MotoProcess(MotoServer):
     can be switched there without touching the session server."""
 
     def __init__(self) -> None:
-        code = ("import sys, logging\nlogging.getLogger('werkzeug').setLevel(logging.ERROR)\n"
-                "from moto.server import ThreadedMotoServer\n"
-                "s = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False); s.start()\n"
-                "print(s.get_host_and_port()[1], flush=True); sys.stdin.read(); s.stop()\n")
-        self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        code = (
+            "import sys, logging\nlogging.getLogger('werkzeug').setLevel(logging.ERROR)\n"
+            "from moto.server import ThreadedMotoServer\n"
+            "s = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False); s.start()\n"
+            "print(s.get_host_and_port()[1], flush=True); sys.stdin.read(); s.stop()\n"
+        )
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         line = self._proc.stdout.readline()
         if not line.strip().isdigit():
             self._proc.kill()
@@ -115,8 +130,9 @@ class MotoProcess(MotoServer):
 
     def enable_auth(self) -> None:
         """From now on every request needs IAM credentials that this server knows (real 403s)."""
-        req = urllib.request.Request(self.endpoint + "/moto-api/reset-auth", data=b"0", method="POST",
-                                     headers={"Content-Type": "text/plain"})
+        req = urllib.request.Request(
+            self.endpoint + "/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"}
+        )
         urllib.request.urlopen(req, timeout=10).read()
 
     def stop(self) -> None:
@@ -158,7 +174,7 @@ class ChaosProxy:
         while not self._stop.is_set():
             try:
                 c, _ = self._sock.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             self._conns.append(c)
             threading.Thread(target=self._serve, args=(c,), daemon=True).start()
@@ -201,9 +217,16 @@ class ChaosProxy:
                         break
                     if self.mode == "slowdown" and self.throttle > 0:
                         self.throttle -= 1
-                        body = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>'
-                        src.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: "
-                                    + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+                        body = (
+                            b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                            b"<Message>Please reduce your request rate.</Message></Error>"
+                        )
+                        src.sendall(
+                            b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: "
+                            + str(len(body)).encode()
+                            + b"\r\nConnection: close\r\n\r\n"
+                            + body
+                        )
                         break
                 if client_side and self.mode == "cut":
                     if sent + len(data) > self.cut_after:

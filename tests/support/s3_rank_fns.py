@@ -13,15 +13,25 @@ from typing import Any
 import torch
 
 
-def child_save(stores: list[str], run: str, steps: list[int], storage_options: dict, env: dict[str, str], q: Any,
-               *, blob_mb: float = 0.0, seed: int = 0, start_at: float | None = None,
-               mirror_timeout: float = 30.0) -> None:
+def child_save(
+    stores: list[str],
+    run: str,
+    steps: list[int],
+    storage_options: dict,
+    env: dict[str, str],
+    q: Any,
+    *,
+    blob_mb: float = 0.0,
+    seed: int = 0,
+    start_at: float | None = None,
+    mirror_timeout: float = 30.0,
+) -> None:
     """One independent writer (no process group): save ``steps``, close, report."""
     os.environ.update(env)
     os.environ.setdefault("RANK", "0")
-    from dist_guardian import Guardian
-
     import helpers
+
+    from dist_guardian import Guardian
 
     state = helpers.make_state(seed, blob_mb=blob_mb)
     g = Guardian(stores=stores, run=run, storage_options=storage_options, mirror_timeout=mirror_timeout)
@@ -45,12 +55,22 @@ def child_retain(url: str, storage_options: dict, run: str, keep_last: int, env:
     q.put(retention.retain(store, run, keep_last))
 
 
-def resume_deleting_before_load(rank: int, world: int, *, stores: list[str], run: str, storage_options: dict,
-                                endpoint: str, bucket: str, key: str, step: int) -> dict[str, Any]:
+def resume_deleting_before_load(
+    rank: int,
+    world: int,
+    *,
+    stores: list[str],
+    run: str,
+    storage_options: dict,
+    endpoint: str,
+    bucket: str,
+    key: str,
+    step: int,
+) -> dict[str, Any]:
     """F20: rank 0 deletes an S3 object after the plan's broadcast and availability vote, right before the load."""
     import boto3
-
     import rank_fns
+
     from dist_guardian import _faults
 
     original = _faults.hit
@@ -58,8 +78,13 @@ def resume_deleting_before_load(rank: int, world: int, *, stores: list[str], run
 
     def hit(point: str, *, rank: int | None = None, step: int | None = None, _want: int = step):
         if point == "during_load" and step == _want and rank == 0 and not done:
-            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                         aws_secret_access_key="testing").delete_object(Bucket=bucket, Key=key)
+            boto3.client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name="us-east-1",
+                aws_access_key_id="testing",
+                aws_secret_access_key="testing",
+            ).delete_object(Bucket=bucket, Key=key)
             done.append(key)
         return original(point, rank=rank, step=step)
 
@@ -72,6 +97,7 @@ def resume_deleting_before_load(rank: int, world: int, *, stores: list[str], run
 def resume_report_error(rank: int, world: int, *, stores: list[str], run: str, storage_options: dict) -> dict[str, Any]:
     """F16 variant: resume and report what it raised (and that the state was not touched)."""
     import helpers
+
     from dist_guardian import Guardian
 
     state = helpers.make_state(42)

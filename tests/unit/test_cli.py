@@ -12,13 +12,13 @@ import stat
 import subprocess
 import sys
 
-import pytest
-import torch
-
 import corruption
 import helpers
-from dist_guardian import Guardian
+import pytest
+import torch
 from helpers import committed, make_state, same, snapshot
+
+from dist_guardian import Guardian
 
 RUN = "r"
 REPL = "replicated.dgt"
@@ -69,7 +69,9 @@ def test_ls_lists_every_candidate_with_tier_and_reasons(four):
     lines = p.stdout.splitlines()
     assert lines[0] == f"run {RUN}: candidates"
     assert len(lines) == 5
-    assert "step        400" in lines[1] and "tier R" in lines[1] and "size_mismatch: replicated.dgt expected=" in lines[1]
+    assert (
+        "step        400" in lines[1] and "tier R" in lines[1] and "size_mismatch: replicated.dgt expected=" in lines[1]
+    )
     for line, step in zip(lines[2:], (300, 200, 100)):
         assert f"step {step:>10}" in line and "tier V" in line and helpers.step_dir(root, RUN, step) in line
     assert tree(root) == before  # read-only
@@ -119,8 +121,8 @@ def test_plan_text_and_suspect_policy(four):
     st = make_state(seed=3)
     pt = os.path.join(root, "legacy_step500.pt")
     torch.save({"model": st["model"].state_dict()}, pt)
-    import zipfile
     import struct
+    import zipfile
 
     with zipfile.ZipFile(pt) as zf:
         info = next(i for i in zf.infolist() if i.filename.endswith("/data/0"))
@@ -149,7 +151,9 @@ def test_plan_compat_mismatch_exits_1(four):
     assert p.returncode == 1
     doc = json.loads(p.stdout)
     assert doc["candidates"] == []
-    assert all(why == "incompatible: compat differs: model: not in checkpoint, now 'other'" for _, why in doc["rejected"])
+    assert all(
+        why == "incompatible: compat differs: model: not in checkpoint, now 'other'" for _, why in doc["rejected"]
+    )
     assert len(doc["rejected"]) == 4
 
 
@@ -239,10 +243,16 @@ def test_bad_usage_exits_2(four):
 def test_ls_plan_verify_prune_import_no_torch(four):
     root, _ = four
     d = helpers.step_dir(root, RUN, 100)
-    for args in (["ls", root, "--run", RUN], ["plan", root, "--run", RUN], ["verify", d],
-                 ["prune", root, "--run", RUN, "--keep-last", "2", "--dry-run"]):
-        code = (f"import sys; from dist_guardian.cli import main; rc = main({args!r}); "
-                "sys.stdout.flush(); print('TORCH_LOADED' if 'torch' in sys.modules else 'NO_TORCH'); sys.exit(rc)")
+    for args in (
+        ["ls", root, "--run", RUN],
+        ["plan", root, "--run", RUN],
+        ["verify", d],
+        ["prune", root, "--run", RUN, "--keep-last", "2", "--dry-run"],
+    ):
+        code = (
+            f"import sys; from dist_guardian.cli import main; rc = main({args!r}); "
+            "sys.stdout.flush(); print('TORCH_LOADED' if 'torch' in sys.modules else 'NO_TORCH'); sys.exit(rc)"
+        )
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, (args, p.stderr)
         assert p.stdout.strip().splitlines()[-1] == "NO_TORCH", args

@@ -8,10 +8,13 @@ from dist_guardian.comm import Comm
 from dist_guardian.errors import AgreementTimeout, CoordinationError
 
 # What gloo (torch 2.13) raises, measured with two ranks: a plain RuntimeError in both cases.
-GLOO_TIMEOUT = ("[third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] "
-                "Timed out waiting 2000ms for recv operation to complete")
-GLOO_DEAD_PEER = ("[third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:54934. "
-                  "This is typically caused by a remote worker crashing.")
+GLOO_TIMEOUT = (
+    "[third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 2000ms for recv operation to complete"
+)
+GLOO_DEAD_PEER = (
+    "[third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:54934. "
+    "This is typically caused by a remote worker crashing."
+)
 
 
 def _failed(e: BaseException) -> CoordinationError:

@@ -55,8 +55,11 @@ def test_same_generation_conflicts_and_another_lineage_commits_beside_it(tmp_pat
     first = _commit(store, staging, 1, mbytes)
     assert first == store.uri(RUN, "step-000000000007")
     staging, mbytes = _staging_copy(src, tmp_path)
-    with pytest.raises(CommitConflict, match=r"commit_conflict: .*step-000000000007 was committed by another writer; "
-                                             r"ours is discarded$"):
+    with pytest.raises(
+        CommitConflict,
+        match=r"commit_conflict: .*step-000000000007 was committed by another writer; "
+        r"ours is discarded$",
+    ):
         _commit(store, staging, 1, mbytes)  # the same lineage committed this step first (F38)
     staging, mbytes = _staging_copy(src, tmp_path)
     with caplog.at_level(logging.WARNING, logger="dist_guardian.commit"):

@@ -23,19 +23,28 @@ def _raises(tmp_path, message: str, **options) -> None:
 
 
 def test_negative_save_failures_is_refused(tmp_path):
-    _raises(tmp_path, "save_failures=-5 must be a non-negative integer (failed saves in a row tolerated before one raises)",
-            save_failures=-5)
+    _raises(
+        tmp_path,
+        "save_failures=-5 must be a non-negative integer (failed saves in a row tolerated before one raises)",
+        save_failures=-5,
+    )
 
 
 def test_non_integer_save_failures_is_refused(tmp_path):
-    _raises(tmp_path, "save_failures=True must be a non-negative integer (failed saves in a row tolerated before one raises)",
-            save_failures=True)
+    _raises(
+        tmp_path,
+        "save_failures=True must be a non-negative integer (failed saves in a row tolerated before one raises)",
+        save_failures=True,
+    )
 
 
 def test_remote_concurrency_that_is_not_a_positive_integer_is_refused(tmp_path):
     for bad in ("many", 0):
-        _raises(tmp_path, f"remote_concurrency={bad!r} must be None (the store decides) or a positive integer",
-                remote_concurrency=bad)
+        _raises(
+            tmp_path,
+            f"remote_concurrency={bad!r} must be None (the store decides) or a positive integer",
+            remote_concurrency=bad,
+        )
 
 
 def test_negative_mirror_timeout_is_refused(tmp_path):
@@ -66,7 +75,9 @@ def test_on_exhausted_and_suspect_name_their_values(tmp_path):
 
 
 def test_key_lists_must_be_lists_of_names(tmp_path):
-    _raises(tmp_path, "per_rank='data' must be a list (or other iterable) of names, not a single value", per_rank="data")
+    _raises(
+        tmp_path, "per_rank='data' must be a list (or other iterable) of names, not a single value", per_rank="data"
+    )
     _raises(tmp_path, "required must hold state keys (strings); got 3", required=["model", 3])
 
 
@@ -80,12 +91,16 @@ def test_compat_must_be_json_able(tmp_path):
 
 
 def test_an_unknown_keyword_names_the_allowed_ones(tmp_path):
-    with pytest.raises(ConfigError, match=r"^Guardian\(\) got unknown keyword\(s\) 'keep_lst'; use: stores, run, compat, "):
+    with pytest.raises(
+        ConfigError, match=r"^Guardian\(\) got unknown keyword\(s\) 'keep_lst'; use: stores, run, compat, "
+    ):
         Guardian(stores=[str(tmp_path / "ck")], run="r", keep_lst=3)
 
 
 def test_empty_stores_and_bad_run_names_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match=r"^stores is empty: give at least one store, e\.g\. stores=\['checkpoints/'\]$"):
+    with pytest.raises(
+        ConfigError, match=r"^stores is empty: give at least one store, e\.g\. stores=\['checkpoints/'\]$"
+    ):
         Guardian(stores=[], run="r")
     with pytest.raises(ConfigError, match=r"^run='a/b' is not a plain name \(letters, digits, '\.', '_', '-'\)$"):
         Guardian(stores=[str(tmp_path / "ck")], run="a/b")
@@ -95,7 +110,11 @@ def test_defaults_build_frozen_values(tmp_path):
     cfg = _build(tmp_path)
     assert isinstance(cfg, GuardianConfig) and isinstance(cfg.resume, ResumeConfig)
     assert (cfg.keep_last, cfg.save_failures, cfg.mirror_timeout, cfg.rng, cfg.repair) == (None, 2, 600.0, True, False)
-    assert cfg.resume.stores == (str(tmp_path / "ck"),) and cfg.resume.timeout == 600.0 and cfg.resume.storage_options == {}
+    assert (
+        cfg.resume.stores == (str(tmp_path / "ck"),)
+        and cfg.resume.timeout == 600.0
+        and cfg.resume.storage_options == {}
+    )
     with pytest.raises(AttributeError):
         cfg.keep_last = 5  # type: ignore[misc]
     assert not (tmp_path / "ck").exists()  # building a config touches no store
@@ -105,9 +124,12 @@ def test_resume_builds_the_same_config_and_names_unknown_keywords(tmp_path):
     import dist_guardian
 
     ck = str(tmp_path / "ck")
-    with pytest.raises(ConfigError, match=r"^resume\(\) got unknown keyword\(s\) 'keep_last'; use: stores, run, compat, "
-                                          r"layout, suspect, on_exhausted, timeout, attempt_timeout, storage_options, "
-                                          r"extra_safe_globals, use_journal, apply_fn, comm, config$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^resume\(\) got unknown keyword\(s\) 'keep_last'; use: stores, run, compat, "
+        r"layout, suspect, on_exhausted, timeout, attempt_timeout, storage_options, "
+        r"extra_safe_globals, use_journal, apply_fn, comm, config$",
+    ):
         dist_guardian.resume(lambda c, s: None, [ck], keep_last=3)
     with pytest.raises(ConfigError, match=r"^attempt_timeout=0 must be None \(0\.8 x timeout\) or a positive number"):
         dist_guardian.resume(lambda c, s: None, [ck], attempt_timeout=0)
@@ -118,7 +140,9 @@ def test_resume_builds_the_same_config_and_names_unknown_keywords(tmp_path):
     cfg = ResumeConfig(stores=(ck,), timeout=10)
     assert cfg.load_deadline == 8.0 and ResumeConfig(stores=(ck,), attempt_timeout=3).load_deadline == 3.0
     assert ResumeConfig(stores=(ck,), extra_safe_globals=[ResumeConfig, "a.B"]).safe_global_names == (
-        "dist_guardian.config.ResumeConfig", "a.B")
+        "dist_guardian.config.ResumeConfig",
+        "a.B",
+    )
     r = dist_guardian.resume(lambda c, s: None, config=cfg)  # nothing there: a fresh start
     assert not r.resumed and not (tmp_path / "ck").exists()
 

@@ -8,9 +8,9 @@ import logging
 import os
 
 import pytest
+import repo_paths
 
 from dist_guardian import Guardian, _faults
-import repo_paths
 
 PKG = repo_paths.PACKAGE_DIR
 
@@ -36,14 +36,17 @@ def test_every_fault_point_at_a_call_site_is_registered_and_every_registered_one
     assert _call_site_points() == set(_faults.POINTS)
 
 
-@pytest.mark.parametrize("rule", [
-    "during_laod:1:hang",          # a typo in the point
-    "during_load:1:hang-forever",  # an unknown action
-    "during_load:one:hang",        # a bad rank
-    "during_load@x:1:hang",        # a bad step
-    "during_load:1",               # a missing field
-    "during_load:1:sleep-soon",
-])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        "during_laod:1:hang",  # a typo in the point
+        "during_load:1:hang-forever",  # an unknown action
+        "during_load:one:hang",  # a bad rank
+        "during_load@x:1:hang",  # a bad step
+        "during_load:1",  # a missing field
+        "during_load:1:sleep-soon",
+    ],
+)
 def test_a_bad_rule_is_a_clear_error_at_start_up(rule, monkeypatch, tmp_path):
     import dist_guardian
 

@@ -81,7 +81,9 @@ def test_committed_id_copy_matches_FAULTS_md():
     assert copy == [f"F{i:02d}" for i in range(1, 50)]
     if os.path.isfile(FAULTS_MD):
         with open(FAULTS_MD, encoding="utf-8") as f:
-            assert ids_from_markdown(f.read()) == copy, "tests/data/FAULTS_ids.txt is stale: regenerate it from FAULTS.md"
+            assert ids_from_markdown(f.read()) == copy, (
+                "tests/data/FAULTS_ids.txt is stale: regenerate it from FAULTS.md"
+            )
 
 
 def test_every_catalog_fault_has_a_named_test():

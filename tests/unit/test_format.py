@@ -10,10 +10,10 @@ import struct
 
 import pytest
 import torch
+from helpers import make_state, same, snapshot
 
 from dist_guardian import Guardian, formats, statetree
 from dist_guardian.errors import CheckpointFormatError
-from helpers import make_state, snapshot, same
 
 
 def _write(path, tree):
@@ -25,8 +25,14 @@ def _write(path, tree):
 def test_native_file_opens_with_safetensors(tmp_path):
     from safetensors import safe_open
 
-    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(2, dtype=torch.bfloat16),
-               "d": torch.tensor([True, False]), "e": torch.tensor(3.5, dtype=torch.float64), "f": torch.zeros(0, 4)}
+    tensors = {
+        "a": torch.randn(3, 5),
+        "b": torch.arange(7, dtype=torch.int64),
+        "c": torch.randn(2, dtype=torch.bfloat16),
+        "d": torch.tensor([True, False]),
+        "e": torch.tensor(3.5, dtype=torch.float64),
+        "f": torch.zeros(0, 4),
+    }
     w = _write(tmp_path / "x.dgt", {"t": tensors, "meta": {"k": [1, 2.5, "s", None]}})
     assert w.entry.size == os.path.getsize(tmp_path / "x.dgt")
     with safe_open(str(tmp_path / "x.dgt"), framework="pt") as f:
@@ -39,8 +45,15 @@ def test_native_file_opens_with_safetensors(tmp_path):
 
 
 def test_alignment_and_no_gaps(tmp_path):
-    _write(tmp_path / "x.dgt", {"a": torch.zeros(3, dtype=torch.uint8), "b": torch.zeros(5, dtype=torch.float64),
-                                "c": torch.zeros(3, dtype=torch.float16), "d": torch.zeros(2, dtype=torch.float32)})
+    _write(
+        tmp_path / "x.dgt",
+        {
+            "a": torch.zeros(3, dtype=torch.uint8),
+            "b": torch.zeros(5, dtype=torch.float64),
+            "c": torch.zeros(3, dtype=torch.float16),
+            "d": torch.zeros(2, dtype=torch.float32),
+        },
+    )
     data = (tmp_path / "x.dgt").read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     assert (8 + n) % 8 == 0
@@ -53,10 +66,16 @@ def test_alignment_and_no_gaps(tmp_path):
 
 
 def test_tree_round_trip_is_exact():
-    tree = {"opt": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4)}},
-                    "param_groups": [{"betas": (0.9, 0.999), "lr": 1e-3, "params": [0], "foreach": None}]},
-            "odd": {"__tensor__": "not a tensor", 1.5: "float key", (1, 2): "tuple key"},
-            "floats": [float("nan"), float("inf"), -float("inf"), 0.1], "dtype": torch.float16, "size": torch.Size([2, 3])}
+    tree = {
+        "opt": {
+            "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4)}},
+            "param_groups": [{"betas": (0.9, 0.999), "lr": 1e-3, "params": [0], "foreach": None}],
+        },
+        "odd": {"__tensor__": "not a tensor", 1.5: "float key", (1, 2): "tuple key"},
+        "floats": [float("nan"), float("inf"), -float("inf"), 0.1],
+        "dtype": torch.float16,
+        "size": torch.Size([2, 3]),
+    }
     enc = statetree.Encoder()
     j = json.loads(json.dumps(enc.encode(tree, ""), allow_nan=False))
     back = statetree.decode(j, enc.tensors)
@@ -72,13 +91,16 @@ def test_unsupported_value_names_its_key():
         statetree.Encoder().encode({"a": {"b": {1, 2}}}, "")
 
 
-@pytest.mark.parametrize("damage,expect", [
-    (lambda d: d[:4], "truncated"),
-    (lambda d: struct.pack("<Q", 1 << 40) + d[8:], "header length"),
-    (lambda d: d[:8] + b"[" + d[9:], "JSON|object"),
-    (lambda d: d[:-1], "cover"),
-    (lambda d: d + b"\0" * 8, "cover"),
-])
+@pytest.mark.parametrize(
+    "damage,expect",
+    [
+        (lambda d: d[:4], "truncated"),
+        (lambda d: struct.pack("<Q", 1 << 40) + d[8:], "header length"),
+        (lambda d: d[:8] + b"[" + d[9:], "JSON|object"),
+        (lambda d: d[:-1], "cover"),
+        (lambda d: d + b"\0" * 8, "cover"),
+    ],
+)
 def test_header_parser_rejects_structural_damage(tmp_path, damage, expect):
     _write(tmp_path / "x.dgt", {"a": torch.randn(10), "b": torch.arange(3)})
     data = damage((tmp_path / "x.dgt").read_bytes())
@@ -100,7 +122,12 @@ def test_no_pickle_in_native_path():
 
     root = os.path.dirname(dist_guardian.__file__)
     in_formats = sorted(os.listdir(os.path.join(root, "formats")))
-    for name in (*[os.path.join("formats", n) for n in in_formats if n.endswith(".py")], "statetree.py", "commit.py", "manifest.py"):
+    for name in (
+        *[os.path.join("formats", n) for n in in_formats if n.endswith(".py")],
+        "statetree.py",
+        "commit.py",
+        "manifest.py",
+    ):
         src = open(os.path.join(root, name)).read()
         # pickletools (opcode scanning of foreign files, nothing executed) is fine; pickle is not.
         assert not re.search(r"^import pickle$|\bpickle\.loads?\(|\btorch\.load\(", src, re.M), name

@@ -18,12 +18,12 @@ import shutil
 import struct
 import tempfile
 
+import helpers
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-import helpers
 from dist_guardian import DistGuardianError, Guardian, discovery, formats, manifest, planning, stores
 from dist_guardian.candidate import Candidate
 from dist_guardian.errors import CheckpointFormatError
@@ -34,10 +34,15 @@ RUN = "r"
 
 def profile(n: int, deadline_ms: int = 2000) -> settings:
     # No "explain" phase: its line tracer makes a failing resume example take minutes on Python 3.11.
-    return settings(max_examples=n, deadline=deadline_ms, derandomize=True, database=None, print_blob=True,
-                    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                           HealthCheck.data_too_large])
+    return settings(
+        max_examples=n,
+        deadline=deadline_ms,
+        derandomize=True,
+        database=None,
+        print_blob=True,
+        phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+    )
 
 
 # ----------------------------------------------------------------------------- mutations
@@ -77,12 +82,20 @@ def mutate(data: st.DataObject, raw: bytes, *, hot: int | None = None, max_ops: 
 
 
 JSON_ODD = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.sampled_from([2**64, 10**400, -(10**400), -1, 0, 10**15, 2**63 - 1]),
-    st.floats(), st.sampled_from([1e308, -1e308, 1e-320]), st.text(max_size=40),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.sampled_from([2**64, 10**400, -(10**400), -1, 0, 10**15, 2**63 - 1]),
+    st.floats(),
+    st.sampled_from([1e308, -1e308, 1e-320]),
+    st.text(max_size=40),
     st.sampled_from(["../../x", "/abs/x", "a/../../b", "x\x00y", "..", ".", "", "manifest.json", "0" * 40, "f" * 32]),
 )
-JSON_VALUES = st.recursive(JSON_ODD, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=12), kids, max_size=4),
-                           max_leaves=12)
+JSON_VALUES = st.recursive(
+    JSON_ODD,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=12), kids, max_size=4),
+    max_leaves=12,
+)
 
 
 def _paths(doc, prefix=()):
@@ -130,20 +143,34 @@ D1, D2 = "0123456789abcdef" * 2, "fedcba9876543210" * 2
 
 
 def valid_manifest() -> bytes:
-    return manifest.build(manifest.ManifestDraft(
-        run=RUN, step=200, generation=1, world_size=2, created_unix=1.7e9, compat={"model": "m"}, metrics={"loss": 0.5},
-        files=[manifest.FileEntry(name="replicated.dgt", size=1234, digest=D1),
-               manifest.FileEntry(name="rank-00001-of-00002.dgt", size=99, digest=D2, rank=1)],
-        tensors={"replicated.dgt": {"model/w": manifest.TensorStat(digest=D1, max_abs=2.5, finite=True)}},
-        torch_version="2.x", writer={"host": "h"}, layout={"model": "f" * 32},
-    ))
+    return manifest.build(
+        manifest.ManifestDraft(
+            run=RUN,
+            step=200,
+            generation=1,
+            world_size=2,
+            created_unix=1.7e9,
+            compat={"model": "m"},
+            metrics={"loss": 0.5},
+            files=[
+                manifest.FileEntry(name="replicated.dgt", size=1234, digest=D1),
+                manifest.FileEntry(name="rank-00001-of-00002.dgt", size=99, digest=D2, rank=1),
+            ],
+            tensors={"replicated.dgt": {"model/w": manifest.TensorStat(digest=D1, max_abs=2.5, finite=True)}},
+            torch_version="2.x",
+            writer={"host": "h"},
+            layout={"model": "f" * 32},
+        )
+    )
 
 
 def valid_native() -> tuple[bytes, int]:
     """A native file (header, then tensors) and its header length."""
-    specs = [formats.TensorSpec("w", "F32", (2, 3), memoryview(struct.pack("<6f", *range(6)))),
-             formats.TensorSpec("n", "I64", (2,), memoryview(struct.pack("<2q", 7, 8))),
-             formats.TensorSpec("e", "BF16", (0,), memoryview(b""))]
+    specs = [
+        formats.TensorSpec("w", "F32", (2, 3), memoryview(struct.pack("<6f", *range(6)))),
+        formats.TensorSpec("n", "I64", (2,), memoryview(struct.pack("<2q", 7, 8))),
+        formats.TensorSpec("e", "BF16", (0,), memoryview(b"")),
+    ]
     fd, path = tempfile.mkstemp()
     try:
         formats.write_native(fd, json.dumps({"w": {"__tensor__": "w"}}), specs)
@@ -222,8 +249,16 @@ def test_manifest_parse_mutated_fields_only_manifest_error(data):
     _check_manifest_invariants(mf)
 
 
-@pytest.mark.parametrize("field,value", [("created_unix", "1" + "0" * 400), ("created_unix", "1e400"),
-                                         ("created_unix", "-1e400"), ("max_abs", "1" + "0" * 400), ("max_abs", "1e999")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("created_unix", "1" + "0" * 400),
+        ("created_unix", "1e400"),
+        ("created_unix", "-1e400"),
+        ("max_abs", "1" + "0" * 400),
+        ("max_abs", "1e999"),
+    ],
+)
 def test_manifest_parse_numbers_beyond_float_are_manifest_errors(field, value):
     """Found by the field fuzzer: 10**400 made float() raise OverflowError, 1e400 parsed as inf."""
     doc = json.loads(valid_manifest())
@@ -379,12 +414,32 @@ def test_step_dir_names_round_trip(step, gen):
     assert m and int(m.group(1)) == step and (m.group(2) is None if gen is None else int(m.group(2)) == gen)
 
 
-NAMES = st.one_of(st.text(max_size=30), st.sampled_from(["..", ".", "", ".staging-step-000000000300-abcdef0123", ".journal",
-                                                          "step-000000000100", "step-1-g2", "x.pt", "a/b", "/abs", "step-99999999999999999999"]))
+NAMES = st.one_of(
+    st.text(max_size=30),
+    st.sampled_from(
+        [
+            "..",
+            ".",
+            "",
+            ".staging-step-000000000300-abcdef0123",
+            ".journal",
+            "step-000000000100",
+            "step-1-g2",
+            "x.pt",
+            "a/b",
+            "/abs",
+            "step-99999999999999999999",
+        ]
+    ),
+)
 
 
 @profile(300)
-@given(entries=st.lists(st.tuples(NAMES, st.sampled_from(["file", "dir", "symlink", "other"]), st.integers(0, 2**63)), max_size=12))
+@given(
+    entries=st.lists(
+        st.tuples(NAMES, st.sampled_from(["file", "dir", "symlink", "other"]), st.integers(0, 2**63)), max_size=12
+    )
+)
 def test_discovery_from_arbitrary_listing_never_raises(entries):
     store = stores.Store(url="/fuzz", index=0, kind="local", root="/fuzz")
     listed = [stores.Entry(rel, kind, size) for rel, kind, size in entries]
@@ -551,7 +606,9 @@ def test_resume_over_fuzzed_store_loads_intact_or_fails_cleanly(data, template, 
             g.close()
     assert not torch_files["marker"].exists()
     real_root = os.path.realpath(root)
-    outside = [p for p in opened if not os.path.realpath(p).startswith(real_root + os.sep) and os.path.realpath(p) != real_root]
+    outside = [
+        p for p in opened if not os.path.realpath(p).startswith(real_root + os.sep) and os.path.realpath(p) != real_root
+    ]
     assert not outside, f"opened outside the store: {outside}"
     if r is not None:
         assert r.resumed, "A is intact: a fresh start would lose progress"

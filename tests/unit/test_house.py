@@ -51,5 +51,8 @@ def test_the_measure_sees_what_is_over(tmp_path):
     pkg.mkdir()
     body = "\n".join(f"    x{i} = {i}" for i in range(85))
     (pkg / "big.py").write_text(f"def long(a, b, c, d, e, f, g, h, *rest):\n{body}\n" + "y = 1\n" * 420)
-    assert measure(pkg) == ["pkg/big.py 506 lines", "pkg/big.py:long function of 86 lines",
-                            "pkg/big.py:long takes 9 parameters"]
+    assert measure(pkg) == [
+        "pkg/big.py 506 lines",
+        "pkg/big.py:long function of 86 lines",
+        "pkg/big.py:long takes 9 parameters",
+    ]

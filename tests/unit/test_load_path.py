@@ -1,4 +1,5 @@
-"""The load path's seams: one dispatch plus acceptance, reasons that carry their transient flag, no I/O in PlanCursor()."""
+"""The load path's seams: one dispatch plus acceptance, reasons that carry their transient flag,
+no I/O in PlanCursor()."""
 
 from __future__ import annotations
 
@@ -43,7 +44,9 @@ def test_a_missing_required_key_is_refused_before_any_vote(tmp_path):
 def test_a_suspect_that_fails_the_sanity_gate_names_both():
     t = torch.tensor([1.0, float("nan")])
     staged = staging.Staged(tree={"w": t}, rng=None, step=1, suspect=["checksum_mismatch: f"])
-    with pytest.raises(CheckpointFormatError, match=r"^checksum_mismatch: f; sanity_gate_failed: tensor /w holds NaN/Inf"):
+    with pytest.raises(
+        CheckpointFormatError, match=r"^checksum_mismatch: f; sanity_gate_failed: tensor /w holds NaN/Inf"
+    ):
         staging.accept(staged, {}, ())
 
 

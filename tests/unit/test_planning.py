@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 import torch
-
 from corruption import flip_in_zip_member
-from dist_guardian import Guardian, planning, stores
 from helpers import committed
+
+from dist_guardian import Guardian, planning, stores
 
 
 def _make(root: str, steps: range) -> None:
@@ -59,6 +59,8 @@ def test_last_resort_suspects_come_after_every_page(tmp_path):
     path = os.path.join(root, "step_50.pt")
     torch.save(obj, path)
     flip_in_zip_member(path, "data/0")
-    plan = planning.make_plan([stores.resolve(root, 0)], planning.PlanRequest(run="r", suspect="last_resort", use_journal=False))
+    plan = planning.make_plan(
+        [stores.resolve(root, 0)], planning.PlanRequest(run="r", suspect="last_resort", use_journal=False)
+    )
     tiers = [(c.step, c.tier) for c in plan.candidates]
     assert tiers[-1] == (50, "S") and [t for _, t in tiers[:-1]] == ["V"] * 12

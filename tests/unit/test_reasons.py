@@ -42,8 +42,13 @@ def test_reason_parse_gives_the_token_back():
 
 @pytest.mark.parametrize(
     "cls, default_errno, transient",
-    [(StoreError, errno.EIO, False), (StoreUnavailable, errno.EIO, True), (InsecurePathError, errno.EPERM, False),
-     (SaveFailed, errno.EIO, False), (CommitConflict, errno.EEXIST, False)],
+    [
+        (StoreError, errno.EIO, False),
+        (StoreUnavailable, errno.EIO, True),
+        (InsecurePathError, errno.EPERM, False),
+        (SaveFailed, errno.EIO, False),
+        (CommitConflict, errno.EEXIST, False),
+    ],
 )
 def test_one_constructor_convention(cls, default_errno, transient):
     e = cls("some_token", "what happened to /p")
@@ -55,12 +60,17 @@ def test_one_constructor_convention(cls, default_errno, transient):
     assert with_errno.errno == errno.ELOOP and str(with_errno) == str(e)  # never "[Errno 40] ..."
     back = pickle.loads(pickle.dumps(with_errno))
     assert type(back) is cls and (back.reason, back.detail, back.errno, str(back)) == (
-        "some_token", "what happened to /p", errno.ELOOP, "some_token: what happened to /p")
+        "some_token",
+        "what happened to /p",
+        errno.ELOOP,
+        "some_token: what happened to /p",
+    )
 
 
 def test_store_errors_name_the_store():
-    e = StoreUnavailable("store_unreachable", "list y did not answer within 2.5s", errno=errno.ETIMEDOUT,
-                         store="s3://b/ck")
+    e = StoreUnavailable(
+        "store_unreachable", "list y did not answer within 2.5s", errno=errno.ETIMEDOUT, store="s3://b/ck"
+    )
     assert str(e) == "store_unreachable store=s3://b/ck: list y did not answer within 2.5s"
     assert e.errno == errno.ETIMEDOUT and e.why.transient and e.why.store == "s3://b/ck"
     try:

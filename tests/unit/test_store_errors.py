@@ -32,8 +32,10 @@ def test_refused_credentials_are_auth_failures_and_remembered(store, exc):
         store_errors.check_auth_memo(store)
 
 
-@pytest.mark.parametrize("exc", [TimeoutError("t"), bx.ReadTimeoutError(endpoint_url="http://x"),
-                                 bx.ConnectTimeoutError(endpoint_url="http://x")])
+@pytest.mark.parametrize(
+    "exc",
+    [TimeoutError("t"), bx.ReadTimeoutError(endpoint_url="http://x"), bx.ConnectTimeoutError(endpoint_url="http://x")],
+)
 def test_timeouts_say_did_not_answer(store, exc):
     t = store_errors.translate(store, "list y", exc, 2.5)
     assert isinstance(t, StoreUnavailable) and t.errno == errno.ETIMEDOUT and t.__cause__ is exc
