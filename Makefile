@@ -11,7 +11,7 @@ TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS    ?=
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint bench clean
 
 $(VENV)/.torch-ok:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,14 @@ $(VENV)/.test-ok: $(VENV)/.torch-ok pyproject.toml
 demo: $(VENV)/.base-ok
 	$(PY) launch/demo.py
 
-test: $(VENV)/.test-ok
+# ruff (lint and format) and mypy, configured in pyproject.toml; `make test` runs them first.
+LINT_PATHS := dist_guardian tests benchmarks launch
+lint: $(VENV)/.test-ok
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
+	$(PY) -m mypy
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.test-ok
