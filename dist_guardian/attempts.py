@@ -261,18 +261,7 @@ def _decide(
     policy = "last_resort" if verdict == VOTE_LAST_RESORT and suspect != "reject" else suspect
     if better_remains(c, remaining[idx + 1 :], policy) or policy == "reject":
         outcome: Literal["failed", "deferred"] = "failed" if suspect == "reject" else "deferred"
-        rec.attempts.append(
-            Attempt(
-                candidate_id=c.id,
-                step=c.step,
-                store=c.store,
-                path=c.path,
-                tier="S",
-                outcome=outcome,
-                reasons=reasons,
-                seconds=tried.elapsed,
-            )
-        )
+        rec.attempts.append(Attempt.of(c, outcome, reasons, seconds=tried.elapsed, tier="S"))
         if ctx.comm.rank == 0:
             log.warning(
                 "candidate_suspect %s: %s; %s",
@@ -300,18 +289,7 @@ def _record_failure(ctx: LoopContext, c: Candidate, tried: _Tried, rec: Record) 
     reasons = tuple((r, str(why)) for r, why in failures)
     # A timeout may be transient (F33): every rank sees the same gathered reasons, so all agree.
     rec.transient = rec.transient or any(why.transient for _, why in failures)
-    rec.attempts.append(
-        Attempt(
-            candidate_id=c.id,
-            step=c.step,
-            store=c.store,
-            path=c.path,
-            tier=c.tier,
-            outcome="failed",
-            reasons=reasons,
-            seconds=tried.elapsed,
-        )
-    )
+    rec.attempts.append(Attempt.of(c, "failed", reasons, seconds=tried.elapsed))
     if ctx.comm.rank == 0:
         log.warning("attempt_failed %s: %s", c.describe(), "; ".join(f"rank {r}: {t}" for r, t in reasons))
     ctx.record(c, finished=1, outcome="failed")
@@ -324,14 +302,4 @@ def _apply(ctx: LoopContext, c: Candidate, tried: _Tried, rec: Record) -> None:
     ctx.record(c, finished=1, outcome="loaded")
     if c.tier == "L":
         rec.warnings.append(f"legacy_unverified_loaded: {c.path} has no manifest checksums")
-    rec.attempts.append(
-        Attempt(
-            candidate_id=c.id,
-            step=c.step,
-            store=c.store,
-            path=c.path,
-            tier=c.tier,
-            outcome="loaded",
-            seconds=tried.elapsed,
-        )
-    )
+    rec.attempts.append(Attempt.of(c, "loaded", seconds=tried.elapsed))

@@ -186,6 +186,28 @@ class Attempt:
     reasons: tuple[tuple[int, str], ...] = ()  # (rank, reason)
     seconds: float = 0.0
 
+    @classmethod
+    def of(
+        cls,
+        c: Candidate,
+        outcome: Literal["loaded", "failed", "deferred", "unavailable", "skipped"],
+        reasons: tuple[tuple[int, str], ...] = (),
+        *,
+        seconds: float = 0.0,
+        tier: str | None = None,
+    ) -> Attempt:
+        """The record of trying ``c`` (its tier unless the attempt found another)."""
+        return cls(
+            candidate_id=c.id,
+            step=c.step,
+            store=c.store,
+            path=c.path,
+            tier=tier or c.tier,
+            outcome=outcome,
+            reasons=reasons,
+            seconds=seconds,
+        )
+
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["reasons"] = [{"rank": r, "reason": why} for r, why in self.reasons]

@@ -253,17 +253,7 @@ def _availability_vote(
             remaining.append(c)
             continue
         reasons = tuple((r, per_rank[r][i]) for r in range(world) if per_rank[r][i])
-        attempts.append(
-            Attempt(
-                candidate_id=c.id,
-                step=c.step,
-                store=c.store,
-                path=c.path,
-                tier=c.tier,
-                outcome="unavailable",
-                reasons=reasons,
-            )
-        )
+        attempts.append(Attempt.of(c, "unavailable", reasons))
         if rank == 0:
             log.warning(
                 "candidate_unavailable id=%s ranks=%s: %s",
