@@ -1,7 +1,8 @@
 # The two set-up commands:  make demo   |   make test
 # Both create .venv when it is missing. torch is installed first, on its own and only when it
 # is not importable, so the project's `torch>=2.6` is already satisfied and pip never picks a
-# multi-GB CUDA build by itself. Override per platform, e.g.
+# multi-GB CUDA build by itself; later installs name TORCH_SPEC again, so no package can move
+# torch. Override per platform, e.g.
 #   make test TORCH_SPEC="torch==2.6.0" TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 PYTHON         ?= python3
 VENV           ?= .venv
@@ -19,11 +20,11 @@ $(VENV)/.torch-ok:
 	touch $@
 
 $(VENV)/.base-ok: $(VENV)/.torch-ok pyproject.toml
-	$(PIP) install -e .
+	$(PIP) install -e . "$(TORCH_SPEC)"
 	touch $@
 
 $(VENV)/.test-ok: $(VENV)/.torch-ok pyproject.toml
-	$(PIP) install -e ".[test]"
+	$(PIP) install -e ".[test]" "$(TORCH_SPEC)"
 	touch $@ $(VENV)/.base-ok
 
 demo: $(VENV)/.base-ok
