@@ -38,6 +38,8 @@ NATIVE_SUFFIX = ".dgt"
 REPLICATED_FILE = "replicated.dgt"
 # rank-00001-of-00004.dgt; 5 to 7 digits: manifest.MAX_WORLD_SIZE is 2**20.
 RANK_FILE_RE = re.compile(r"^rank-(\d{5,7})-of-(\d{5,7})\.dgt\Z")
+# shards-00001-of-00004.dgt: the chunks of sharded tensors one rank wrote (their geometry is in the manifest).
+SHARD_FILE_RE = re.compile(r"^shards-(\d{5,7})-of-(\d{5,7})\.dgt\Z")
 DCP_METADATA = ".metadata"  # what makes a directory a PyTorch DCP checkpoint
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
@@ -52,6 +54,10 @@ def new_staging_name(step: int) -> str:
 
 def rank_file_name(rank: int, world_size: int) -> str:
     return f"rank-{rank:05d}-of-{world_size:05d}{NATIVE_SUFFIX}"
+
+
+def shard_file_name(rank: int, world_size: int) -> str:
+    return f"shards-{rank:05d}-of-{world_size:05d}{NATIVE_SUFFIX}"
 
 
 def trash_name(dirname: str) -> str:

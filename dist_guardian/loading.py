@@ -23,11 +23,11 @@ from typing import Any, BinaryIO, cast
 import torch
 import xxhash
 
-from . import _faults, formats, manifest, statetree, stores
+from . import _faults, formats, manifest, sharded_io, sharding, statetree, stores
 from .candidate import Candidate, Loaded
 from .errors import CheckpointFormatError
 from .foreign_loading import load_dcp, load_torch_file
-from .layout import MANIFEST_NAME
+from .layout import MANIFEST_NAME, SHARD_FILE_RE
 from .manifest import Manifest
 from .staging import Staged, accept
 from .stores import Store
@@ -74,6 +74,7 @@ def load_candidate(c: Candidate, store: Store, state: dict[str, Any], options: L
             world_size=options.world_size,
             concurrency=options.concurrency,
             progress=options.progress,
+            state=state,
         )
     if c.kind == "torch":
         return load_torch_file(
@@ -293,6 +294,33 @@ def _read_native_remote(
     return header, buf, digest, per
 
 
+def _assemble(
+    mf: Manifest | None, c: Candidate, store: Store, state: dict[str, Any] | None, concurrency: int | None
+) -> sharded_io.Assembled | None:
+    """A sharded checkpoint's tensors in the live layout (None for a checkpoint without sharded tensors)."""
+    if mf is None or not mf.sharded:
+        return None
+    return sharded_io.assemble(mf, c.rel, store, sharding.Targets(state or {}), concurrency=concurrency)
+
+
+def _mismatch(
+    uri: str, f: Any, mf: Manifest | None, header: formats.NativeHeader, digest: str, per: dict[str, str]
+) -> tuple[list[str], bool]:
+    """What a file whose digest differs tells: the damaged tensors, and whether its tree is damaged too."""
+    expected = mf.tensors.get(f.name, {}) if mf else {}
+    damaged = [t for t, d in per.items() if t in expected and expected[t].digest != d]
+    out = [
+        f"checksum_mismatch: {uri}"
+        + (f" damaged_tensors={damaged[:10]}" if damaged else "")
+        + f" expected={f.digest} got={digest}"
+    ]
+    known = {t: st.digest for t, st in mf.tensors[f.name].items()} if mf and f.name in mf.tensors else None
+    why = formats.header_damage(header, per, known, mf.trees.get(f.name) if mf else None)
+    if why:
+        out.append(f"tree_damaged: {uri}: {why}")
+    return out, bool(why)
+
+
 def load_native(
     c: Candidate,
     store: Store,
@@ -301,14 +329,19 @@ def load_native(
     world_size: int,
     concurrency: int | None = None,
     progress: bool | None = False,
+    state: dict[str, Any] | None = None,
 ) -> Staged:
-    """Stage a native checkpoint on this rank: the replicated file and this rank's per-rank file.
+    """Stage a native checkpoint on this rank: the replicated file, this rank's per-rank file, and a sharded
+    checkpoint's tensors from their chunks in the layout of the live ``state`` (``sharded_io.assemble``).
 
-    ``progress``: a progress line on stderr for a remote load that lasts over a second
-    (``None``: only on a TTY; the caller passes ``False`` on every rank but 0).
+    ``progress``: a progress line on stderr for a remote load over a second (``None``: only on a TTY).
     """
     mf = read_manifest(c, store) if c.tier != "L" else None
     wanted = c.files_for_rank(rank, world_size)
+    assembled = _assemble(mf, c, store, state, concurrency)
+    if assembled is not None:  # the shard files are read chunk by chunk, never whole
+        wanted = tuple(f for f in wanted if not SHARD_FILE_RE.match(f.name))
+    extra = assembled.tensors if assembled is not None else {}
     transfer = None
     if not store.is_local:
         transfer = stores.Transfer(sum(f.size for f in wanted), f"load step {c.step} from {store.url}", show=progress)
@@ -327,21 +360,12 @@ def load_native(
             buf[buf.numel() // 2] ^= 0x10
             digest, per = formats.payload_digests(header, buf.numpy().data)
         if f.digest and digest != f.digest:
-            expected = mf.tensors.get(f.name, {}) if mf else {}
-            damaged = [t for t, d in per.items() if t in expected and expected[t].digest != d]
-            suspect.append(
-                f"checksum_mismatch: {store.uri(rel)}"
-                + (f" damaged_tensors={damaged[:10]}" if damaged else "")
-                + f" expected={f.digest} got={digest}"
-            )
-            known = {t: st.digest for t, st in mf.tensors[f.name].items()} if mf and f.name in mf.tensors else None
-            why = formats.header_damage(header, per, known, mf.trees.get(f.name) if mf else None)
-            if why:
-                tree_damaged = True
-                suspect.append(f"tree_damaged: {store.uri(rel)}: {why}")
+            found, damaged_tree = _mismatch(store.uri(rel), f, mf, header, digest, per)
+            suspect += found
+            tree_damaged = tree_damaged or damaged_tree
         if mf:
             stats.update(mf.tensors.get(f.name, {}))
-        tensors = statetree.tensors_from_buffer(header.entries, buf)
+        tensors = {**extra, **statetree.tensors_from_buffer(header.entries, buf)}
         names.update({id(t): n for n, t in tensors.items()})
         try:
             sub = statetree.decode(header.tree, tensors)
@@ -361,6 +385,11 @@ def load_native(
         tree.update(sub)
     if transfer is not None:
         transfer.close()
+    if assembled is not None:
+        suspect += assembled.suspect
+        stats.update(assembled.stats)
+        if saved_ws != world_size and rng is None:  # otherwise the per-rank file's warning says it
+            warnings.append(f"world_size_changed from={saved_ws} to={world_size}: sharded tensors resharded")
     return Staged(
         tree=tree,
         rng=rng,
@@ -370,4 +399,5 @@ def load_native(
         stats=stats,
         names=names,
         tree_damaged=tree_damaged,
+        fqn=sharding.fqn_keys(state or {}) if assembled is not None else {},
     )

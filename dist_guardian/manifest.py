@@ -58,6 +58,29 @@ class TensorStat:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Chunk:
+    """One saved box of a sharded tensor: where its bytes are, and what they hash to."""
+
+    file: str  # a listed file
+    begin: int  # byte range in that file (absolute)
+    end: int
+    offsets: tuple[int, ...]  # global offsets and lengths of the box
+    lengths: tuple[int, ...]
+    digest: str  # xxh3-128 of bytes [begin, end)
+    max_abs: float | None = None
+    finite: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShardedTensor:
+    """A tensor of a sharded checkpoint: global shape and dtype, and the chunks that tile it."""
+
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    chunks: tuple[Chunk, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Manifest:
     run: str
     step: int
@@ -75,6 +98,8 @@ class Manifest:
     layout: dict[str, str] = field(default_factory=dict)  # state key -> fingerprint of its (name, shape, dtype) list
     # file -> top-level key of its state tree -> digest (formats.tree_key_digests); empty in older manifests
     trees: dict[str, dict[str, str]] = field(default_factory=dict)
+    # tensor name (as the state tree references it) -> its chunks; empty unless saved sharded
+    sharded: dict[str, ShardedTensor] = field(default_factory=dict)
 
 
 def check_file_name(name: object) -> str:
@@ -126,6 +151,7 @@ class ManifestDraft:
     writer: dict[str, Any]
     layout: dict[str, str] = field(default_factory=dict)
     trees: dict[str, dict[str, str]] = field(default_factory=dict)
+    sharded: dict[str, ShardedTensor] = field(default_factory=dict)
 
 
 def build(draft: ManifestDraft) -> bytes:
@@ -155,6 +181,8 @@ def build(draft: ManifestDraft) -> bytes:
         "layout": draft.layout,
         "trees": draft.trees,
     }
+    if draft.sharded:
+        doc["sharded"] = {n: sharded_to_json(t) for n, t in draft.sharded.items()}
     data = json.dumps(doc, separators=(",", ":"), allow_nan=False, default=str).encode()
     parse(data)
     return data
@@ -225,6 +253,7 @@ def parse(data: bytes) -> Manifest:
         format=fmt,
         layout=_layout(doc.get("layout", {})),
         trees=_trees(doc.get("trees", {}), files_doc),
+        sharded=_sharded(doc.get("sharded", {}), {f.name: f.size for f in files}),
     )
 
 
@@ -322,6 +351,110 @@ def _trees(trees: object, files_doc: dict[str, Any]) -> dict[str, dict[str, str]
     ):
         raise ManifestError("bad_field", "trees must map listed files to {state key: 128-bit hex digest}")
     return trees
+
+
+def sharded_to_json(t: ShardedTensor) -> dict[str, Any]:
+    return {
+        "dtype": t.dtype,
+        "shape": list(t.shape),
+        "chunks": [
+            {
+                "file": c.file,
+                "begin": c.begin,
+                "end": c.end,
+                "offsets": list(c.offsets),
+                "lengths": list(c.lengths),
+                "xxh3_128": c.digest,
+                "max_abs": c.max_abs,
+                "finite": c.finite,
+            }
+            for c in t.chunks
+        ],
+    }
+
+
+MAX_CHUNKS = 1 << 22
+_DTYPE_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,15}\Z")
+
+
+def _sharded(doc: object, sizes: dict[str, int]) -> dict[str, ShardedTensor]:
+    """Sharded tensors: chunks in listed files, inside the file and the tensor, tiling it without overlap."""
+    if not isinstance(doc, dict):
+        raise ManifestError("bad_field", "sharded must be an object")
+    out: dict[str, ShardedTensor] = {}
+    total = 0
+    for name, t in doc.items():
+        if not isinstance(t, dict) or not isinstance(t.get("dtype"), str) or not _DTYPE_RE.match(t["dtype"]):
+            raise ManifestError("bad_field", f"sharded[{name[:200]!r}] lacks a dtype")
+        shape = _dims(t.get("shape"), f"sharded[{name[:200]!r}].shape")
+        chunks_doc = t.get("chunks")
+        if not isinstance(chunks_doc, list):
+            raise ManifestError("bad_field", f"sharded[{name[:200]!r}].chunks must be a list")
+        total += len(chunks_doc)
+        if total > MAX_CHUNKS:
+            raise ManifestError("too_many_chunks", f"more than {MAX_CHUNKS} chunks")
+        chunks = tuple(_chunk(c, name, shape, sizes) for c in chunks_doc)
+        _check_tiling(name, shape, chunks)
+        out[name] = ShardedTensor(dtype=t["dtype"], shape=shape, chunks=chunks)
+    return out
+
+
+def _dims(v: object, what: str) -> tuple[int, ...]:
+    if not isinstance(v, list) or len(v) > 64 or not all(isinstance(d, int) and not isinstance(d, bool) for d in v):
+        raise ManifestError("bad_field", f"{what} must be a list of integers")
+    if any(not 0 <= d < 1 << 48 for d in v):
+        raise ManifestError("bad_field", f"{what} is out of range")
+    return tuple(v)
+
+
+def _chunk(c: object, name: str, shape: tuple[int, ...], sizes: dict[str, int]) -> Chunk:
+    where = f"sharded[{name[:200]!r}] chunk"
+    if not isinstance(c, dict) or c.get("file") not in sizes:
+        raise ManifestError("bad_field", f"{where} does not name a listed file")
+    begin = _int(c, "begin", 0, MAX_FILE_SIZE)
+    end = _int(c, "end", begin, sizes[c["file"]])
+    offsets = _dims(c.get("offsets"), f"{where} offsets")
+    lengths = _dims(c.get("lengths"), f"{where} lengths")
+    if len(offsets) != len(shape) or len(lengths) != len(shape):
+        raise ManifestError("bad_field", f"{where} has {len(offsets)} dims, the tensor {len(shape)}")
+    if any(o + n > d for o, n, d in zip(offsets, lengths, shape, strict=True)):
+        raise ManifestError("bad_field", f"{where} {offsets}+{lengths} lies outside the shape {list(shape)}")
+    digest, m = c.get("xxh3_128"), c.get("max_abs")
+    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+        raise ManifestError("bad_field", f"{where} has no 128-bit hex digest")
+    if m is not None and not _finite_number(m):
+        raise ManifestError("bad_field", f"{where} max_abs is not a finite number")
+    return Chunk(
+        file=c["file"],
+        begin=begin,
+        end=end,
+        offsets=offsets,
+        lengths=lengths,
+        digest=digest,
+        max_abs=m,
+        finite=bool(c.get("finite", True)),
+    )
+
+
+def _check_tiling(name: str, shape: tuple[int, ...], chunks: tuple[Chunk, ...]) -> None:
+    """The chunks cover the tensor exactly: their volumes add up and no two overlap (a sweep along dim 0)."""
+    vol = sum(math.prod(c.lengths) for c in chunks)
+    if vol != math.prod(shape):
+        raise ManifestError("bad_field", f"sharded[{name[:200]!r}]: chunks cover {vol} of {math.prod(shape)} elements")
+    if not shape:
+        return
+    boxes = sorted((c for c in chunks if math.prod(c.lengths)), key=lambda c: c.offsets[0])
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            if b.offsets[0] >= a.offsets[0] + a.lengths[0]:
+                break
+            if all(
+                max(ao, bo) < min(ao + al, bo + bl)
+                for ao, al, bo, bl in zip(a.offsets, a.lengths, b.offsets, b.lengths, strict=True)
+            ):
+                raise ManifestError(
+                    "bad_field", f"sharded[{name[:200]!r}]: chunks at {a.offsets} and {b.offsets} overlap"
+                )
 
 
 def _finite_number(v: object) -> bool:

@@ -17,11 +17,12 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import copying, formats, manifest, statetree, stores
+from . import copying, formats, manifest, sharded_io, sharding, statetree, stores
 from .comm import Comm
 from .commit import (
     Committed,
@@ -87,9 +88,9 @@ class Saver:
         self._comm()
         layout = statetree.layout_fingerprints(state)
         if blocking:
-            return self._save(statetree.capture(state), self._rng_now(), layout, step, metrics, generation)
+            return self._save(sharding.capture(state), self._rng_now(), layout, step, metrics, generation)
         t0 = time.monotonic()
-        captured = self.buffers.snapshot(statetree.capture(state))
+        captured = self.buffers.snapshot(sharding.capture(state))
         self.buffers.synchronize()  # device-to-host copies done before training touches the tensors again
         rng = self._rng_now()
         log.debug("async save of step %d: snapshot took %.3fs", step, time.monotonic() - t0)
@@ -148,7 +149,10 @@ class Saver:
         if comm.rank == 0:
             entries = [WrittenEntry.from_json(e) for d in docs for e in d["files"]]
             try:
-                done = self._commit(primary, staging, step, entries, metrics, comm.world_size, layout, generation)
+                sharded = sharded_io.merge([d["chunks"] for d in docs])
+                done = self._commit(
+                    primary, staging, step, entries, _CommitInfo(metrics, comm.world_size, layout, generation, sharded)
+                )
                 outcome = {"path": done.path}
             except Exception as e:
                 discard_staging(staging)
@@ -176,6 +180,7 @@ class Saver:
     ) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
         """Collective: write this rank's files, then gather every rank's entries; (docs, errors by rank)."""
         mine: list[dict[str, Any]] = []
+        chunks: dict[str, Any] = {}
         err = ""
         try:
             if not stores.is_dir(staging):
@@ -184,60 +189,76 @@ class Saver:
                     f"staging dir {staging} is not visible on this rank: "
                     "the primary store must be shared by every rank",
                 )
-            mine = [w.to_json() for w in self._write_rank_files(captured, rng, staging, step, comm)]
+            written, chunks = self._write_rank_files(captured, rng, staging, step, comm)
+            mine = [w.to_json() for w in written]
         except Exception as e:
             err = save_errno_reason(e, staging if stores.is_dir(staging) else ".")
             log.warning("[rank=%d] %s", comm.rank, err)
         texts = comm.gather_strings(
-            json.dumps({"files": mine, "error": err}), f"gather digests of step {step}", max_len=1 << 26
+            json.dumps({"files": mine, "chunks": chunks, "error": err}),
+            f"gather digests of step {step}",
+            max_len=1 << 26,
         )
         docs = [json.loads(t) for t in texts]
         return docs, [(r, d["error"]) for r, d in enumerate(docs) if d["error"]]
 
     def _write_rank_files(
         self, captured: dict[str, Any], rng: dict[str, Any] | None, staging: str, step: int, comm: Comm
-    ) -> list[WrittenEntry]:
+    ) -> tuple[list[WrittenEntry], dict[str, Any]]:
+        """This rank's files, and the chunk records of the sharded layout (empty for a state without DTensors).
+
+        Sharded layout: the replicated tree (tensors by reference) in ``replicated.dgt`` from rank 0,
+        every tensor of it as chunks in the ranks' shard files (``sharded_io``).
+        """
         rank, per_rank = comm.rank, self.config.per_rank
         out = []
-        if rank == 0:
-            replicated = {k: v for k, v in captured.items() if k not in per_rank}
-            out.append(
-                write_tree(os.path.join(staging, REPLICATED_FILE), replicated, rank=rank, step=step, file_rank=None)
+        replicated = {k: v for k, v in captured.items() if k not in per_rank}
+        chunks: dict[str, Any] = {}
+        sharded = sharding.holds_dtensor(replicated)
+        if sharded:
+            enc = statetree.Encoder()
+            encoded = enc.encode(replicated, "")
+            shard_entry, chunks = sharded_io.write_shards(
+                staging, enc.tensors, rank=rank, world=comm.world_size, step=step
             )
+            if shard_entry is not None:
+                out.append(shard_entry)
+        if rank == 0:
+            path = os.path.join(staging, REPLICATED_FILE)
+            if sharded:
+                tree_json = json.dumps(encoded, separators=(",", ":"), allow_nan=False)
+                trees = formats.tree_key_digests(encoded)
+                out.append(write_file(path, tree_json, [], None, rank=rank, step=step, file_rank=None, trees=trees))
+            else:
+                out.append(write_tree(path, replicated, rank=rank, step=step, file_rank=None))
         per = {k: v for k, v in captured.items() if k in per_rank}
         if rng is not None:
             per[statetree.RNG_KEY] = rng
         name = rank_file_name(rank, comm.world_size)
         out.append(write_tree(os.path.join(staging, name), per, rank=rank, step=step, file_rank=rank))
-        return out
+        return out, chunks
 
     def _commit(
-        self,
-        primary: Store,
-        staging: str,
-        step: int,
-        entries: list[WrittenEntry],
-        metrics: dict[str, Any],
-        world: int,
-        layout: dict[str, str],
-        generation: int,
+        self, primary: Store, staging: str, step: int, entries: list[WrittenEntry], info: _CommitInfo
     ) -> Committed:
         """Rank 0: build the manifest and commit ``staging`` under the lineage rule, locally or remotely."""
+        generation, layout = info.generation, info.layout
         mbytes = manifest.build(
             manifest.ManifestDraft(
                 run=self.run,
                 step=step,
                 generation=generation,
-                world_size=world,
+                world_size=info.world,
                 created_unix=time.time(),
                 compat=self.config.resume.compat or {},
-                metrics=metrics,
+                metrics=info.metrics,
                 files=[w.entry for w in entries],
                 tensors={w.entry.name: w.stats for w in entries},
                 trees={w.entry.name: w.trees for w in entries},
                 torch_version=torch.__version__,
                 writer=writer_info(),
                 layout=layout,
+                sharded=info.sharded,
             )
         )
         if primary.is_local:
@@ -265,6 +286,17 @@ class Saver:
         if self.failed_saves > self.config.save_failures:
             raise SaveFailed("save_failed", f"save of step {step} failed ({self.failed_saves} in a row): {reason}")
         return SaveResult(committed=False, step=step, seconds=time.monotonic() - t0, reason=reason)
+
+
+@dataclass(frozen=True, slots=True)
+class _CommitInfo:
+    """What the manifest of one save records besides its files."""
+
+    metrics: dict[str, Any]
+    world: int
+    layout: dict[str, str]
+    generation: int
+    sharded: dict[str, manifest.ShardedTensor]
 
 
 def write_tree(path: str, tree: dict[str, Any], *, rank: int, step: int, file_rank: int | None) -> WrittenEntry:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import manifest, statetree
+from . import geometry, manifest, sharding, statetree
 from .candidate import Loaded
 from .errors import CheckpointFormatError
 
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 SANITY_FACTOR = 10.0
 
 
-@dataclass
 @dataclass
 class Staged:
     """What one rank loaded: the decoded trees, and what verification found on the way."""
@@ -39,6 +38,8 @@ class Staged:
     names: dict[int, str] = field(default_factory=dict)  # id(tensor) -> name, to name a damaged tensor
     # Damage outside the tensors (state tree, tensor index): the sanity gate cannot judge it (T10).
     tree_damaged: bool = False
+    # Keys applied in fully-qualified-name form (a sharded checkpoint): module key -> None, optimizer -> its module.
+    fqn: dict[str, str | None] = field(default_factory=dict)
 
 
 def accept(staged: Staged, state: dict[str, Any], required: Iterable[str]) -> Loaded:
@@ -133,9 +134,11 @@ def _groups_as_loaded(live: torch.optim.Optimizer, groups: list[Any]) -> list[li
 def sanity_gate(staged: Staged) -> None:
     """Before a suspect candidate is applied: finite floats, ``max|x|`` within 10x of the saved value (F03)."""
     for name, t in _iter_tensors(staged.tree, ""):
+        tname = staged.names.get(id(t), name)
+        if geometry.is_dtensor(t):
+            t = t.to_local()  # this rank's shard: judged locally, no collective
         if not t.is_floating_point() or t.numel() == 0:
             continue
-        tname = staged.names.get(id(t), name)
         st = staged.stats.get(tname)
         x = t if t.dtype in (torch.float32, torch.float64) else t.float()
         if not bool(torch.isfinite(x).all()):
@@ -168,7 +171,9 @@ def apply(staged: Staged, state: dict[str, Any]) -> None:
         if k not in state:
             continue
         live = state[k]
-        if hasattr(live, "load_state_dict") and not isinstance(live, torch.Tensor):
+        if k in staged.fqn:
+            sharding.apply(state, k, staged.fqn[k], v)
+        elif hasattr(live, "load_state_dict") and not isinstance(live, torch.Tensor):
             live.load_state_dict(v)
         elif isinstance(live, torch.Tensor) and isinstance(v, torch.Tensor):
             with torch.no_grad():

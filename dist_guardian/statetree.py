@@ -15,6 +15,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from . import geometry
 from .errors import CheckpointFormatError
 from .formats import FLOAT_DTYPES, TensorSpec
 
@@ -226,6 +227,11 @@ class SnapshotBuffers:
             except TypeError:  # a dtype torch lacks: a plain copy; the encoder refuses it with its path later
                 return tree.copy()
             return self.snapshot(as_tensor, path)
+        if geometry.is_dtensor(tree):  # its local shard, copied, under the same layout (no collective)
+            local = self.snapshot(tree.to_local(), path)
+            return type(tree).from_local(
+                local, tree.device_mesh, tree.placements, run_check=False, shape=tree.shape, stride=tree.stride()
+            )
         if isinstance(tree, torch.Tensor):
             src = tree.detach()
             buf = self._bufs.get(path)

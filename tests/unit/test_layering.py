@@ -49,8 +49,11 @@ LAYERS = [
     "mirror",
     # torch from here on
     "comm",
+    "geometry",
     "statetree",
+    "sharding",
     "staging",
+    "sharded_io",
     "foreign_loading",
     "loading",
     "attempts",

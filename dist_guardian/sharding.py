@@ -1,0 +1,173 @@
+"""Sharded state (FSDP2, tensor parallel: ``DTensor`` parameters) in fully-qualified-name form.
+
+A module whose parameters are ``DTensor``s is captured with
+``torch.distributed.checkpoint.state_dict.get_model_state_dict`` and its optimizer with
+``get_optimizer_state_dict`` (state keyed by parameter FQN, lazily created Adam state
+initialized), and applied with ``set_model_state_dict`` / ``set_optimizer_state_dict``, so a
+checkpoint loads into a freshly built model and an optimizer that has not stepped. These calls
+act on live objects only: they never see checkpoint bytes, so nothing is unpickled.
+
+Belongs here: which keys of ``state`` are sharded and which optimizer goes with which module,
+the capture and the apply, and the layout each live tensor wants on load (:func:`targets`).
+The geometry is ``geometry``'s, the bytes ``sharded_io``'s.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import geometry, statetree
+from .errors import CheckpointFormatError
+
+log = logging.getLogger(__name__)
+
+
+def sharded_modules(state: dict[str, Any]) -> dict[str, torch.nn.Module]:
+    """The module values of ``state`` that hold ``DTensor`` parameters or buffers (FSDP2, TP)."""
+    if geometry.dtensor_class() is None:
+        return {}
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, torch.nn.Module) and any(geometry.is_dtensor(t) for t in (*v.parameters(), *v.buffers())):
+            out[k] = v
+    return out
+
+
+def optimizer_pairs(state: dict[str, Any], modules: dict[str, torch.nn.Module]) -> dict[str, str]:
+    """Optimizer key -> the key of the sharded module that owns all of its parameters."""
+    owners = {k: {id(p) for p in m.parameters()} for k, m in modules.items()}
+    out = {}
+    for k, v in state.items():
+        if not isinstance(v, torch.optim.Optimizer):
+            continue
+        ids = {id(p) for g in v.param_groups for p in g["params"]}
+        owner = next((mk for mk, have in owners.items() if ids and ids <= have), None)
+        if owner is not None:
+            out[k] = owner
+    return out
+
+
+def fqn_keys(state: dict[str, Any]) -> dict[str, str | None]:
+    """Keys applied in FQN form: a sharded module (None) or an optimizer (its module's key)."""
+    mods = sharded_modules(state)
+    return {**dict.fromkeys(mods), **optimizer_pairs(state, mods)}
+
+
+def capture(state: dict[str, Any]) -> dict[str, Any]:
+    """The plain tree of ``state`` (as ``statetree.capture``), sharded modules and their optimizers in FQN form."""
+    keys = fqn_keys(state)
+    if not keys:
+        return statetree.capture(state)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    plain = statetree.capture({k: v for k, v in state.items() if k not in keys})
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        if k not in keys:
+            out[k] = plain[k]
+            continue
+        owner = keys[k]
+        out[k] = get_model_state_dict(v) if owner is None else get_optimizer_state_dict(state[owner], v)
+    return out
+
+
+def holds_dtensor(tree: Any) -> bool:
+    """Whether a captured tree holds any ``DTensor`` (then it is saved in the sharded layout)."""
+    if geometry.is_dtensor(tree):
+        return True
+    if isinstance(tree, dict):
+        return any(holds_dtensor(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return any(holds_dtensor(v) for v in tree)
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """How a live tensor is laid out: its mesh, placements and global shape (a ``DTensor``'s)."""
+
+    mesh: Any
+    placements: tuple[Any, ...]
+    shape: tuple[int, ...]
+
+
+class Targets:
+    """The layout each tensor of a checkpoint takes on this rank, looked up by its name in the state tree.
+
+    A sharded module's tensor takes its live parameter's layout; an optimizer state tensor
+    (``<optim>/state/<fqn>/<key>``) takes its parameter's layout when it has the parameter's
+    global shape (Adam's moments), and is whole otherwise (a ``step``). Everything else is
+    loaded whole. Derived from the parameters, not the optimizer, so nothing live changes.
+    """
+
+    def __init__(self, state: dict[str, Any]):
+        self.by_name: dict[str, Target] = {}
+        self.params: dict[str, dict[str, Target]] = {}  # optimizer key -> fqn -> its parameter's layout
+        mods = sharded_modules(state)
+        if not mods:
+            return
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        live: dict[str, dict[str, Target]] = {}
+        for k, m in mods.items():
+            live[k] = {
+                fqn: Target(t.device_mesh, tuple(t.placements), tuple(t.shape))
+                for fqn, t in get_model_state_dict(m).items()
+                if geometry.is_dtensor(t)
+            }
+            self.by_name.update({f"{k}/{fqn}": t for fqn, t in live[k].items()})
+        for ok, mk in optimizer_pairs(state, mods).items():
+            self.params[ok] = live[mk]
+
+    def get(self, name: str, shape: tuple[int, ...]) -> Target | None:
+        t = self.by_name.get(name)
+        if t is None:
+            key, sep, rest = name.partition("/state/")
+            fqn, _, _ = rest.rpartition("/")
+            t = self.params.get(key, {}).get(fqn) if sep else None
+        if t is not None and t.shape != shape:
+            if name in self.by_name:
+                raise CheckpointFormatError(f"{name}: checkpoint shape {list(shape)} != live {list(t.shape)}")
+            return None
+        return t
+
+
+def wrap(local: torch.Tensor, target: Target) -> Any:
+    """A staged local shard as a ``DTensor`` of the live layout (no collective: the geometry is known)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local,
+        target.mesh,
+        target.placements,
+        run_check=False,
+        shape=torch.Size(target.shape),
+        stride=_stride(target.shape),
+    )
+
+
+def _stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, acc = [], 1
+    for d in reversed(shape):
+        out.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(out))
+
+
+def apply(state: dict[str, Any], key: str, owner: str | None, value: Any) -> None:
+    """Make one FQN-form value live: ``set_model_state_dict`` or ``set_optimizer_state_dict`` (strict)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(strict=True)
+    if owner is None:
+        set_model_state_dict(state[key], value, options=opts)
+    else:
+        set_optimizer_state_dict(state[owner], state[key], value, options=opts)
