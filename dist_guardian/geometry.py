@@ -3,9 +3,8 @@
 A saved tensor is its global shape plus chunks, each a box (global offsets and lengths) of
 the tensor. Belongs here: the box arithmetic (overlap, volume, splitting into row blocks), the
 box a ``DTensor`` holds on this rank (torch's own helper computes it, for every placement
-including ``_StridedShard``), the one-writer rule for chunks that several ranks hold
-(``Replicate()`` mesh dims) and the spread of plain replicated tensors over ranks. Pure
-arithmetic, no I/O: the writers and readers in ``sharded_io`` act on what it decides.
+including ``_StridedShard``). Pure arithmetic, no I/O: the writers and readers in
+``sharded_io`` act on what it computes.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
-import xxhash
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
@@ -92,36 +90,3 @@ def local_box(global_shape: Sequence[int], mesh: Any, placements: Sequence[Any])
 
     shape, offsets = compute_local_shape_and_global_offset(tuple(global_shape), mesh, tuple(placements))
     return Box(offsets=tuple(int(o) for o in offsets), lengths=tuple(int(s) for s in shape))
-
-
-def writes_chunk(name: str, mesh: Any, placements: Sequence[Any]) -> bool:
-    """Whether this rank writes its chunk of ``name``: one holder per distinct chunk.
-
-    Ranks that differ only along ``Replicate()`` mesh dims hold the same chunk; the writer
-    among them is picked by a hash of the name, so replicated chunks spread over ranks.
-    """
-    coord = mesh.get_coordinate()
-    if coord is None:
-        return False
-    rep = [i for i, p in enumerate(placements) if p.is_replicate()]
-    if not rep:
-        return True
-    count = math.prod(mesh.size(i) for i in rep)
-    mine = 0
-    for i in rep:
-        mine = mine * mesh.size(i) + coord[i]
-    return mine == xxhash.xxh3_64_intdigest(name.encode()) % count
-
-
-def spread(sizes: dict[str, int], world: int) -> dict[str, int]:
-    """Each plain (replicated) tensor's writing rank: largest first onto the least loaded rank.
-
-    Every rank computes the same answer from the same names and sizes, without a collective.
-    """
-    load = [0] * max(world, 1)
-    out = {}
-    for name, n in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0])):
-        r = min(range(len(load)), key=lambda i: (load[i], i))
-        out[name] = r
-        load[r] += max(n, 1)
-    return out

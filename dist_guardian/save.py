@@ -182,14 +182,18 @@ class Saver:
         mine: list[dict[str, Any]] = []
         chunks: dict[str, Any] = {}
         err = ""
+        replicated = {k: v for k, v in captured.items() if k not in self.config.per_rank}
+        plan: sharded_io.ShardPlan | None = None
         try:
+            if sharding.holds_dtensor(replicated):  # the same on every rank: the state's structure decides
+                plan = sharded_io.agree(comm, replicated, step)
             if not stores.is_dir(staging):
                 raise SaveFailed(
                     "staging_not_shared",
                     f"staging dir {staging} is not visible on this rank: "
                     "the primary store must be shared by every rank",
                 )
-            written, chunks = self._write_rank_files(captured, rng, staging, step, comm)
+            written, chunks = self._write_rank_files(captured, rng, staging, step, comm, plan)
             mine = [w.to_json() for w in written]
         except Exception as e:
             err = save_errno_reason(e, staging if stores.is_dir(staging) else ".")
@@ -203,33 +207,33 @@ class Saver:
         return docs, [(r, d["error"]) for r, d in enumerate(docs) if d["error"]]
 
     def _write_rank_files(
-        self, captured: dict[str, Any], rng: dict[str, Any] | None, staging: str, step: int, comm: Comm
+        self,
+        captured: dict[str, Any],
+        rng: dict[str, Any] | None,
+        staging: str,
+        step: int,
+        comm: Comm,
+        plan: sharded_io.ShardPlan | None,
     ) -> tuple[list[WrittenEntry], dict[str, Any]]:
         """This rank's files, and the chunk records of the sharded layout (empty for a state without DTensors).
 
-        Sharded layout: the replicated tree (tensors by reference) in ``replicated.dgt`` from rank 0,
-        every tensor of it as chunks in the ranks' shard files (``sharded_io``).
+        Sharded layout (``plan``): the replicated tree (tensors by reference) in ``replicated.dgt``
+        from rank 0, every tensor of it as chunks in the ranks' shard files (``sharded_io``).
         """
         rank, per_rank = comm.rank, self.config.per_rank
         out = []
-        replicated = {k: v for k, v in captured.items() if k not in per_rank}
         chunks: dict[str, Any] = {}
-        sharded = sharding.holds_dtensor(replicated)
-        if sharded:
-            enc = statetree.Encoder()
-            encoded = enc.encode(replicated, "")
-            shard_entry, chunks = sharded_io.write_shards(
-                staging, enc.tensors, rank=rank, world=comm.world_size, step=step
-            )
-            if shard_entry is not None:
-                out.append(shard_entry)
+        if plan is not None:
+            shard_entry, chunks = sharded_io.write_shards(staging, plan, rank=rank, world=comm.world_size, step=step)
+            out += [shard_entry] if shard_entry is not None else []
         if rank == 0:
             path = os.path.join(staging, REPLICATED_FILE)
-            if sharded:
-                tree_json = json.dumps(encoded, separators=(",", ":"), allow_nan=False)
-                trees = formats.tree_key_digests(encoded)
+            if plan is not None:
+                tree_json = json.dumps(plan.encoded, separators=(",", ":"), allow_nan=False)
+                trees = formats.tree_key_digests(plan.encoded)
                 out.append(write_file(path, tree_json, [], None, rank=rank, step=step, file_rank=None, trees=trees))
             else:
+                replicated = {k: v for k, v in captured.items() if k not in per_rank}
                 out.append(write_tree(path, replicated, rank=rank, step=step, file_rank=None))
         per = {k: v for k, v in captured.items() if k in per_rank}
         if rng is not None:

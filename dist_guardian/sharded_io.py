@@ -1,7 +1,7 @@
 """Sharded tensors on disk: each rank writes its chunks, each rank reads back only what it needs.
 
-Saving: every rank writes the chunks it is the one holder of (``geometry.writes_chunk``) and
-its share of the plain replicated tensors (``geometry.spread``) into one native file,
+Saving: the ranks agree on one writer per distinct box (:func:`agree`), then every rank writes
+the boxes it was given into one native file,
 ``shards-<rank>-of-<world>.dgt``, one row block per tensor entry; the manifest lists each
 chunk's global box, byte range, xxh3-128 and ``max|x|`` (``manifest.ShardedTensor``).
 
@@ -16,6 +16,7 @@ be read fails the attempt. Nothing live is touched (F29).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import torch
 import xxhash
 
 from . import formats, geometry, manifest, sharding, statetree, stores
+from .comm import Comm
 from .commit import WrittenEntry, write_file
 from .errors import CheckpointFormatError
 from .geometry import Box
@@ -47,11 +49,89 @@ class _Piece:
     tensor: torch.Tensor  # the contiguous CPU bytes to write
 
 
+@dataclass
+class ShardPlan:
+    """One save's sharded layout on this rank: the tree (tensors by reference) and the chunks it writes."""
+
+    encoded: Any  # the replicated state tree, JSON-able, tensors referenced by name
+    tensors: dict[str, torch.Tensor]  # name -> the tensor (a DTensor or a plain one) as this rank holds it
+    mine: set[tuple[str, tuple[int, ...]]]  # (name, global offsets) of the boxes this rank writes
+
+
+def agree(comm: Comm, replicated: dict[str, Any], step: int) -> ShardPlan:
+    """Collective: every rank offers the boxes it holds; each distinct box gets one writer.
+
+    The holders of a box are the ranks that offered it (a ``Replicate()`` mesh dim, a parameter
+    on a sub-mesh, a plain tensor every rank holds); the largest boxes go first, each to its
+    least loaded holder, so replicated state is written once and spread over the ranks (DCP
+    dedups its save plans centrally for the same reason). A rank that cannot offer (a
+    ``Partial()`` placement, a dtype the format lacks) fails the save on every rank.
+    """
+    enc = statetree.Encoder()
+    doc: dict[str, Any] = {}
+    try:
+        encoded = enc.encode(replicated, "")
+        doc = {"offer": _offer(enc.tensors)}
+    except Exception as e:  # travels as data: every rank reaches the gather
+        doc = {"error": f"{type(e).__name__}: {e}"}
+    texts = comm.gather_strings(json.dumps(doc), f"gather chunk offers of step {step}", max_len=1 << 26)
+    docs = [json.loads(t) for t in texts]
+    bad = [f"rank {r}: {d['error']}" for r, d in enumerate(docs) if "error" in d]
+    if bad:
+        raise CheckpointFormatError("; ".join(bad))
+    return ShardPlan(encoded=encoded, tensors=enc.tensors, mine=_assign([d["offer"] for d in docs], comm.rank))
+
+
+def _offer(tensors: dict[str, torch.Tensor]) -> list[list[Any]]:
+    """[name, offsets, lengths, bytes] of every non-empty box this rank holds."""
+    out = []
+    for name, t in tensors.items():
+        if t.dtype not in statetree.TO_ST:
+            raise CheckpointFormatError(f"tensor {name!r}: dtype {t.dtype} is not supported by the native format")
+        box = _box_of(name, t)
+        if box is not None and box.volume:
+            out.append([name, list(box.offsets), list(box.lengths), box.volume * t.element_size()])
+    return out
+
+
+def _box_of(name: str, t: torch.Tensor) -> Box | None:
+    """The global box this rank holds of ``t`` (None: none, a rank outside its mesh)."""
+    if not geometry.is_dtensor(t):
+        return geometry.whole(t.shape)
+    if any(p.is_partial() for p in t.placements):
+        raise CheckpointFormatError(f"tensor {name!r}: a Partial() DTensor cannot be saved; reduce it first")
+    if t.device_mesh.get_coordinate() is None:
+        return None
+    box = geometry.local_box(t.shape, t.device_mesh, t.placements)
+    if tuple(t.to_local().shape) != box.lengths:
+        raise CheckpointFormatError(f"tensor {name!r}: local shard {tuple(t.to_local().shape)} != box {box.lengths}")
+    return box
+
+
+def _assign(offers: list[list[list[Any]]], rank: int) -> set[tuple[str, tuple[int, ...]]]:
+    """The boxes ``rank`` writes: the same answer on every rank, from the same gathered offers."""
+    holders: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+    size: dict[tuple[str, tuple[int, ...]], int] = {}
+    for r, offer in enumerate(offers):
+        for name, offsets, _lengths, nbytes in offer:
+            key = (name, tuple(offsets))
+            holders.setdefault(key, []).append(r)
+            size[key] = nbytes
+    load = [0] * len(offers)
+    mine = set()
+    for key in sorted(holders, key=lambda k: (-size[k], k)):
+        w = min(holders[key], key=lambda r: (load[r], r))
+        load[w] += size[key]
+        if w == rank:
+            mine.add(key)
+    return mine
+
+
 def write_shards(
-    staging: str, tensors: dict[str, torch.Tensor], *, rank: int, world: int, step: int
+    staging: str, plan: ShardPlan, *, rank: int, world: int, step: int
 ) -> tuple[WrittenEntry | None, dict[str, Any]]:
-    """Write this rank's chunks; (its file entry or None when it holds none, chunk records by tensor name)."""
-    pieces, records = _pieces(tensors, rank, world)
+    """Write this rank's chunks; (its file entry or None when it writes none, chunk records by tensor name)."""
+    pieces, records = _pieces(plan)
     if not pieces:
         return None, records
     by_entry = {p.entry: p for p in pieces}
@@ -79,32 +159,16 @@ def write_shards(
     return written, records
 
 
-def _pieces(tensors: dict[str, torch.Tensor], rank: int, world: int) -> tuple[list[_Piece], dict[str, Any]]:
+def _pieces(plan: ShardPlan) -> tuple[list[_Piece], dict[str, Any]]:
     """The row blocks this rank writes, and an empty chunk record for every tensor."""
-    plain = {n: t for n, t in tensors.items() if not geometry.is_dtensor(t)}
-    owner = geometry.spread({n: t.numel() * t.element_size() for n, t in plain.items()}, world)
     pieces: list[_Piece] = []
     records: dict[str, Any] = {}
-    for name, t in tensors.items():
-        if t.dtype not in statetree.TO_ST:
-            raise CheckpointFormatError(f"tensor {name!r}: dtype {t.dtype} is not supported by the native format")
+    for name, t in plan.tensors.items():
         records[name] = {"dtype": statetree.TO_ST[t.dtype], "shape": list(t.shape), "chunks": []}
-        if geometry.is_dtensor(t):
-            if any(p.is_partial() for p in t.placements):
-                raise CheckpointFormatError(f"tensor {name!r}: a Partial() DTensor cannot be saved; reduce it first")
-            if not geometry.writes_chunk(name, t.device_mesh, t.placements):
-                continue
-            local = t.to_local()
-            box = geometry.local_box(t.shape, t.device_mesh, t.placements)
-            if tuple(local.shape) != box.lengths:
-                raise CheckpointFormatError(f"tensor {name!r}: local shard {tuple(local.shape)} != box {box.lengths}")
-        else:
-            if owner[name] != rank:
-                continue
-            local, box = t, geometry.whole(t.shape)
-        if box.volume == 0:
+        box = _box_of(name, t)
+        if box is None or (name, box.offsets) not in plan.mine:
             continue
-        local = local.detach().cpu().contiguous()
+        local = (t.to_local() if geometry.is_dtensor(t) else t).detach().cpu().contiguous()
         row_bytes = local[0].numel() * local.element_size() if local.dim() else local.element_size()
         for r, b in geometry.row_blocks(box, row_bytes):
             part = local[r : r + b.lengths[0]] if local.dim() else local

@@ -39,10 +39,13 @@ def build(world: int, mesh_shape: tuple[int, ...] | None = None, *, seed: int = 
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=dp)
     fully_shard(model, mesh=dp)
-    if replicate:
-        from torch.distributed.tensor import Replicate, distribute_tensor
+    if replicate:  # a Replicate() buffer (written once) and a Shard(1) one (uneven columns)
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-        model.register_buffer("table", distribute_tensor(torch.arange(4096, dtype=torch.float32), dp, [Replicate()]))
+        g = torch.Generator().manual_seed(seed)
+        table = torch.randn(4096, generator=g)
+        model.register_buffer("table", distribute_tensor(table, dp, [Replicate()] * dp.ndim))
+        model.register_buffer("cols", distribute_tensor(torch.randn(3, 10, generator=g), dp, [Shard(1)] * dp.ndim))
     optim = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     return model, optim
 
