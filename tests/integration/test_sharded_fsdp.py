@@ -45,3 +45,18 @@ def test_fsdp2_save_resume_same_world_bit_identical(tmp_path):
         assert got["data"] == {"position": 3 + 100 * r}
         assert got["next_rand"] == saved.results[r]["next_rand"]
         assert not any("world_size_changed" in w for w in got["warnings"])
+
+
+def test_fsdp2_async_save_is_a_snapshot_and_resumes_bit_identical(tmp_path):
+    """``blocking=False``: training goes on while the shards are written; the checkpoint holds the saved step."""
+    root = str(tmp_path / "ck")
+    saved = run_ranks(srf.save_run, 2, timeout=90, root=root, run="r", saves=[1, 3], total=6, blocking=False)
+    assert saved.ok(), saved.errors
+    assert saved.results[0]["committed"] == [True, True]
+    out = run_ranks(srf.resume_run, 2, timeout=90, root=root, run="r", total=6)
+    assert out.ok(), out.errors
+    for r in range(2):
+        got = out.results[r]
+        assert got["step"] == 3
+        _equal(got["loaded"], saved.results[r]["at"][3])
+        _equal(got["final"], saved.results[r]["final"])
