@@ -4,6 +4,9 @@ Run it under torchrun (see launch/run_single_node.sh) or as plain ``python launc
 Everything a bit-identical continuation needs is in ``state``: model, AdamW, scheduler, the
 per-rank data position and the per-rank RNG (saved by dist_guardian by default).
 
+``--fsdp`` shards the model with FSDP2 (``fully_shard`` per linear layer on a 1-D mesh of every
+rank) instead of DDP: dist_guardian then saves each rank's shards and resumes them on any world size.
+
 ``--fail-at-step N`` makes ``--fail-rank`` die at step N in the first incarnation only
 (``TORCHELASTIC_RESTART_COUNT=0``), so torchrun's restart has something to recover from.
 """
@@ -59,6 +62,31 @@ def build_model(dim: int = 32, hidden: int = 64) -> torch.nn.Module:
     )
 
 
+def shard(model: torch.nn.Module, world: int) -> torch.nn.Module:
+    """FSDP2 over a 1-D mesh of every rank: each linear layer, then the root."""
+    if not dist.is_initialized():
+        raise SystemExit("--fsdp needs a process group: launch under torchrun")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world,))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, list]:
+    """Every parameter and buffer as a full tensor (``full_tensor()`` of a sharded one, on every rank)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if hasattr(v, "full_tensor"):
+            v = v.full_tensor()
+        out[k] = v.tolist()
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -84,6 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fail-rank", "--fail_rank", type=int, default=1)
     p.add_argument("--out", default=None, help="rank 0 writes a JSON summary here (resume record, final weights)")
     p.add_argument("--storage-options", "--storage_options", default=None, help="JSON, keyed by URL prefix")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP; needs torchrun")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -110,7 +139,7 @@ def main(argv=None) -> int:
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     torch.manual_seed(args.seed)  # same initial weights on every rank
     model = build_model()
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ddp = shard(model, world) if args.fsdp else torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optim = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=args.lr_horizon)
     data = SyntheticData(args.seed, rank)
@@ -126,7 +155,7 @@ def main(argv=None) -> int:
     guardian = Guardian(
         stores=args.stores,
         run=args.run_name,
-        compat={"model": "mlp-32-64", "seed": args.seed},
+        compat={"model": "mlp-32-64", "seed": args.seed} | ({"sharding": "fsdp2"} if args.fsdp else {}),
         keep_last=args.keep_last,
         timeout=args.timeout,
         per_rank=("data", "local"),
@@ -165,6 +194,7 @@ def main(argv=None) -> int:
             guardian.save(state, step=step, metrics={"loss": loss.item()})
 
     left = guardian.close()
+    weights = full_weights(model)  # collective under FSDP: every rank gathers
     if rank == 0 and args.out:
         summary = {
             "resume": json.loads(result.to_json()),
@@ -172,7 +202,7 @@ def main(argv=None) -> int:
             "loss": loss.item(),
             "train_seconds": time.monotonic() - t0,
             "unmirrored": left,
-            "weights": {k: v.tolist() for k, v in model.state_dict().items()},
+            "weights": weights,
             "restart_count": restart,
         }
         tmp = args.out + ".tmp"
