@@ -132,7 +132,9 @@ def _ls_plan(args: argparse.Namespace, config: ResumeConfig) -> int:
         for i, c in enumerate(rows):
             why = f"  [{'; '.join(c.reasons)}]" if c.reasons else ""
             lead = f"{i + 1:>3}." if args.cmd == "plan" else "   "
-            print(f"{lead} step {c.step:>10}  gen {c.generation:<3} tier {c.tier}  {c.kind:<6} {c.path}{why}")
+            print(
+                f"{lead} step {c.step:>10}  gen {c.generation:<3} tier {c.tier}  {c.kind:<6} {c.path}{_shape(c)}{why}"
+            )
         for url, why in plan.unreachable:
             print(f"  store {url}: UNREACHABLE: {why}")
         for w in plan.warnings:
@@ -170,13 +172,49 @@ def _verify(args: argparse.Namespace, opts: Any) -> int:
         store = stores.resolve(_checked(os.path.dirname(os.path.dirname(local)), opts), 0, opts)
         rel = f"{os.path.basename(os.path.dirname(local))}/{os.path.basename(local)}"
     tier, reasons = verify.verify_full(store, rel)
+    layout = _written_layout(store, rel)
     if args.json:
-        print(json.dumps({"path": args.path, "tier": tier, "reasons": reasons}, indent=2))
+        print(json.dumps({"path": args.path, "tier": tier, "reasons": reasons, **layout}, indent=2))
     else:
         print(f"{args.path}: tier {tier}" + ("" if reasons else " (every checksum matches)"))
+        if layout:
+            print(
+                f"  written by {layout['world_size']} ranks"
+                + (
+                    f"; sharded: {layout['sharded_tensors']} tensors in {layout['chunks']} chunks "
+                    f"over {layout['shard_files']} shard files"
+                    if layout["chunks"]
+                    else ""
+                )
+            )
         for r in reasons:
             print(f"  {r}")
     return {"V": EXIT_OK, "S": EXIT_SUSPECT}.get(tier, EXIT_NOTHING)
+
+
+def _shape(c: Any) -> str:
+    """`` ws=N`` (the world size that wrote it) and `` shards=K`` for a sharded checkpoint."""
+    from .layout import SHARD_FILE_RE
+
+    shards = sum(1 for f in c.files if SHARD_FILE_RE.match(f.name))
+    return (f"  ws={c.world_size}" if c.world_size else "") + (f" shards={shards}" if shards else "")
+
+
+def _written_layout(store: Any, rel: str) -> dict[str, Any]:
+    """World size and chunk counts from a checkpoint's manifest ({} when it has none that parses)."""
+    from . import manifest, stores
+    from .errors import DistGuardianError
+
+    try:
+        mf = manifest.parse(stores.read_small(store, f"{rel}/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES))
+    except (OSError, DistGuardianError):
+        return {}
+    return {
+        "world_size": mf.world_size,
+        "sharded_tensors": len(mf.sharded),
+        "chunks": sum(len(t.chunks) for t in mf.sharded.values()),
+        "shard_files": len({c.file for t in mf.sharded.values() for c in t.chunks}),
+    }
 
 
 def _checked(store_url: str, opts: Any) -> str:

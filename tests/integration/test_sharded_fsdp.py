@@ -24,7 +24,34 @@ def _manifest(root: str, run: str, step: int) -> dict:
         return json.load(f)
 
 
-def test_fsdp2_save_resume_same_world_bit_identical(tmp_path):
+def _cli_shows_the_sharded_layout(root: str, capsys) -> None:
+    from dist_guardian import cli
+
+    capsys.readouterr()
+    assert cli.main(["ls", root, "--run", "r"]) == 0
+    assert cli.main(["plan", root, "--run", "r"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ws=2 shards=2") == 2, out
+    step = os.path.join(root, "r", "step-000000000002")
+    assert cli.main(["verify", step]) == 0
+    out = capsys.readouterr().out
+    assert "every checksum matches" in out and "written by 2 ranks; sharded:" in out and "over 2 shard files" in out
+    assert cli.main(["verify", step, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["world_size"] == 2 and doc["chunks"] >= doc["sharded_tensors"] > 0
+    shard = os.path.join(step, "shards-00001-of-00002.dgt")
+    with open(shard, "r+b") as f:  # one flipped byte in a chunk: verify says suspect
+        f.seek(os.path.getsize(shard) - 3)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x01]))
+    assert cli.main(["verify", step]) == 4
+    with open(shard, "r+b") as f:
+        f.seek(os.path.getsize(shard) - 3)
+        f.write(b)
+
+
+def test_fsdp2_save_resume_same_world_bit_identical(tmp_path, capsys):
     root = str(tmp_path / "ck")
     saved = run_ranks(srf.save_run, 2, timeout=90, root=root, run="r", saves=[2], total=5)
     assert saved.ok(), saved.errors
@@ -35,6 +62,7 @@ def test_fsdp2_save_resume_same_world_bit_identical(tmp_path):
         "shards-00000-of-00002.dgt",
         "shards-00001-of-00002.dgt",
     ]
+    _cli_shows_the_sharded_layout(root, capsys)
     out = run_ranks(srf.resume_run, 2, timeout=90, root=root, run="r", total=5)
     assert out.ok(), out.errors
     for r in range(2):
