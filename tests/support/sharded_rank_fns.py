@@ -122,13 +122,14 @@ def resume_run(
     total: int | None = None,
     mesh_shape: tuple[int, ...] | None = None,
     replicate: bool = False,
+    data: bool = True,
 ) -> dict[str, Any]:
     """A freshly built model and an optimizer that never stepped, resumed; then trained up to ``total``."""
     from dist_guardian import Guardian
 
     model, optim = build(world, mesh_shape, seed=99, replicate=replicate)
-    state = {"model": model, "optim": optim, "data": {"position": -1}}
-    g = Guardian(stores=[root], run=run, timeout=30, per_rank=("data",))
+    state: dict[str, Any] = {"model": model, "optim": optim} | ({"data": {"position": -1}} if data else {})
+    g = Guardian(stores=[root], run=run, timeout=30, per_rank=("data",) if data else ())
     r = g.resume(state)
     g.close()
     out: dict[str, Any] = {
@@ -136,7 +137,7 @@ def resume_run(
         "step": r.step,
         "warnings": list(r.warnings),
         "attempts": [(a.step, a.outcome, [w for _, w in a.reasons]) for a in r.attempts],
-        "data": dict(state["data"]),
+        "data": dict(state.get("data", {})),
         "loaded": gathered(model, optim),
         "next_rand": torch.rand(3).tolist(),
     }
@@ -148,3 +149,15 @@ def resume_run(
 
 def shard_file_sizes(root: str) -> dict[str, int]:
     return {f: os.path.getsize(os.path.join(root, f)) for f in sorted(os.listdir(root))}
+
+
+def dcp_save_run(rank: int, world: int, *, root: str, run: str, step: int) -> dict[str, Any]:
+    """An FSDP2 job that checkpoints with ``torch.distributed.checkpoint.save`` (model and AdamW in FQN form)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model, optim = build(world)
+    train(model, optim, step + 1, 0)
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optim)}
+    dcp.save(sd, checkpoint_id=os.path.join(root, run, f"dcp-step-{step}"))
+    return {"at": gathered(model, optim)}
