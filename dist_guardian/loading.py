@@ -16,7 +16,8 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections import ChainMap
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
@@ -24,6 +25,7 @@ import torch
 import xxhash
 
 from . import _faults, formats, manifest, statetree, stores
+from .bulk import gc_paused
 from .candidate import Candidate, Loaded
 from .errors import CheckpointFormatError
 from .foreign_loading import load_dcp, load_torch_file
@@ -307,6 +309,13 @@ def load_native(
     ``progress``: a progress line on stderr for a remote load that lasts over a second
     (``None``: only on a TTY; the caller passes ``False`` on every rank but 0).
     """
+    with gc_paused():  # 100,000 tensors: see bulk
+        return _load_native(c, store, rank=rank, world_size=world_size, concurrency=concurrency, progress=progress)
+
+
+def _load_native(
+    c: Candidate, store: Store, *, rank: int, world_size: int, concurrency: int | None, progress: bool | None
+) -> Staged:
     mf = read_manifest(c, store) if c.tier != "L" else None
     wanted = c.files_for_rank(rank, world_size)
     transfer = None
@@ -316,7 +325,7 @@ def load_native(
     rng = None
     suspect: list[str] = []
     warnings: list[str] = []
-    stats: dict[str, manifest.TensorStat] = {}
+    tables: list[Mapping[str, manifest.TensorStat]] = []  # the manifest's tables as they are, never copied
     names: dict[int, str] = {}
     tree_damaged = False
     saved_ws = c.world_size or world_size
@@ -327,20 +336,21 @@ def load_native(
             buf[buf.numel() // 2] ^= 0x10
             digest, per = formats.payload_digests(header, buf.numpy().data)
         if f.digest and digest != f.digest:
-            expected = mf.tensors.get(f.name, {}) if mf else {}
-            damaged = [t for t, d in per.items() if t in expected and expected[t].digest != d]
+            expected = mf.tensors.get(f.name) if mf else None
+            payload = buf.numpy().data
+            damaged = formats.damaged_tensors(header, per, expected, lambda lo, hi: payload[lo:hi])
             suspect.append(
                 f"checksum_mismatch: {store.uri(rel)}"
                 + (f" damaged_tensors={damaged[:10]}" if damaged else "")
                 + f" expected={f.digest} got={digest}"
             )
-            known = {t: st.digest for t, st in mf.tensors[f.name].items()} if mf and f.name in mf.tensors else None
+            known = formats.expected_units(header, expected)
             why = formats.header_damage(header, per, known, mf.trees.get(f.name) if mf else None)
             if why:
                 tree_damaged = True
                 suspect.append(f"tree_damaged: {store.uri(rel)}: {why}")
-        if mf:
-            stats.update(mf.tensors.get(f.name, {}))
+        if mf and f.name in mf.tensors:
+            tables.append(mf.tensors[f.name])
         tensors = statetree.tensors_from_buffer(header.entries, buf)
         names.update({id(t): n for n, t in tensors.items()})
         try:
@@ -367,7 +377,7 @@ def load_native(
         step=c.step,
         suspect=suspect,
         warnings=warnings,
-        stats=stats,
+        stats=ChainMap(*tables),  # type: ignore[arg-type]  # read-only use
         names=names,
         tree_damaged=tree_damaged,
     )
