@@ -24,9 +24,9 @@ from typing import Any, BinaryIO, cast
 import torch
 import xxhash
 
-from . import _faults, formats, manifest, statetree, stores
+from . import _faults, formats, manifest, nodeshare, statetree, stores
 from .bulk import gc_paused
-from .candidate import Candidate, Loaded
+from .candidate import Candidate, FileRef, Loaded
 from .errors import CheckpointFormatError
 from .foreign_loading import load_dcp, load_torch_file
 from .layout import MANIFEST_NAME
@@ -35,6 +35,9 @@ from .staging import Staged, accept
 from .stores import Store
 
 log = logging.getLogger(__name__)
+
+# How long a rank waits for the rank of its node that fetches the replicated file (while that rank lives).
+NODE_SHARE_WAIT_S = 3600.0
 
 # One native file read: its header, the payload buffer, the file digest, and the digest of each tensor.
 NativeRead = tuple[formats.NativeHeader, torch.Tensor, str, dict[str, str]]
@@ -132,23 +135,56 @@ def read_native_file(
     """
     if store.is_local:
         stores.check_dirs_no_symlink(store.root, rel)
-        fd = stores.open_regular(store.join(rel))
-        try:
-            size = os.fstat(fd).st_size
-            if expected_size and size != expected_size:
-                raise CheckpointFormatError(f"{store.uri(rel)}: size_mismatch expected={expected_size} got={size}")
-            with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-                header = formats.parse_header(f, size, name=store.uri(rel))
-            buf = staging_buffer(header.payload_size)
-            digest, per = formats.read_and_hash(fd, header, buf.numpy().data, name=store.uri(rel))
-        finally:
-            os.close(fd)
-        return header, buf, digest, per
+        return _read_native_local(store.join(rel), expected_size, store.uri(rel))
     return _read_native_remote(store, rel, expected_size, concurrency=concurrency, transfer=transfer)
 
 
+def _read_native_local(path: str, expected_size: int, name: str) -> NativeRead:
+    fd = stores.open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        if expected_size and size != expected_size:
+            raise CheckpointFormatError(f"{name}: size_mismatch expected={expected_size} got={size}")
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            header = formats.parse_header(f, size, name=name)
+        buf = staging_buffer(header.payload_size)
+        digest, per = formats.read_and_hash(fd, header, buf.numpy().data, name=name)
+    finally:
+        os.close(fd)
+    return header, buf, digest, per
+
+
+def _read_replicated(
+    store: Store, rel: str, f: FileRef, *, concurrency: int | None, transfer: stores.Transfer | None
+) -> NativeRead:
+    """The replicated file of a remote store, fetched by one rank per node (``nodeshare``), read by the others
+    from the node's shared memory and verified again; a local store's file each rank reads itself."""
+
+    def fetch() -> NativeRead:
+        return read_native_file(store, rel, f.size, concurrency=concurrency, transfer=transfer)
+
+    def publish(got: NativeRead, fd: int) -> bool:
+        header, buf, digest, _ = got
+        if f.digest and digest != f.digest:
+            return False  # damaged: every rank reads and judges it for itself
+        formats.write_all(fd, memoryview(header.header_bytes))
+        if buf.numel():
+            formats.write_all(fd, buf.numpy().data)
+        return True
+
+    if store.is_local:
+        return fetch()
+    return nodeshare.fetch_once(
+        (store.uri(rel), f.digest or "", str(f.size)),
+        fetch,
+        publish,
+        lambda path: _read_native_local(path, f.size, store.uri(rel)),
+        wait_s=NODE_SHARE_WAIT_S,
+    )
+
+
 class _StreamDigests:
-    """Per-tensor xxh3-128 digests computed while a payload arrives (DESIGN 4, step 6).
+    """Per-unit xxh3-128 digests (``formats.unit_spans``) computed while a payload arrives (DESIGN 4, step 6).
 
     The downloader reports each piece that landed (``ready(lo, hi)``, any order, any
     thread); a hasher thread follows the contiguous filled prefix, so hashing overlaps the
@@ -156,7 +192,7 @@ class _StreamDigests:
     """
 
     def __init__(self, header: formats.NativeHeader, mv: memoryview):
-        self.entries = header.entries
+        self.units = formats.unit_spans(header)  # regions (format 2) or tensors (format 1)
         self.header_bytes = header.header_bytes
         self.mv = mv
         self.prefix = 0
@@ -180,24 +216,24 @@ class _StreamDigests:
 
     def _run(self) -> None:
         pos = 0
-        for t in self.entries:
+        for key, _, end in self.units:
             h = xxhash.xxh3_128()
-            while pos < t.end:
+            while pos < end:
                 with self.cv:
                     while self.prefix <= pos and not self.stopped:
                         self.cv.wait()
                     if self.stopped and self.prefix <= pos:
                         return
-                    upto = min(self.prefix, t.end)
+                    upto = min(self.prefix, end)
                 h.update(self.mv[pos:upto])
                 pos = upto
             self.raw.append(h.digest())
-            self.per[t.name] = h.hexdigest()
+            self.per[key] = h.hexdigest()
 
     def finish(self) -> tuple[str, dict[str, str]]:
         self.thread.join()
-        if len(self.raw) != len(self.entries):
-            raise CheckpointFormatError("payload incomplete: not every tensor was hashed")
+        if len(self.raw) != len(self.units):
+            raise CheckpointFormatError("payload incomplete: not every region was hashed")
         return formats.tree_digest(self.header_bytes, self.raw), self.per
 
     def stop(self) -> None:
@@ -331,7 +367,10 @@ def _load_native(
     saved_ws = c.world_size or world_size
     for f in wanted:
         rel = f"{c.rel}/{f.name}"
-        header, buf, digest, per = read_native_file(store, rel, f.size, concurrency=concurrency, transfer=transfer)
+        if f.rank is None:
+            header, buf, digest, per = _read_replicated(store, rel, f, concurrency=concurrency, transfer=transfer)
+        else:
+            header, buf, digest, per = read_native_file(store, rel, f.size, concurrency=concurrency, transfer=transfer)
         if _faults.hit("load_file", rank=rank, step=c.step) == "corrupt" and buf.numel():
             buf[buf.numel() // 2] ^= 0x10
             digest, per = formats.payload_digests(header, buf.numpy().data)

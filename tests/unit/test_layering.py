@@ -49,6 +49,7 @@ LAYERS = [
     "copying",
     "retention",
     "mirror",
+    "nodeshare",
     # torch from here on
     "comm",
     "statetree",
