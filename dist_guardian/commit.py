@@ -25,8 +25,9 @@ from typing import Any
 from . import _faults, formats, manifest, stores
 from .errors import CommitConflict
 from .layout import MANIFEST_NAME, new_staging_name, step_dir_name
-from .manifest import FileEntry, TensorStat
+from .manifest import FileEntry
 from .stores import Store
+from .tables import TensorTable
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class WrittenEntry:
     """One written file as its manifest will list it; crosses ranks as JSON (``to_json``/``from_json``)."""
 
     entry: FileEntry
-    stats: dict[str, TensorStat]
+    stats: TensorTable  # per-tensor digests and stats, and the region digests, in columns
     trees: dict[str, str] = field(default_factory=dict)  # top-level key of the state tree -> digest
 
     def to_json(self) -> dict[str, Any]:
@@ -57,7 +58,7 @@ class WrittenEntry:
             "size": self.entry.size,
             "digest": self.entry.digest,
             "rank": self.entry.rank,
-            "stats": {k: [s.digest, s.max_abs, s.finite] for k, s in self.stats.items()},
+            "table": self.stats.to_json(),
             "trees": self.trees,
         }
 
@@ -65,7 +66,7 @@ class WrittenEntry:
     def from_json(cls, d: dict[str, Any]) -> WrittenEntry:
         return cls(
             entry=FileEntry(name=d["name"], size=d["size"], digest=d["digest"], rank=d["rank"]),
-            stats={k: TensorStat(digest=v[0], max_abs=v[1], finite=v[2]) for k, v in d["stats"].items()},
+            stats=TensorTable.from_json(d["table"]),
             trees=d["trees"],
         )
 
@@ -96,13 +97,8 @@ def write_file(
     finally:
         os.close(fd)
     _faults.hit("after_data_fsync", rank=rank, step=step)
-    none = (None, True)
-    stats = {
-        n: TensorStat(digest=d, max_abs=written.stats.get(n, none)[0], finite=written.stats.get(n, none)[1])
-        for n, d in written.tensor_digests.items()
-    }
     entry = FileEntry(name=os.path.basename(path), size=written.size, digest=written.digest, rank=file_rank)
-    return WrittenEntry(entry=entry, stats=stats, trees=dict(trees or {}))
+    return WrittenEntry(entry=entry, stats=written.table, trees=dict(trees or {}))
 
 
 def save_errno_reason(e: BaseException, where: str) -> str:

@@ -48,7 +48,7 @@ def _digest_file(store: stores.Store, rel: str, name: str, mf: Manifest) -> tupl
 
     Streamed through the digests (:data:`formats.DIGEST_CHUNK` at a time, never the whole file).
     """
-    expected = mf.tensors.get(name, {})
+    expected = mf.tensors.get(name)
     if store.is_local:
         f: Any = os.fdopen(stores.open_regular(store.join(rel)), "rb")
         size = os.fstat(f.fileno()).st_size
@@ -61,8 +61,27 @@ def _digest_file(store: stores.Store, rel: str, name: str, mf: Manifest) -> tupl
             return n, d, [], None
         header = formats.parse_header(f, size, name=name)
         digest, per = formats.stream_digests(f, header, name=name)
-        damaged = [t for t, d in per.items() if t in expected and expected[t].digest != d]
-        known = {t: s.digest for t, s in expected.items()} if name in mf.tensors else None
+        start = header.data_start
+        damaged = formats.damaged_tensors(
+            header, per, expected, lambda lo, hi: _read_at(store, rel, start + lo, hi - lo)
+        )
+        known = formats.expected_units(header, mf.tensors.get(name))
         intact = any(x.name == name and x.digest == digest for x in mf.files)
         why = None if intact else formats.header_damage(header, per, known, mf.trees.get(name))
         return size, digest, damaged, why
+
+
+def _read_at(store: stores.Store, rel: str, offset: int, n: int) -> memoryview:
+    """``n`` bytes at ``offset`` of a file (the second pass over a damaged region, which is small)."""
+    buf = memoryview(bytearray(n))
+    if store.is_local:
+        fd = stores.open_regular(store.join(rel))
+        try:
+            got = os.preadv(fd, [buf], offset)
+        finally:
+            os.close(fd)
+        if got != n:
+            raise formats.CheckpointFormatError(f"{store.uri(rel)}: truncated payload at {offset}")
+    else:
+        stores.read_range_into(store, rel, offset, buf, concurrency=1)
+    return buf

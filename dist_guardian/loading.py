@@ -16,15 +16,17 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections import ChainMap
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
 import torch
 import xxhash
 
-from . import _faults, formats, manifest, sharded_io, sharding, statetree, stores
-from .candidate import Candidate, Loaded
+from . import _faults, formats, manifest, nodeshare, sharded_io, sharding, statetree, stores
+from .bulk import gc_paused
+from .candidate import Candidate, FileRef, Loaded
 from .errors import CheckpointFormatError
 from .foreign_loading import load_dcp, load_torch_file
 from .layout import MANIFEST_NAME, SHARD_FILE_RE
@@ -33,6 +35,9 @@ from .staging import Staged, accept
 from .stores import Store
 
 log = logging.getLogger(__name__)
+
+# How long a rank waits for the rank of its node that fetches the replicated file (while that rank lives).
+NODE_SHARE_WAIT_S = 3600.0
 
 # One native file read: its header, the payload buffer, the file digest, and the digest of each tensor.
 NativeRead = tuple[formats.NativeHeader, torch.Tensor, str, dict[str, str]]
@@ -131,23 +136,56 @@ def read_native_file(
     """
     if store.is_local:
         stores.check_dirs_no_symlink(store.root, rel)
-        fd = stores.open_regular(store.join(rel))
-        try:
-            size = os.fstat(fd).st_size
-            if expected_size and size != expected_size:
-                raise CheckpointFormatError(f"{store.uri(rel)}: size_mismatch expected={expected_size} got={size}")
-            with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-                header = formats.parse_header(f, size, name=store.uri(rel))
-            buf = staging_buffer(header.payload_size)
-            digest, per = formats.read_and_hash(fd, header, buf.numpy().data, name=store.uri(rel))
-        finally:
-            os.close(fd)
-        return header, buf, digest, per
+        return _read_native_local(store.join(rel), expected_size, store.uri(rel))
     return _read_native_remote(store, rel, expected_size, concurrency=concurrency, transfer=transfer)
 
 
+def _read_native_local(path: str, expected_size: int, name: str) -> NativeRead:
+    fd = stores.open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        if expected_size and size != expected_size:
+            raise CheckpointFormatError(f"{name}: size_mismatch expected={expected_size} got={size}")
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            header = formats.parse_header(f, size, name=name)
+        buf = staging_buffer(header.payload_size)
+        digest, per = formats.read_and_hash(fd, header, buf.numpy().data, name=name)
+    finally:
+        os.close(fd)
+    return header, buf, digest, per
+
+
+def _read_replicated(
+    store: Store, rel: str, f: FileRef, *, concurrency: int | None, transfer: stores.Transfer | None
+) -> NativeRead:
+    """The replicated file of a remote store, fetched by one rank per node (``nodeshare``), read by the others
+    from the node's shared memory and verified again; a local store's file each rank reads itself."""
+
+    def fetch() -> NativeRead:
+        return read_native_file(store, rel, f.size, concurrency=concurrency, transfer=transfer)
+
+    def publish(got: NativeRead, fd: int) -> bool:
+        header, buf, digest, _ = got
+        if f.digest and digest != f.digest:
+            return False  # damaged: every rank reads and judges it for itself
+        formats.write_all(fd, memoryview(header.header_bytes))
+        if buf.numel():
+            formats.write_all(fd, buf.numpy().data)
+        return True
+
+    if store.is_local:
+        return fetch()
+    return nodeshare.fetch_once(
+        (store.uri(rel), f.digest or "", str(f.size)),
+        fetch,
+        publish,
+        lambda path: _read_native_local(path, f.size, store.uri(rel)),
+        wait_s=NODE_SHARE_WAIT_S,
+    )
+
+
 class _StreamDigests:
-    """Per-tensor xxh3-128 digests computed while a payload arrives (DESIGN 4, step 6).
+    """Per-unit xxh3-128 digests (``formats.unit_spans``) computed while a payload arrives (DESIGN 4, step 6).
 
     The downloader reports each piece that landed (``ready(lo, hi)``, any order, any
     thread); a hasher thread follows the contiguous filled prefix, so hashing overlaps the
@@ -155,7 +193,7 @@ class _StreamDigests:
     """
 
     def __init__(self, header: formats.NativeHeader, mv: memoryview):
-        self.entries = header.entries
+        self.units = formats.unit_spans(header)  # regions (format 2) or tensors (format 1)
         self.header_bytes = header.header_bytes
         self.mv = mv
         self.prefix = 0
@@ -179,24 +217,24 @@ class _StreamDigests:
 
     def _run(self) -> None:
         pos = 0
-        for t in self.entries:
+        for key, _, end in self.units:
             h = xxhash.xxh3_128()
-            while pos < t.end:
+            while pos < end:
                 with self.cv:
                     while self.prefix <= pos and not self.stopped:
                         self.cv.wait()
                     if self.stopped and self.prefix <= pos:
                         return
-                    upto = min(self.prefix, t.end)
+                    upto = min(self.prefix, end)
                 h.update(self.mv[pos:upto])
                 pos = upto
             self.raw.append(h.digest())
-            self.per[t.name] = h.hexdigest()
+            self.per[key] = h.hexdigest()
 
     def finish(self) -> tuple[str, dict[str, str]]:
         self.thread.join()
-        if len(self.raw) != len(self.entries):
-            raise CheckpointFormatError("payload incomplete: not every tensor was hashed")
+        if len(self.raw) != len(self.units):
+            raise CheckpointFormatError("payload incomplete: not every region was hashed")
         return formats.tree_digest(self.header_bytes, self.raw), self.per
 
     def stop(self) -> None:
@@ -304,17 +342,18 @@ def _assemble(
 
 
 def _mismatch(
-    uri: str, f: Any, mf: Manifest | None, header: formats.NativeHeader, digest: str, per: dict[str, str]
+    uri: str, f: Any, mf: Manifest | None, header: formats.NativeHeader, digest: str, per: dict[str, str], payload: Any
 ) -> tuple[list[str], bool]:
-    """What a file whose digest differs tells: the damaged tensors, and whether its tree is damaged too."""
-    expected = mf.tensors.get(f.name, {}) if mf else {}
-    damaged = [t for t, d in per.items() if t in expected and expected[t].digest != d]
+    """What a file whose digest differs tells: the damaged tensors (a second pass over the damaged regions only),
+    and whether its tree is damaged too."""
+    expected = mf.tensors.get(f.name) if mf else None
+    damaged = formats.damaged_tensors(header, per, expected, lambda lo, hi: payload[lo:hi])
     out = [
         f"checksum_mismatch: {uri}"
         + (f" damaged_tensors={damaged[:10]}" if damaged else "")
         + f" expected={f.digest} got={digest}"
     ]
-    known = {t: st.digest for t, st in mf.tensors[f.name].items()} if mf and f.name in mf.tensors else None
+    known = formats.expected_units(header, expected)
     why = formats.header_damage(header, per, known, mf.trees.get(f.name) if mf else None)
     if why:
         out.append(f"tree_damaged: {uri}: {why}")
@@ -336,6 +375,22 @@ def load_native(
 
     ``progress``: a progress line on stderr for a remote load over a second (``None``: only on a TTY).
     """
+    with gc_paused():  # 100,000 tensors: see bulk
+        return _load_native(
+            c, store, rank=rank, world_size=world_size, concurrency=concurrency, progress=progress, state=state
+        )
+
+
+def _load_native(
+    c: Candidate,
+    store: Store,
+    *,
+    rank: int,
+    world_size: int,
+    concurrency: int | None,
+    progress: bool | None,
+    state: dict[str, Any] | None,
+) -> Staged:
     mf = read_manifest(c, store) if c.tier != "L" else None
     wanted = c.files_for_rank(rank, world_size)
     assembled = _assemble(mf, c, store, state, concurrency)
@@ -349,22 +404,25 @@ def load_native(
     rng = None
     suspect: list[str] = []
     warnings: list[str] = []
-    stats: dict[str, manifest.TensorStat] = {}
+    tables: list[Mapping[str, manifest.TensorStat]] = []  # the manifest's tables as they are, never copied
     names: dict[int, str] = {}
     tree_damaged = False
     saved_ws = c.world_size or world_size
     for f in wanted:
         rel = f"{c.rel}/{f.name}"
-        header, buf, digest, per = read_native_file(store, rel, f.size, concurrency=concurrency, transfer=transfer)
+        if f.rank is None:
+            header, buf, digest, per = _read_replicated(store, rel, f, concurrency=concurrency, transfer=transfer)
+        else:
+            header, buf, digest, per = read_native_file(store, rel, f.size, concurrency=concurrency, transfer=transfer)
         if _faults.hit("load_file", rank=rank, step=c.step) == "corrupt" and buf.numel():
             buf[buf.numel() // 2] ^= 0x10
             digest, per = formats.payload_digests(header, buf.numpy().data)
         if f.digest and digest != f.digest:
-            found, damaged_tree = _mismatch(store.uri(rel), f, mf, header, digest, per)
+            found, damaged_tree = _mismatch(store.uri(rel), f, mf, header, digest, per, buf.numpy().data)
             suspect += found
             tree_damaged = tree_damaged or damaged_tree
-        if mf:
-            stats.update(mf.tensors.get(f.name, {}))
+        if mf and f.name in mf.tensors:
+            tables.append(mf.tensors[f.name])
         tensors = {**extra, **statetree.tensors_from_buffer(header.entries, buf)}
         names.update({id(t): n for n, t in tensors.items()})
         try:
@@ -387,7 +445,7 @@ def load_native(
         transfer.close()
     if assembled is not None:
         suspect += assembled.suspect
-        stats.update(assembled.stats)
+        tables.append(assembled.stats)
         if saved_ws != world_size and rng is None:  # otherwise the per-rank file's warning says it
             warnings.append(f"world_size_changed from={saved_ws} to={world_size}: sharded tensors resharded")
     return Staged(
@@ -396,7 +454,7 @@ def load_native(
         step=c.step,
         suspect=suspect,
         warnings=warnings,
-        stats=stats,
+        stats=ChainMap(*tables),  # type: ignore[arg-type]  # read-only use
         names=names,
         tree_damaged=tree_damaged,
         fqn=sharding.fqn_keys(state or {}) if assembled is not None else {},

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ import xxhash
 from .errors import CheckpointFormatError
 from .layout import FILE_NAME_RE, MANIFEST_NAME, NAME_RE  # noqa: F401 (re-exported)
 from .layout import NAME_RE as RUN_NAME_RE  # noqa: F401
+from .tables import TableError, TensorStat, TensorTable
 
 FORMAT = "dist_guardian/1"
 FORMAT_PREFIX = "dist_guardian/"
@@ -48,13 +50,6 @@ class FileEntry:
     size: int
     digest: str
     rank: int | None = None  # None: replicated (read by every rank)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TensorStat:
-    digest: str
-    max_abs: float | None = None  # None for non-floating tensors
-    finite: bool = True  # False when the tensor already held NaN/Inf at save time
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -91,7 +86,8 @@ class Manifest:
     compat_fingerprint: str
     metrics: dict[str, Any]
     files: tuple[FileEntry, ...]
-    tensors: dict[str, dict[str, TensorStat]] = field(default_factory=dict)  # file -> tensor -> stat
+    # file -> tensor -> stat: a dict per tensor in older manifests, a TensorTable (columns) from format 2 files on
+    tensors: dict[str, Mapping[str, TensorStat]] = field(default_factory=dict)
     torch: str = ""
     writer: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
@@ -146,7 +142,7 @@ class ManifestDraft:
     compat: dict[str, Any]
     metrics: dict[str, Any]
     files: list[FileEntry]
-    tensors: dict[str, dict[str, TensorStat]]
+    tensors: dict[str, Mapping[str, TensorStat]]
     torch_version: str
     writer: dict[str, Any]
     layout: dict[str, str] = field(default_factory=dict)
@@ -175,7 +171,9 @@ def build(draft: ManifestDraft) -> bytes:
                 tname: {"xxh3_128": s.digest, "max_abs": s.max_abs, "finite": s.finite} for tname, s in stats.items()
             }
             for fname, stats in draft.tensors.items()
+            if not isinstance(stats, TensorTable)
         },
+        "tables": {fname: t.to_json() for fname, t in draft.tensors.items() if isinstance(t, TensorTable)},
         "torch": draft.torch_version,
         "writer": draft.writer,
         "layout": draft.layout,
@@ -235,7 +233,8 @@ def parse(data: bytes) -> Manifest:
         raise ManifestError("bad_field", "compat_fingerprint must be a short string")
     files_doc = doc.get("files") or {}  # None, [] or 0 are refused as {} is: "must be a non-empty object"
     files = _files(files_doc, world_size)
-    tensors = _tensors(doc.get("tensors", {}), files_doc)
+    tensors: dict[str, Mapping[str, TensorStat]] = {**_tensors(doc.get("tensors", {}), files_doc)}
+    tensors.update(_tables(doc.get("tables", {}), files_doc))
     writer = doc.get("writer", {})
     return Manifest(
         run=run,
@@ -330,6 +329,21 @@ def _tensors(tensors_doc: object, files_doc: dict[str, Any]) -> dict[str, dict[s
             per[tname] = TensorStat(digest=s["xxh3_128"], max_abs=m, finite=bool(s.get("finite", True)))
         tensors[fname] = per
     return tensors
+
+
+def _tables(tables_doc: object, files_doc: dict[str, Any]) -> dict[str, TensorTable]:
+    """The columnar per-tensor stats of listed files (``tables.TensorTable``), checked column by column."""
+    if not isinstance(tables_doc, dict):
+        raise ManifestError("bad_field", "tables must be an object")
+    out = {}
+    for fname, doc in tables_doc.items():
+        if fname not in files_doc:
+            raise ManifestError("bad_field", f"tables[{fname!r}] does not match a listed file")
+        try:
+            out[fname] = TensorTable.from_json(doc)
+        except TableError as e:
+            raise ManifestError("bad_field", f"tables[{fname!r}]: {e}") from None
+    return out
 
 
 def _layout(layout: object) -> dict[str, str]:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from . import copying, formats, manifest, sharded_io, sharding, statetree, stores
+from .bulk import gc_paused
 from .comm import Comm
 from .commit import (
     Committed,
@@ -305,15 +306,20 @@ class _CommitInfo:
 
 def write_tree(path: str, tree: dict[str, Any], *, rank: int, step: int, file_rank: int | None) -> WrittenEntry:
     """Encode a state tree (tensors out of line) and write it as one native file."""
+    with gc_paused():  # 100,000 tensors: see bulk
+        return _write_tree(path, tree, rank=rank, step=step, file_rank=file_rank)
+
+
+def _write_tree(path: str, tree: dict[str, Any], *, rank: int, step: int, file_rank: int | None) -> WrittenEntry:
     enc = statetree.Encoder()
     encoded = enc.encode(tree, "")
     tree_json = json.dumps(encoded, separators=(",", ":"), allow_nan=False)
-    specs = [statetree.tensor_spec(n, t) for n, t in enc.tensors.items()]
+    specs, packed = statetree.tensor_specs(enc.tensors)
     return write_file(
         path,
         tree_json,
         specs,
-        lambda spec: statetree.max_abs(enc.tensors[spec.name]),
+        lambda spec: packed.get(spec.name) or statetree.max_abs(enc.tensors[spec.name]),
         rank=rank,
         step=step,
         file_rank=file_rank,

@@ -9,7 +9,7 @@ belongs in ``loading``; nothing here does I/O, so every acceptance rule is in on
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,7 @@ class Staged:
     step: int
     suspect: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    stats: dict[str, manifest.TensorStat] = field(default_factory=dict)  # tensor name -> saved stats
+    stats: Mapping[str, manifest.TensorStat] = field(default_factory=dict)  # tensor name -> saved stats
     names: dict[int, str] = field(default_factory=dict)  # id(tensor) -> name, to name a damaged tensor
     # Damage outside the tensors (state tree, tensor index): the sanity gate cannot judge it (T10).
     tree_damaged: bool = False

@@ -1,4 +1,4 @@
-"""Writing a native file: one pass that hashes each tensor while a writer thread writes the previous chunk.
+"""Writing a native file: one pass that hashes each region while a writer thread writes the previous chunk.
 
 Belongs here: :func:`write_native` and the plain ``write``/``writev`` loops it (and copying)
 use to get every byte out. The file layout itself is ``native``'s.
@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 
 import xxhash
 
-from .native import TensorSpec, WrittenFile, encode_header, tree_digest
+from ..tables import TENSOR_DIGEST_HEX, TensorTable
+from .native import REGION_BYTES, TensorSpec, WrittenFile, encode_header, region_bounds, tree_digest
 
 _CHUNK = 64 * 1024 * 1024
 
@@ -26,49 +27,90 @@ def write_native(
     hook=None,
     stats_fn: Callable[[TensorSpec], tuple[float | None, bool]] | None = None,
 ) -> WrittenFile:
-    """Stream a native file to ``fd``, hashing each tensor as it goes out. The caller fsyncs.
+    """Stream a native file to ``fd``, hashing each region as it goes out. The caller fsyncs.
 
     Two stages overlap: this thread hashes a chunk (and runs ``stats_fn`` on each tensor,
     e.g. its ``max|x|``) while a writer thread writes the previous one, so checksums cost
-    nothing when the disk is the bottleneck. ``hook(point)`` is called at
-    ``mid_data_write`` (half-way through the payload), for tests. Returns the stats in
-    ``WrittenFile.stats`` when ``stats_fn`` is given.
+    nothing when the disk is the bottleneck. A region of packed small tensors gets one
+    xxh3-128 and each of its tensors an xxh3-64 (to name it if the region is ever damaged);
+    a big tensor is a region of its own. ``hook(point)`` is called at ``mid_data_write``
+    (half-way through the payload), for tests. The stats land in ``WrittenFile.table``.
     """
     header, ordered = encode_header(tree_json, specs)
-    total = sum(len(s.data) for s in ordered)
+    sizes = [len(s.data) for s in ordered]
+    total = sum(sizes)
     pipe = _WritePipe(fd)
     pipe.put(memoryview(header))
-    digests: dict[str, str] = {}
+    regions: list[str] = []
     raw_digests: list[bytes] = []
-    stats: dict[str, tuple[float | None, bool]] = {}
+    tensor_digests: list[str] = []
+    stats: list[tuple[float | None, bool]] = []
     queued = 0
     mid_called = hook is None
     try:
-        for s in ordered:
-            if stats_fn is not None:
-                stats[s.name] = stats_fn(s)
+        for first, stop in region_bounds(sizes, REGION_BYTES):
             h = xxhash.xxh3_128()
-            mv = s.data
-            for i in range(0, len(mv), _CHUNK):
-                chunk = mv[i : i + _CHUNK]
-                h.update(chunk)
-                pipe.add(chunk)
-                queued += len(chunk)
+            if stats_fn is not None:
+                stats.extend(stats_fn(s) for s in ordered[first:stop])
+            if stop - first == 1:
+                mv = ordered[first].data
+                for i in range(0, len(mv), _CHUNK):
+                    chunk = mv[i : i + _CHUNK]
+                    h.update(chunk)
+                    pipe.add(chunk)
+                    queued += len(chunk)
+                    if not mid_called and queued * 2 >= total:
+                        pipe.drain()
+                        mid_called = True
+                        hook("mid_data_write")
+                tensor_digests.append(h.hexdigest()[:TENSOR_DIGEST_HEX])
+            else:
+                tensor_digests.extend(xxhash.xxh3_64_hexdigest(s.data) for s in ordered[first:stop])
+                for run in _runs(ordered[first:stop]):
+                    h.update(run)
+                    pipe.add(run)
+                queued += sum(sizes[first:stop])
                 if not mid_called and queued * 2 >= total:
                     pipe.drain()
                     mid_called = True
                     hook("mid_data_write")
             raw_digests.append(h.digest())
-            digests[s.name] = h.hexdigest()
+            regions.append(h.hexdigest())
         if not mid_called:
             pipe.drain()
             hook("mid_data_write")
         pipe.flush()
     finally:
         pipe.close()
-    return WrittenFile(
-        size=len(header) + total, digest=tree_digest(header, raw_digests), tensor_digests=digests, stats=stats
+    table = TensorTable(
+        names=[s.name for s in ordered],
+        digests="".join(tensor_digests),
+        max_abs=[m for m, _ in stats] if stats_fn is not None else [None] * len(ordered),
+        nonfinite=frozenset(i for i, (_, ok) in enumerate(stats) if not ok),
+        regions=regions,
     )
+    return WrittenFile(size=len(header) + total, digest=tree_digest(header, raw_digests), table=table)
+
+
+def _runs(specs: Sequence[TensorSpec]) -> list[memoryview]:
+    """The bytes of consecutive specs as few buffers as possible: neighbours packed into one ``base`` merge."""
+    out: list[memoryview] = []
+    base: memoryview | None = None
+    lo = hi = 0
+    for s in specs:
+        if s.base is not None and s.base is base and s.base_offset == hi:
+            hi += len(s.data)
+            continue
+        if base is not None:
+            out.append(base[lo:hi])
+        if s.base is not None:
+            base, lo, hi = s.base, s.base_offset, s.base_offset + len(s.data)
+        else:
+            base = None
+            out.append(s.data)
+    if base is not None:
+        out.append(base[lo:hi])
+    return out
 
 
 class _WritePipe:

@@ -12,10 +12,12 @@ import dist_guardian
 LAYERS = [
     # values, errors and names: no I/O
     "errors",
+    "bulk",
     "_faults",
     "layout",
     "candidate",
     "policy",
+    "tables",
     "manifest",
     # the native format and the foreign sniffers (torch-free)
     "formats.native",
@@ -47,6 +49,7 @@ LAYERS = [
     "copying",
     "retention",
     "mirror",
+    "nodeshare",
     # torch from here on
     "comm",
     "geometry",
