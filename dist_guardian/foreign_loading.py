@@ -13,12 +13,13 @@ import io
 import logging
 import os
 import pickle
+import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from . import formats, statetree, stores
+from . import dcp_state, foreign_sanity, formats, stores
 from .candidate import Candidate
 from .errors import CheckpointFormatError
 from .layout import DCP_METADATA  # noqa: F401 (re-exported)
@@ -27,21 +28,8 @@ from .stores import Store
 
 log = logging.getLogger(__name__)
 
-ALIASES = {
-    "module": ("model_state_dict", "state_dict", "model", "module", "net"),
-    "optimizer": ("optimizer_state_dict", "optimizer", "optim", "opt"),
-    "scheduler": ("scheduler_state_dict", "lr_scheduler", "scheduler", "sched"),
-}
-
-
-def _role(v: Any) -> str | None:
-    if isinstance(v, torch.nn.Module):
-        return "module"
-    if isinstance(v, torch.optim.Optimizer):
-        return "optimizer"
-    if hasattr(v, "state_dict") and type(v).__module__.startswith("torch.optim.lr_scheduler"):
-        return "scheduler"
-    return None
+ALIASES = dcp_state.ALIASES
+_role = dcp_state.role
 
 
 def load_torch_file(
@@ -72,14 +60,112 @@ def load_torch_file(
     except Exception as e:
         why = str(e).splitlines()[0][:300]
         raise CheckpointFormatError(f"{c.path}: torch.load(weights_only=True) refused it: {why}") from e
+    hit = _damaged_tensors(obj, rep.damaged, c.path) if rep.damaged else None
+    if isinstance(obj, dict) and _is_lightning(obj):
+        obj = _lightning_view(obj, state)
     tree, warnings = match_foreign(obj, state, path=c.path, foreign_loader=foreign_loader, required=required)
+    damaged = None
+    if hit is not None:
+        # Named by their place in the staged tree (the file's names were mapped onto state's).
+        damaged = [p for p, t in foreign_sanity.tensors_with_paths(tree) if id(t) in hit]
+        suspect = [f"{r} damaged_tensors={(damaged or sorted(hit.values()))[:10]}" for r in suspect]
     step = c.step
     if step < 0 and isinstance(obj, dict):
-        for k in ("step", "global_step"):
-            if isinstance(obj.get(k), int):
-                step = obj[k]
-                break
-    return Staged(tree=tree, rng=None, step=step, suspect=suspect, warnings=warnings)
+        step = next((obj[k] for k in formats.STEP_KEYS if isinstance(obj.get(k), int)), -1)
+    return Staged(tree=tree, rng=None, step=step, suspect=suspect, warnings=warnings, damaged=damaged)
+
+
+def load_safetensors(
+    c: Candidate,
+    store: Store,
+    state: dict[str, Any],
+    *,
+    foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
+    required: Iterable[str] = (),
+) -> Staged:
+    """Stage a bare safetensors file: its header checked against the size, its tensors mapped as a model state."""
+    data = stores.read_whole(store, c.rel)
+    header = formats.parse_header(io.BytesIO(data), len(data), name=c.path)
+    payload = torch.frombuffer(bytearray(data[header.data_start :]), dtype=torch.uint8) if header.payload_size else None
+    buf = payload if payload is not None else torch.empty(0, dtype=torch.uint8)
+    from .statetree import tensors_from_buffer
+
+    obj = tensors_from_buffer(header.entries, buf)
+    tree, warnings = match_foreign(obj, state, path=c.path, foreign_loader=foreign_loader, required=required)
+    return Staged(tree=tree, rng=None, step=c.step, warnings=warnings)
+
+
+# ----------------------------------------------------------------------------- Lightning and damage
+
+
+def _is_lightning(obj: dict[str, Any]) -> bool:
+    return "state_dict" in obj and ("pytorch-lightning_version" in obj or "optimizer_states" in obj)
+
+
+def _lightning_view(obj: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """A Lightning ``.ckpt`` as ``state`` names things: the model from ``state_dict`` (its attribute
+    prefix, ``net.``, dropped when the live model is the inner module), the optimizers from
+    ``optimizer_states`` and the schedulers from ``lr_schedulers``, each in order."""
+    view: dict[str, Any] = {}
+    optims = list(obj.get("optimizer_states") or [])
+    scheds = list(obj.get("lr_schedulers") or [])
+    for k, v in state.items():
+        r = _role(v)
+        if r == "module":
+            view[k] = _strip_prefix(obj["state_dict"], v.state_dict())
+        elif r == "optimizer" and optims:
+            view[k] = optims.pop(0)
+        elif r == "scheduler" and scheds:
+            view[k] = scheds.pop(0)
+    for key in ("global_step", "epoch"):
+        if isinstance(obj.get(key), int):
+            view[key] = obj[key]
+    return view
+
+
+def _strip_prefix(saved: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with the one leading attribute path removed that makes its names the live module's, if any."""
+    if set(saved) == set(live) or not saved:
+        return saved
+    first = next(iter(live), "")
+    for name in saved:
+        if name.endswith("." + first):
+            pre = name[: -len(first)]
+            cut = {n[len(pre) :]: t for n, t in saved.items() if n.startswith(pre)}
+            if set(cut) == set(live):
+                return cut
+    return saved
+
+
+def _damaged_tensors(obj: Any, damaged: dict[str, tuple[int, int]], path: str) -> dict[int, str]:
+    """The loaded tensors (by id, with their path in the file) whose storage holds a member that failed its CRC.
+
+    A storage's bytes are the member's bytes (``map_location="cpu"``), so equal size and CRC32 name it.
+    Damage outside tensor storages (``data.pkl`` that still unpickled: an ``lr``, a step) cannot be
+    judged by any bound: the candidate fails.
+    """
+    storages = {n: v for n, v in damaged.items() if "/data/" in n}
+    if len(storages) != len(damaged):
+        other = sorted(set(damaged) - set(storages))
+        raise CheckpointFormatError(f"tree_damaged: {path}: zip CRC mismatch outside tensor data ({other[:3]})")
+    want = set(storages.values())
+    sizes = {size for size, _ in want}
+    out: dict[int, str] = {}
+    crc_of: dict[int, int] = {}
+    for p, t in foreign_sanity.tensors_with_paths(obj):
+        st = t.untyped_storage()
+        if st.nbytes() not in sizes:
+            continue
+        key = st.data_ptr()
+        if key not in crc_of:
+            crc_of[key] = zlib.crc32(torch.empty(0, dtype=torch.uint8).set_(st).numpy().tobytes())
+        if (st.nbytes(), crc_of[key]) in want:
+            out[id(t)] = p
+    if not out:
+        raise CheckpointFormatError(
+            f"tree_damaged: {path}: no loaded tensor holds the damaged bytes of {sorted(storages)[:3]}"
+        )
+    return out
 
 
 def match_foreign(
@@ -125,36 +211,110 @@ def match_foreign(
 # ----------------------------------------------------------------------------- DCP directories
 
 
-def load_dcp(c: Candidate, store: Store, state: dict[str, Any], *, extra_safe_globals: Iterable[Any] = ()) -> Staged:
+def load_dcp(
+    c: Candidate,
+    store: Store,
+    state: dict[str, Any],
+    *,
+    extra_safe_globals: Iterable[Any] = (),
+    foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
+    required: Iterable[str] = (),
+) -> Staged:
     """Stage a PyTorch DCP directory through ``torch.distributed.checkpoint`` (which reshards).
 
+    Keys are mapped with ``set_state_dict`` semantics (``dcp_state``): a fresh optimizer gets every
+    saved tensor, either saved layout loads, and extra scheduler or param-group keys fail nothing.
+    With ``foreign_loader`` the whole saved tree is loaded and handed to it, as for a torch.save file.
     torch's ``FileSystemReader`` unpickles ``.metadata`` with plain ``pickle.load``, and its
     ``DefaultLoadPlanner`` every non-tensor item with an unrestricted ``torch.load``: a planted
     DCP directory would run code. Here ``.metadata`` goes through :class:`_DCPMetadataUnpickler`
     (:data:`formats.DCP_SAFE_GLOBALS`; every file it names must lie in the directory) and each
     non-tensor item through ``torch.load(weights_only=True)``, both with ``extra_safe_globals``.
+    The format has no checksums: the files are checked against the metadata's byte ranges, and
+    every floating tensor staged must pass ``foreign_sanity`` (finite, bounded by the live state).
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
 
     if not store.is_local:
         raise CheckpointFormatError(f"{c.path}: DCP directories are loaded from local stores only")
     names, objs = _split_safe_globals(extra_safe_globals)
     stores.check_dirs_no_symlink(store.root, f"{c.rel}/{DCP_METADATA}")
     md = read_dcp_metadata(os.path.join(store.join(c.rel), DCP_METADATA), names)  # a clear error first
-    captured = statetree.capture(state)
-    _check_dcp_tensors(md, captured)
-    target = _empty_like_tree(captured)
-    planner = _safe_dcp_planner(c.path, names, objs)
+    check_dcp_files(store.join(c.rel), md, c.path)
+    mapping = dcp_state.map_whole(md) if foreign_loader is not None else dcp_state.map_state(md, state)
+    planner = _safe_dcp_planner(c.path, names, objs, flatten=False)
     try:
         # Every byte DCP unpickles here is allowlisted: .metadata by the reader (already parsed above),
         # non-tensor items by the planner (sniffed, then weights-only); tensor items are raw bytes.
-        dcp.load(target, storage_reader=_safe_dcp_reader(store.join(c.rel), names, md), planner=planner)
-    except CheckpointException:
+        dcp.load(mapping.target, storage_reader=_safe_dcp_reader(store.join(c.rel), names, md), planner=planner)
+    except BaseException as e:  # DCP's CheckpointException derives from BaseException
+        if not isinstance(e, Exception) and type(e).__name__ != "CheckpointException":
+            raise
         if planner.refused is not None:  # DCP wraps it with a traceback: the refusal itself is the reason
             raise planner.refused from None
-        raise
-    return Staged(tree=target, rng=None, step=c.step)
+        raise CheckpointFormatError(f"dcp_load_failed: {c.path}: {_first_failure(e)}") from None
+    tree = mapping.tree()
+    warnings: list[str] = []
+    if foreign_loader is not None:
+        tree, warnings = match_foreign(tree[""], state, path=c.path, foreign_loader=foreign_loader)
+    else:
+        req = set(required)
+        lacking = [k for k in mapping.missing if k in req]
+        if lacking:
+            tops = sorted({str(p[0]) for p in dcp_state.paths_of(md).values()})[:10]
+            raise CheckpointFormatError(
+                f"dcp_keys_missing: {c.path} has nothing for {lacking} (top-level names {tops}); "
+                "pass foreign_loader= to map them"
+            )
+        warnings = [f"missing_optional_key: {c.path} has no {k!r}; it keeps its current value" for k in mapping.missing]
+        log.debug("DCP %s: tensors restored per key %s", c.path, mapping.restored)
+    return Staged(tree=tree, rng=None, step=c.step, warnings=warnings, damaged=[foreign_sanity.ALL])
+
+
+def _first_failure(e: BaseException) -> str:
+    """One line for a failed ``dcp.load``: the first rank's error, not DCP's wrapped traceback."""
+    failures = getattr(e, "failures", None)
+    inner = next(iter(failures.values()), e) if isinstance(failures, dict) and failures else e
+    if isinstance(inner, tuple):  # (exception, traceback) in some torch versions
+        inner = inner[0]
+    text = (str(inner).strip().splitlines() or [""])[0]
+    return f"{type(inner).__name__}: {text[:240]}"
+
+
+def check_dcp_files(root: str, md: Any, where: str) -> None:
+    """Every byte range the metadata names lies inside its file, and every tensor's chunks add up to its
+    size: a truncated or swapped shard fails here, named, before DCP reads a byte of it."""
+    sizes: dict[str, int] = {}
+    for idx, info in getattr(md, "storage_data", {}).items():
+        rp = info.relative_path
+        if rp not in sizes:
+            try:
+                sizes[rp] = os.lstat(os.path.join(root, rp)).st_size
+            except OSError as e:
+                raise CheckpointFormatError(f"missing: {where}/{rp}: {e.strerror}") from None
+        end = int(info.offset) + int(info.length)
+        if end > sizes[rp]:
+            raise CheckpointFormatError(
+                f"truncated: {where}/{rp} is {sizes[rp]} bytes, the metadata puts {getattr(idx, 'fqn', '?')!r} at "
+                f"{info.offset}..{end}"
+            )
+    for fqn, meta in getattr(md, "state_dict_metadata", {}).items():
+        size = getattr(meta, "size", None)
+        if size is None:
+            continue
+        total = 1
+        for d in size:
+            total *= int(d)
+        covered = 0
+        for ch in meta.chunks:
+            n = 1
+            for d in ch.sizes:
+                n *= int(d)
+            covered += n
+        if covered != total:
+            raise CheckpointFormatError(
+                f"metadata_inconsistent: {where}: tensor {fqn!r} of {total} elements has chunks of {covered}"
+            )
 
 
 def _split_safe_globals(extra_safe_globals: Iterable[Any]) -> tuple[list[str], list[Any]]:
@@ -235,7 +395,7 @@ def read_dcp_metadata(path: str, extra_safe_globals: Iterable[str] = ()) -> Any:
     return md
 
 
-def _safe_dcp_planner(path: str, names: list[str], safe: list[Any]) -> Any:
+def _safe_dcp_planner(path: str, names: list[str], safe: list[Any], *, flatten: bool = True) -> Any:
     """A ``DefaultLoadPlanner`` whose non-tensor items are checked as a ``torch.save`` file and loaded weights-only.
 
     DCP writes each non-tensor value with ``torch.save(obj, BytesIO)``; torch's planner reads it
@@ -271,9 +431,9 @@ def _safe_dcp_planner(path: str, names: list[str], safe: list[Any]) -> Any:
             if self.flatten_state_dict:
                 set_element(self.original_state_dict, self.mappings[fqn], obj)
             else:
-                self.state_dict[fqn] = obj
+                self.original_state_dict[fqn] = obj  # the caller's dict (self.state_dict is a copy)
 
-    return _SafePlanner()
+    return _SafePlanner(flatten_state_dict=flatten)
 
 
 def _safe_dcp_reader(path: str, extra_safe_globals: Iterable[str], metadata: Any = None) -> Any:
@@ -307,42 +467,19 @@ def _safe_dcp_reader(path: str, extra_safe_globals: Iterable[str], metadata: Any
     return _SafeReader(path)
 
 
-def _check_dcp_tensors(md: Any, captured: dict[str, Any]) -> None:
-    """Each saved tensor's dtype and shape against the live one it would load into, before ``dcp.load``.
-
-    DCP loads into tensors shaped like the live state and casts silently: bf16 weights would
-    become an fp32 model's weights without a word (T05). Keys are DCP's flattened names.
-    """
-    live = dict(_flat_tensors(captured, ()))
-    for fqn, meta in getattr(md, "state_dict_metadata", {}).items():
-        t, props = live.get(fqn), getattr(meta, "properties", None)
-        if t is None or props is None:
-            continue
-        saved_shape = tuple(getattr(meta, "size", ()))
-        if props.dtype != t.dtype or saved_shape != tuple(t.shape):
-            what = "dtype_mismatch" if props.dtype != t.dtype else "shape_mismatch"
-            raise CheckpointFormatError(
-                f"{what}: tensor {fqn!r} is {props.dtype} {saved_shape} in the DCP checkpoint, "
-                f"{t.dtype} {tuple(t.shape)} in the live state; convert the checkpoint or the model first"
-            )
-
-
-def _flat_tensors(v: Any, path: tuple[str, ...]):
-    if isinstance(v, torch.Tensor):
-        yield ".".join(path), v
-    elif isinstance(v, dict):
-        for k, x in v.items():
-            yield from _flat_tensors(x, path + (str(k),))
-    elif isinstance(v, (list, tuple)):
-        for i, x in enumerate(v):
-            yield from _flat_tensors(x, path + (str(i),))
-
-
-def _empty_like_tree(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return torch.empty_like(v, device="cpu")
-    if isinstance(v, dict):
-        return {k: _empty_like_tree(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_empty_like_tree(x) for x in v]
-    return v
+def full_check_dcp(root: str) -> tuple[str, list[str]]:
+    """``dist-guardian verify`` of a local DCP directory: the metadata (allowlisted), every byte range inside
+    its file, every tensor's chunks adding up. DCP holds no checksums, so L is the best it can be."""
+    try:
+        md = read_dcp_metadata(os.path.join(root, DCP_METADATA))
+        check_dcp_files(root, md, root)
+    except CheckpointFormatError as e:
+        return "R", [str(e)]
+    except OSError as e:
+        return "R", [f"unreadable: {root}: {e.strerror or e}"]
+    n = len(getattr(md, "state_dict_metadata", {}))
+    files = {i.relative_path for i in md.storage_data.values()}
+    return "L", [
+        f"legacy_unverified: PyTorch DCP directory, {n} items in {len(files)} files, every byte range inside "
+        "its file (the format holds no checksums)"
+    ]

@@ -40,6 +40,7 @@ REPLICATED_FILE = "replicated.dgt"
 RANK_FILE_RE = re.compile(r"^rank-(\d{5,7})-of-(\d{5,7})\.dgt\Z")
 DCP_METADATA = ".metadata"  # what makes a directory a PyTorch DCP checkpoint
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+SAFETENSORS_SUFFIX = ".safetensors"  # a bare safetensors file (a model's weights, no optimizer)
 
 
 def step_dir_name(step: int, generation: int | None = None) -> str:

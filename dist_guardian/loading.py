@@ -26,7 +26,7 @@ import xxhash
 from . import _faults, formats, manifest, statetree, stores
 from .candidate import Candidate, Loaded
 from .errors import CheckpointFormatError
-from .foreign_loading import load_dcp, load_torch_file
+from .foreign_loading import load_dcp, load_safetensors, load_torch_file
 from .layout import MANIFEST_NAME
 from .manifest import Manifest
 from .staging import Staged, accept
@@ -84,7 +84,16 @@ def load_candidate(c: Candidate, store: Store, state: dict[str, Any], options: L
             foreign_loader=options.foreign_loader,
             required=options.required,
         )
-    return load_dcp(c, store, state, extra_safe_globals=options.extra_safe_globals)
+    if c.kind == "safetensors":
+        return load_safetensors(c, store, state, foreign_loader=options.foreign_loader, required=options.required)
+    return load_dcp(
+        c,
+        store,
+        state,
+        extra_safe_globals=options.extra_safe_globals,
+        foreign_loader=options.foreign_loader,
+        required=options.required,
+    )
 
 
 def load_and_check(c: Candidate, store: Store, state: dict[str, Any], options: LoadOptions) -> Loaded:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import manifest, statetree
+from . import foreign_sanity, manifest, statetree
 from .candidate import Loaded
 from .errors import CheckpointFormatError
 
@@ -39,6 +39,9 @@ class Staged:
     names: dict[int, str] = field(default_factory=dict)  # id(tensor) -> name, to name a damaged tensor
     # Damage outside the tensors (state tree, tensor index): the sanity gate cannot judge it (T10).
     tree_damaged: bool = False
+    # Foreign tensors whose bytes failed a check (tree paths) or foreign_sanity.ALL (no checksums to check):
+    # judged against the live state before a vote (foreign_sanity), None for a native candidate.
+    damaged: list[str] | None = None
 
 
 def accept(staged: Staged, state: dict[str, Any], required: Iterable[str]) -> Loaded:
@@ -48,11 +51,13 @@ def accept(staged: Staged, state: dict[str, Any], required: Iterable[str]) -> Lo
     checksum mismatch), where its failure names the mismatch as well as the tensor.
     """
     check_structure(staged, state, required)
-    if staged.suspect:
+    if staged.suspect or staged.damaged is not None:
         try:
             sanity_gate(staged)
+            if staged.damaged is not None:
+                staged.warnings += foreign_sanity.judge(staged.tree, state, staged.damaged)
         except CheckpointFormatError as e:
-            raise CheckpointFormatError(f"{'; '.join(staged.suspect)}; {e}") from None
+            raise CheckpointFormatError("; ".join([*staged.suspect, str(e)])) from None
     return Loaded(
         staged=staged, suspect=tuple(staged.suspect), warnings=tuple(staged.warnings), last_resort=staged.tree_damaged
     )

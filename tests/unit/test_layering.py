@@ -50,7 +50,9 @@ LAYERS = [
     # torch from here on
     "comm",
     "statetree",
+    "foreign_sanity",
     "staging",
+    "dcp_state",
     "foreign_loading",
     "loading",
     "attempts",
