@@ -51,9 +51,8 @@ class TinyModule(pl.LightningModule):
 
 def trainer(dirpath: str, max_steps: int, *, every: int = 10, plugins: Any = None, **ckpt_kw: Any) -> pl.Trainer:
     """A CPU Trainer with nothing but a ModelCheckpoint every ``every`` steps (keeps all, plus ``last.ckpt``)."""
-    ckpt = pl.callbacks.ModelCheckpoint(
-        dirpath=dirpath, every_n_train_steps=every, save_top_k=-1, save_last=True, **ckpt_kw
-    )
+    opts = {"every_n_train_steps": every, "save_top_k": -1, "save_last": True, **ckpt_kw}
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=dirpath, **opts)
     return pl.Trainer(
         max_steps=max_steps,
         accelerator="cpu",

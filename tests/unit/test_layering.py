@@ -62,6 +62,9 @@ LAYERS = [
     "bench",
     "cli",
     "__init__",
+    # framework adapters: the public API only (absolute imports of dist_guardian), nothing below imports them
+    "integrations",
+    "integrations.lightning",
 ]
 TORCH_FREE = set(LAYERS[: LAYERS.index("comm")]) | {"cli", "__init__"}
 
