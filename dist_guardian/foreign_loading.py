@@ -1,9 +1,9 @@
-"""Stage foreign checkpoints on this rank: bare ``torch.save`` files and PyTorch DCP directories.
+"""Stage PyTorch DCP directories on this rank; the loaders of foreign files are re-exported from ``foreign_files``.
 
-Belongs here: reading a foreign file or directory without running its code (an allowlisting
-unpickler for DCP ``.metadata``, ``weights_only=True`` for every ``torch.load``) and mapping
-its keys onto the live state. Native files are ``loading``'s; what a staged load must pass
-is ``staging``'s.
+Belongs here: reading a DCP directory without running its code (an allowlisting unpickler for
+``.metadata``, a planner that loads every non-tensor item ``weights_only=True``), the checks its
+files allow (byte ranges, chunk sizes), and running ``dcp.load`` into the target ``dcp_state``
+maps. Native files are ``loading``'s; what a staged load must pass is ``staging``'s.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import io
 import logging
 import os
 import pickle
-import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,190 +21,16 @@ import torch
 from . import dcp_state, foreign_sanity, formats, stores
 from .candidate import Candidate
 from .errors import CheckpointFormatError
+from .foreign_files import ALIASES, load_safetensors, load_torch_file, match_foreign
+from .foreign_files import split_safe_globals as _split_safe_globals
 from .layout import DCP_METADATA  # noqa: F401 (re-exported)
 from .staging import Staged
 from .stores import Store
 
 log = logging.getLogger(__name__)
 
-ALIASES = dcp_state.ALIASES
-_role = dcp_state.role
-
-
-def load_torch_file(
-    c: Candidate,
-    store: Store,
-    state: dict[str, Any],
-    *,
-    extra_safe_globals: Iterable[Any] = (),
-    foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
-    required: Iterable[str] = (),
-) -> Staged:
-    """Stage a bare ``torch.save`` file: checks, then ``weights_only=True`` only, then key matching."""
-    extra_names, safe = _split_safe_globals(extra_safe_globals)
-    data = stores.read_whole(store, c.rel)
-    if not data:
-        raise CheckpointFormatError(f"{c.path}: empty file")
-    # Every CRC: the whole file is in memory anyway; planning checked only up to its budget.
-    rep = formats.sniff_torch_file(io.BytesIO(data), len(data), c.path, extra_names, planning=False)
-    if rep.unsafe_globals:
-        log.warning("security_event: %s needs unsafe_globals=%s; never loaded", c.path, list(rep.unsafe_globals))
-        raise CheckpointFormatError(f"{c.path}: unsafe_globals={list(rep.unsafe_globals)}; loading it would run code")
-    if not rep.ok:
-        raise CheckpointFormatError("; ".join(rep.problems))
-    suspect = [f"checksum_mismatch: {p}" for p in rep.problems] if rep.crc == "mismatch" else []
-    try:
-        with torch.serialization.safe_globals(safe):
-            obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except Exception as e:
-        why = str(e).splitlines()[0][:300]
-        raise CheckpointFormatError(f"{c.path}: torch.load(weights_only=True) refused it: {why}") from e
-    hit = _damaged_tensors(obj, rep.damaged, c.path) if rep.damaged else None
-    if isinstance(obj, dict) and _is_lightning(obj):
-        obj = _lightning_view(obj, state)
-    tree, warnings = match_foreign(obj, state, path=c.path, foreign_loader=foreign_loader, required=required)
-    damaged = None
-    if hit is not None:
-        # Named by their place in the staged tree (the file's names were mapped onto state's).
-        damaged = [p for p, t in foreign_sanity.tensors_with_paths(tree) if id(t) in hit]
-        suspect = [f"{r} damaged_tensors={(damaged or sorted(hit.values()))[:10]}" for r in suspect]
-    step = c.step
-    if step < 0 and isinstance(obj, dict):
-        step = next((obj[k] for k in formats.STEP_KEYS if isinstance(obj.get(k), int)), -1)
-    return Staged(tree=tree, rng=None, step=step, suspect=suspect, warnings=warnings, damaged=damaged)
-
-
-def load_safetensors(
-    c: Candidate,
-    store: Store,
-    state: dict[str, Any],
-    *,
-    foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
-    required: Iterable[str] = (),
-) -> Staged:
-    """Stage a bare safetensors file: its header checked against the size, its tensors mapped as a model state."""
-    data = stores.read_whole(store, c.rel)
-    header = formats.parse_header(io.BytesIO(data), len(data), name=c.path)
-    payload = torch.frombuffer(bytearray(data[header.data_start :]), dtype=torch.uint8) if header.payload_size else None
-    buf = payload if payload is not None else torch.empty(0, dtype=torch.uint8)
-    from .statetree import tensors_from_buffer
-
-    obj = tensors_from_buffer(header.entries, buf)
-    tree, warnings = match_foreign(obj, state, path=c.path, foreign_loader=foreign_loader, required=required)
-    return Staged(tree=tree, rng=None, step=c.step, warnings=warnings)
-
-
-# ----------------------------------------------------------------------------- Lightning and damage
-
-
-def _is_lightning(obj: dict[str, Any]) -> bool:
-    return "state_dict" in obj and ("pytorch-lightning_version" in obj or "optimizer_states" in obj)
-
-
-def _lightning_view(obj: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
-    """A Lightning ``.ckpt`` as ``state`` names things: the model from ``state_dict`` (its attribute
-    prefix, ``net.``, dropped when the live model is the inner module), the optimizers from
-    ``optimizer_states`` and the schedulers from ``lr_schedulers``, each in order."""
-    view: dict[str, Any] = {}
-    optims = list(obj.get("optimizer_states") or [])
-    scheds = list(obj.get("lr_schedulers") or [])
-    for k, v in state.items():
-        r = _role(v)
-        if r == "module":
-            view[k] = _strip_prefix(obj["state_dict"], v.state_dict())
-        elif r == "optimizer" and optims:
-            view[k] = optims.pop(0)
-        elif r == "scheduler" and scheds:
-            view[k] = scheds.pop(0)
-    for key in ("global_step", "epoch"):
-        if isinstance(obj.get(key), int):
-            view[key] = obj[key]
-    return view
-
-
-def _strip_prefix(saved: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
-    """``saved`` with the one leading attribute path removed that makes its names the live module's, if any."""
-    if set(saved) == set(live) or not saved:
-        return saved
-    first = next(iter(live), "")
-    for name in saved:
-        if name.endswith("." + first):
-            pre = name[: -len(first)]
-            cut = {n[len(pre) :]: t for n, t in saved.items() if n.startswith(pre)}
-            if set(cut) == set(live):
-                return cut
-    return saved
-
-
-def _damaged_tensors(obj: Any, damaged: dict[str, tuple[int, int]], path: str) -> dict[int, str]:
-    """The loaded tensors (by id, with their path in the file) whose storage holds a member that failed its CRC.
-
-    A storage's bytes are the member's bytes (``map_location="cpu"``), so equal size and CRC32 name it.
-    Damage outside tensor storages (``data.pkl`` that still unpickled: an ``lr``, a step) cannot be
-    judged by any bound: the candidate fails.
-    """
-    storages = {n: v for n, v in damaged.items() if "/data/" in n}
-    if len(storages) != len(damaged):
-        other = sorted(set(damaged) - set(storages))
-        raise CheckpointFormatError(f"tree_damaged: {path}: zip CRC mismatch outside tensor data ({other[:3]})")
-    want = set(storages.values())
-    sizes = {size for size, _ in want}
-    out: dict[int, str] = {}
-    crc_of: dict[int, int] = {}
-    for p, t in foreign_sanity.tensors_with_paths(obj):
-        st = t.untyped_storage()
-        if st.nbytes() not in sizes:
-            continue
-        key = st.data_ptr()
-        if key not in crc_of:
-            crc_of[key] = zlib.crc32(torch.empty(0, dtype=torch.uint8).set_(st).numpy().tobytes())
-        if (st.nbytes(), crc_of[key]) in want:
-            out[id(t)] = p
-    if not out:
-        raise CheckpointFormatError(
-            f"tree_damaged: {path}: no loaded tensor holds the damaged bytes of {sorted(storages)[:3]}"
-        )
-    return out
-
-
-def match_foreign(
-    obj: Any,
-    state: dict[str, Any],
-    *,
-    path: str,
-    foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
-    required: Iterable[str] = (),
-) -> tuple[dict[str, Any], list[str]]:
-    """Map a foreign object's top-level keys onto ``state``: same name, then common aliases, or the user's function."""
-    if foreign_loader is not None:
-        mapped = foreign_loader(obj, state)
-        if not isinstance(mapped, dict):
-            raise CheckpointFormatError(f"{path}: foreign_loader returned {type(mapped).__name__}, not a dict")
-        return mapped, []
-    if not isinstance(obj, dict):
-        raise CheckpointFormatError(f"{path}: holds a {type(obj).__name__}, not a dict of state")
-    modules = [k for k, v in state.items() if _role(v) == "module"]
-    if len(modules) == 1 and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        obj = {modules[0]: obj}  # a bare model state_dict
-    tree: dict[str, Any] = {}
-    warnings: list[str] = []
-    missing: list[str] = []
-    req = set(required)
-    for k, v in state.items():
-        names = (k, f"{k}_state_dict") + ALIASES.get(_role(v) or "", ())
-        hit = next((n for n in names if n in obj), None)
-        if hit is not None:
-            tree[k] = obj[hit]
-        elif k in req:
-            missing.append(k)
-        else:
-            warnings.append(f"missing_optional_key: {path} has no {k!r}; it keeps its current value")
-    if missing:
-        raise CheckpointFormatError(
-            f"{path}: keys do not match: missing {missing} (file has {sorted(map(str, obj))[:20]}); "
-            "pass foreign_loader= to map them"
-        )
-    return tree, warnings
+# The file loaders live in foreign_files; re-exported so callers keep saying foreign_loading.X.
+__all__ = ["ALIASES", "load_dcp", "load_safetensors", "load_torch_file", "match_foreign", "read_dcp_metadata"]
 
 
 # ----------------------------------------------------------------------------- DCP directories
@@ -315,13 +140,6 @@ def check_dcp_files(root: str, md: Any, where: str) -> None:
             raise CheckpointFormatError(
                 f"metadata_inconsistent: {where}: tensor {fqn!r} of {total} elements has chunks of {covered}"
             )
-
-
-def _split_safe_globals(extra_safe_globals: Iterable[Any]) -> tuple[list[str], list[Any]]:
-    """The caller's extra safe globals as qualnames (for our allowlists) and as objects (for ``torch.load``)."""
-    extra = list(extra_safe_globals)
-    names = [g if isinstance(g, str) else f"{g.__module__}.{g.__qualname__}" for g in extra]
-    return names, [g for g in extra if not isinstance(g, str)]
 
 
 class _DCPMetadataUnpickler(pickle._Unpickler):

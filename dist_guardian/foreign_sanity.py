@@ -1,12 +1,13 @@
 """The sanity gate for foreign tensors whose bytes failed a check or cannot be checked at all.
 
 A foreign file carries no saved ``max|x|`` (native manifests do, F03), so a damaged tensor is
-judged against the same tensor in the live state: finite, and ``max|x|`` within
-:data:`FOREIGN_FACTOR` of the live one. A damaged tensor with no live counterpart to bound it
-(a fresh optimizer's ``exp_avg``) fails the gate, so the attempt fails and the next intact
-candidate loads instead: a zip CRC mismatch must never put an Adam moment of 3.5e21 into
-training. For a DCP checkpoint (no checksums at all) every floating tensor is judged where the
-live state bounds it, and must be finite everywhere. Called by ``staging.accept``; no I/O.
+judged against the same tensor in the live state, or, where the live state has none (a fresh
+optimizer's ``exp_avg``), in the nearest intact sibling file (``foreign_files`` finds it): finite,
+and ``max|x|`` within :data:`FOREIGN_FACTOR` of the reference. With no reference at all the gate
+fails, so the attempt fails and the next intact candidate loads instead: a zip CRC mismatch must
+never put an Adam moment of 3.5e21 into training. For a DCP checkpoint (no checksums at all)
+every floating tensor is judged where the live state bounds it, and must be finite everywhere.
+Called by ``staging.accept`` and ``foreign_files``; no I/O.
 """
 
 from __future__ import annotations
@@ -34,12 +35,17 @@ def judge(tree: dict[str, Any], state: dict[str, Any], damaged: list[str]) -> li
     ``damaged``: tree paths (``"optim/state/0/exp_avg"``) or :data:`ALL`. A named tensor needs a
     bound from the live state; under :data:`ALL` a tensor without one is only checked finite.
     """
+    return judge_against(tree, statetree.capture(state), damaged, "the live state")
+
+
+def judge_against(tree: dict[str, Any], reference: Any, damaged: list[str], source: str) -> list[str]:
+    """:func:`judge` with the bound taken from ``reference`` (a plain tree: the live state's, or an intact
+    neighbour's), named ``source`` in every message."""
     named = set(damaged) - {ALL}
     every = ALL in damaged
-    live = statetree.capture(state)
     notes: list[str] = []
     seen: set[str] = set()
-    for path, t, ref in _pairs(tree, live, ""):
+    for path, t, ref in _pairs(tree, reference, ""):
         if path not in named and not every:
             continue
         seen.add(path)
@@ -54,7 +60,7 @@ def judge(tree: dict[str, Any], state: dict[str, Any], damaged: list[str]) -> li
             if path in named:
                 raise CheckpointFormatError(
                     f"sanity_gate_failed: tensor {path} is damaged (zip CRC mismatch) and nothing bounds it "
-                    "(no live value of it); the next intact candidate is used instead"
+                    f"(no value of it in {source}, no intact sibling file); the next intact candidate is used instead"
                 )
             continue
         m = float(x.abs().max())
@@ -62,14 +68,21 @@ def judge(tree: dict[str, Any], state: dict[str, Any], damaged: list[str]) -> li
         if m > bound:
             raise CheckpointFormatError(
                 f"sanity_gate_failed: tensor {path} max|x|={m:.3g} > bound {bound:.3g} "
-                f"({FOREIGN_FACTOR:g}x the live state's {ref_max:.3g}; {_why(path, named)})"
+                f"({FOREIGN_FACTOR:g}x {source}'s {ref_max:.3g}; {_why(path, named)})"
             )
         if path in named:
-            notes.append(f"sanity_bound: {path} max|x|={m:.3g} within {bound:.3g} (bound from the live state)")
+            notes.append(f"sanity_bound: {path} max|x|={m:.3g} within {bound:.3g} (bound from {source})")
     lost = sorted(named - seen)
     if lost:
         raise CheckpointFormatError(f"sanity_gate_failed: damaged tensors {lost[:5]} not found in the staged state")
     return notes
+
+
+def unbounded(tree: dict[str, Any], state: dict[str, Any], damaged: list[str]) -> list[str]:
+    """The named damaged tensors the live state holds no usable bound for (a fresh optimizer's moments)."""
+    want = set(damaged) - {ALL}
+    live = statetree.capture(state)
+    return [p for p, t, ref in _pairs(tree, live, "") if p in want and t.is_floating_point() and not _max_abs(ref)]
 
 
 def tensors_with_paths(v: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:

@@ -94,8 +94,30 @@ def test_flipped_bytes_in_adam_moment_never_reach_training(tmp_path):
     failed = next(a for a in r.attempts if a.step == 300)
     why = " ".join(t for _, t in failed.reasons)
     assert "sanity_gate_failed" in why and "optim/state/0/exp_avg" in why, why
+    assert "intact neighbour" in why and "checkpoint_step_200.pt" in why, why
     worst = max(float(v.abs().max()) for d in st["optim"].state_dict()["state"].values() for v in d.values())
     assert worst < 1e3
+
+
+def test_mild_damage_in_a_moment_is_bounded_by_the_neighbour_and_none_without_one(tmp_path):
+    """Low mantissa bytes of an exp_avg changed: within the bound of the intact step 200's exp_avg, so step 300
+    loads as a suspect with the bound in the record; alone in its directory, nothing bounds it and it fails."""
+    s = helpers.make_state(seed=1)
+    torch.save(_seed_style(s, 200), tmp_path / "checkpoint_step_200.pt")
+    helpers.train(s, 1)
+    torch.save(_seed_style(s, 300), tmp_path / "checkpoint_step_300.pt")
+    moment = s["optim"].state_dict()["state"][0]["exp_avg"].numpy().tobytes()
+    _flip_member(str(tmp_path / "checkpoint_step_300.pt"), moment, byte_in_float=0, value=0x5A)
+    fresh = helpers.make_state(seed=2)
+    st = {"model": fresh["model"], "optim": torch.optim.AdamW(fresh["model"].parameters(), lr=1e-2)}
+    r = Guardian(stores=[str(tmp_path)], run="r").resume(st)
+    assert r.resumed and r.step == 300 and r.tier == "S", r.to_json()
+    assert any("sanity_bound: optim/state/0/exp_avg" in w and "checkpoint_step_200.pt" in w for w in r.warnings)
+    os.remove(tmp_path / "checkpoint_step_200.pt")
+    st = {"model": fresh["model"], "optim": torch.optim.AdamW(fresh["model"].parameters(), lr=1e-2)}
+    r = Guardian(stores=[str(tmp_path)], run="r").resume(st)
+    assert not r.resumed
+    assert "nothing bounds it" in r.attempts[0].reasons[0][1]
 
 
 def test_flipped_model_weight_is_judged_against_the_live_state(tmp_path):

@@ -53,6 +53,7 @@ LAYERS = [
     "foreign_sanity",
     "staging",
     "dcp_state",
+    "foreign_files",
     "foreign_loading",
     "loading",
     "attempts",
