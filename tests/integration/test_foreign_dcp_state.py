@@ -14,6 +14,7 @@ import sys
 import warnings
 
 import helpers
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -165,3 +166,27 @@ def test_dtype_mismatch_is_refused(tmp_path):
     r = Guardian(stores=[str(tmp_path)], run="r").resume({"model": fresh["model"]})
     assert not r.resumed
     assert "dtype_mismatch" in r.attempts[0].reasons[0][1]
+
+
+@pytest.mark.timeout(240)
+def test_fsdp2_dcp_from_two_ranks_loads_into_fsdp2_on_two_and_a_plain_model_on_one(tmp_path):
+    """A 2-rank FSDP2 job's ``get_state_dict`` DCP: into a fresh FSDP2 model + never-stepped AdamW on 2 ranks
+    (DTensor targets, DCP reshards) and into an unsharded model on 1 rank; every tensor equal to the saved ones."""
+    import foreign_rank_fns as f
+    from dg_harness import run_ranks
+
+    root = str(tmp_path / "ck")
+    saved = run_ranks(f.fsdp2_save, 2, path=os.path.join(root, "r", "step-40"), timeout=120)
+    assert saved.ok(), saved.errors
+    want = saved.results[0]
+    assert len([k for k in want if k.startswith("o.")]) == 12
+    two = run_ranks(f.fsdp2_resume, 2, root=root, timeout=120)
+    assert two.ok(), two.errors
+    for r in range(2):
+        got = two.results[r]
+        assert got["resumed"] and got["step"] == 40, got["record"]
+        assert got["full"] == pytest.approx(want), r
+    one = run_ranks(f.plain_resume, 1, root=root, timeout=120)
+    assert one.ok(), one.errors
+    assert one.results[0]["resumed"], one.results[0]["record"]
+    assert one.results[0]["full"] == pytest.approx(want)
