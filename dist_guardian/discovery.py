@@ -25,6 +25,7 @@ from .layout import (  # noqa: F401 (re-exported)
     SAFETENSORS_SUFFIX,
     STEP_DIR_RE,
     TORCH_SUFFIXES,
+    safetensors_set,
 )
 from .stores import Entry, Store
 
@@ -184,7 +185,8 @@ def _from_entries(store: Store, prefix: str, entries: list[Entry], *, ours: bool
             )
             continue
         if name.lower().endswith(SAFETENSORS_SUFFIX) and e.kind in ("file", "symlink", "other"):
-            out.append(_file_sighting(store, rel, name, e, "safetensors"))
+            if safetensors_set(name) is not None:  # a set is one candidate, seen at its first shard
+                out.append(_file_sighting(store, rel, name, e, "safetensors"))
             continue
         if name.lower().endswith(TORCH_SUFFIXES) and e.kind in ("file", "symlink", "other"):
             out.append(_file_sighting(store, rel, name, e, "torch"))

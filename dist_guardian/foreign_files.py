@@ -20,6 +20,7 @@ import torch
 from . import dcp_state, foreign_sanity, formats, statetree, stores
 from .candidate import Candidate
 from .errors import CheckpointFormatError
+from .layout import safetensors_set
 from .staging import Staged
 from .stores import Store
 
@@ -154,14 +155,18 @@ def load_safetensors(
     foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
     required: Iterable[str] = (),
 ) -> Staged:
-    """Stage a bare safetensors file: its header checked against the size, its tensors mapped as a model state."""
-    data = stores.read_whole(store, c.rel)
-    header = formats.parse_header(io.BytesIO(data), len(data), name=c.path)
-    payload = torch.frombuffer(bytearray(data[header.data_start :]), dtype=torch.uint8) if header.payload_size else None
-    buf = payload if payload is not None else torch.empty(0, dtype=torch.uint8)
+    """Stage a bare safetensors file or a sharded set: each header checked against its file, tensors merged
+    and mapped as a model state."""
     from .statetree import tensors_from_buffer
 
-    obj = tensors_from_buffer(header.entries, buf)
+    head, _, name = c.rel.rpartition("/")
+    obj: dict[str, Any] = {}
+    for shard in safetensors_set(name) or [name]:
+        rel = f"{head}/{shard}" if head else shard
+        data = stores.read_whole(store, rel)
+        header = formats.parse_header(io.BytesIO(data), len(data), name=store.uri(rel))
+        buf = torch.frombuffer(bytearray(data[header.data_start :]), dtype=torch.uint8) if header.payload_size else None
+        obj.update(tensors_from_buffer(header.entries, buf if buf is not None else torch.empty(0, dtype=torch.uint8)))
     tree, warnings = match_foreign(obj, state, path=c.path, foreign_loader=foreign_loader, required=required)
     return Staged(tree=tree, rng=None, step=c.step, warnings=warnings)
 

@@ -53,7 +53,8 @@ def accept(staged: Staged, state: dict[str, Any], required: Iterable[str]) -> Lo
     check_structure(staged, state, required)
     if staged.suspect or staged.damaged is not None:
         try:
-            sanity_gate(staged)
+            if staged.suspect:
+                sanity_gate(staged)
             if staged.damaged is not None:
                 staged.warnings += foreign_sanity.judge(staged.tree, state, staged.damaged)
         except CheckpointFormatError as e:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Iterable
 
 from . import formats, manifest, stores
 from .candidate import Candidate, FileRef
 from .discovery import Sighting
 from .errors import CheckpointFormatError, InsecurePathError, PlanningCapExceeded, Reason
-from .layout import DCP_METADATA
+from .layout import DCP_METADATA, safetensors_set
 
 log = logging.getLogger(__name__)
 
@@ -121,33 +122,37 @@ def verify_dcp(s: Sighting, extra_safe: Iterable[str] = ()) -> Candidate:
 
 
 def verify_safetensors(s: Sighting) -> Candidate:
-    """A bare safetensors file: on a local store its header is parsed and checked against the file size.
+    """A bare safetensors file or a sharded set (seen at its first shard): on a local store every header is
+    parsed and checked against its file's size.
 
-    The format holds no checksums, so the best it can be is L; a header that does not fit the
-    file (truncated, garbage) is R before any tensor is read.
+    The format holds no checksums, so the best it can be is L; a header that does not fit its
+    file (truncated, garbage) or a missing shard is R before any tensor is read.
     """
-    c = s.candidate(
-        files=(FileRef(name="", size=s.size),), replica_key=f"safetensors:{s.rel.rsplit('/', 1)[-1]}:{s.size}"
-    )
+    head, _, name = s.rel.rpartition("/")
+    shards = safetensors_set(name) or [name]
+    c = s.candidate(files=(FileRef(name="", size=s.size),), replica_key=f"safetensors:{name}:{s.size}:{len(shards)}")
     if s.size == 0:
         return c.with_verdict("R", f"empty: {s.rel} is 0 bytes")
     if s.step is None:
         c = c.with_verdict(c.tier, "step_unknown: no step in the name (safetensors holds none); ordered last")
     if not s.store.is_local:
         return c.with_verdict("L", "legacy_unverified: remote safetensors file, header checked when loaded")
-    try:
-        stores.check_dirs_no_symlink(s.store.root, s.rel)
-        f = stores.open_reader(s.store.join(s.rel))
-    except InsecurePathError as e:
-        return c.with_verdict("R", _insecure(e))
-    except OSError as e:
-        return c.with_verdict("R", f"unreadable: {e}")
-    with f:
+    for shard in shards:
+        rel = f"{head}/{shard}" if head else shard
         try:
-            formats.parse_header(f, s.size, name=s.rel)
-        except CheckpointFormatError as e:
-            return c.with_verdict("R", f"unloadable: {e}")
-    return c.with_verdict("L", "legacy_unverified: safetensors file (no checksums in the format)")
+            stores.check_dirs_no_symlink(s.store.root, rel)
+            f = stores.open_reader(s.store.join(rel))
+        except InsecurePathError as e:
+            return c.with_verdict("R", _insecure(e))
+        except OSError as e:
+            return c.with_verdict("R", f"missing: {rel}: {e.strerror or e}" if shard != name else f"unreadable: {e}")
+        with f:
+            try:
+                formats.parse_header(f, os.fstat(f.fileno()).st_size, name=rel)
+            except CheckpointFormatError as e:
+                return c.with_verdict("R", f"unloadable: {e}")
+    what = f"a set of {len(shards)} safetensors shards" if len(shards) > 1 else "safetensors file"
+    return c.with_verdict("L", f"legacy_unverified: {what} (no checksums in the format)")
 
 
 def full_check(path: str) -> tuple[str, list[str]]:
@@ -159,8 +164,6 @@ def full_check(path: str) -> tuple[str, list[str]]:
         fd = stores.open_regular(path)
     except OSError as e:
         return "R", [f"unreadable: {path}: {e.strerror or e}"]
-    import os
-
     with os.fdopen(fd, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:

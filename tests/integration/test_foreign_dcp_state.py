@@ -142,6 +142,22 @@ def test_flipped_bytes_in_a_dcp_shard_never_reach_training(tmp_path):
     assert out.returncode == 0 and "PyTorch DCP directory" in out.stdout, out.stdout + out.stderr
 
 
+def test_a_minus_inf_mask_the_live_model_also_holds_loads(tmp_path):
+    """Unchecked DCP tensors must be finite unless the live one is not either (a causal mask of -inf)."""
+
+    def masked(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        m = torch.nn.Linear(4, 4)
+        m.register_buffer("mask", torch.triu(torch.full((4, 4), float("-inf")), 1))
+        return m
+
+    src = masked(1)
+    dcp.save({"model": src.state_dict()}, checkpoint_id=str(tmp_path / "checkpoint-3"))
+    dst = masked(2)
+    r = Guardian(stores=[str(tmp_path)], run="r").resume({"model": dst})
+    assert r.resumed and torch.equal(dst.weight, src.weight), r.to_json()
+
+
 def test_foreign_loader_gets_the_whole_dcp_tree(tmp_path):
     saved = _saved()
     dcp.save({"weights": saved["model"].state_dict(), "n": 7}, checkpoint_id=str(tmp_path / "checkpoint-5"))

@@ -161,6 +161,24 @@ def test_bare_safetensors_file_is_a_candidate(tmp_path):
     assert plan.listing[0].tier == "R" and any("unloadable" in x for x in plan.listing[0].reasons)
 
 
+def test_sharded_safetensors_set_is_one_candidate(tmp_path):
+    from safetensors.torch import save_file
+
+    s = helpers.make_state(seed=4)
+    sd = {k: v.contiguous() for k, v in s["model"].state_dict().items()}
+    names = sorted(sd)
+    save_file({k: sd[k] for k in names[:2]}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({k: sd[k] for k in names[2:]}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    assert _ls(str(tmp_path)) == {"model-00001-of-00002.safetensors": -1}
+    fresh = helpers.make_state(seed=5)
+    r = Guardian(stores=[str(tmp_path)], run="r").resume({"model": fresh["model"]})
+    assert r.resumed, r.to_json()
+    assert helpers.same(helpers.model_tensors(fresh), helpers.model_tensors(s))
+    os.remove(tmp_path / "model-00002-of-00002.safetensors")
+    plan = planning.make_plan([stores.resolve(str(tmp_path), 0)], planning.PlanRequest(run="r"), include_rejected=True)
+    assert plan.listing[0].tier == "R" and any(x.startswith("missing:") for x in plan.listing[0].reasons)
+
+
 def test_verify_on_a_foreign_file(tmp_path):
     s = helpers.make_state(seed=1)
     p = tmp_path / "checkpoint_step_300.pt"
