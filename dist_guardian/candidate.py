@@ -44,7 +44,7 @@ class Candidate:
     store_index: int
     rel: str  # location relative to the store root (each rank resolves it through its own store)
     path: str  # rank 0's full location, for people and records
-    kind: Literal["native", "torch", "dcp"]
+    kind: Literal["native", "torch", "dcp", "safetensors"]
     step: int
     generation: int = 0
     run: str | None = None
@@ -113,8 +113,8 @@ class Candidate:
             raise bad("generation", "must be a non-negative integer")
         if d.get("world_size") is not None and not _is_int(d["world_size"], 1, 1 << 20):
             raise bad("world_size", "must be a positive integer or null")
-        if d["kind"] not in ("native", "torch", "dcp"):
-            raise bad("kind", "must be native, torch or dcp")
+        if d["kind"] not in ("native", "torch", "dcp", "safetensors"):
+            raise bad("kind", "must be native, torch, dcp or safetensors")
         if not isinstance(d.get("tier", "V"), str) or d.get("tier", "V") not in TIER_RANK:
             raise bad("tier", "must be V, L, S or R")
         cu = d.get("created_unix")

@@ -169,6 +169,8 @@ def _verify(args: argparse.Namespace, opts: Any) -> int:
     else:
         local = path[len("file://") :] if path.startswith("file://") else path
         local = os.path.abspath(local)
+        if _foreign(local):
+            return _verify_foreign(args, local)
         store = stores.resolve(_checked(os.path.dirname(os.path.dirname(local)), opts), 0, opts)
         rel = f"{os.path.basename(os.path.dirname(local))}/{os.path.basename(local)}"
     tier, reasons = verify.verify_full(store, rel)
@@ -215,6 +217,33 @@ def _written_layout(store: Any, rel: str) -> dict[str, Any]:
         "chunks": sum(len(t.chunks) for t in mf.sharded.values()),
         "shard_files": len({c.file for t in mf.sharded.values() for c in t.chunks}),
     }
+
+
+def _foreign(local: str) -> bool:
+    """A file (torch.save, Lightning .ckpt, safetensors) or a DCP directory: not one of our step dirs."""
+    from .layout import DCP_METADATA, MANIFEST_NAME
+
+    if os.path.isfile(local):
+        return True
+    return os.path.isfile(os.path.join(local, DCP_METADATA)) and not os.path.exists(os.path.join(local, MANIFEST_NAME))
+
+
+def _verify_foreign(args: argparse.Namespace, local: str) -> int:
+    if os.path.isdir(local):
+        from .foreign_loading import full_check_dcp
+
+        tier, reasons = full_check_dcp(local)
+    else:
+        from .verify_foreign import full_check
+
+        tier, reasons = full_check(local)
+    if args.json:
+        print(json.dumps({"path": args.path, "tier": tier, "reasons": reasons}, indent=2))
+    else:
+        print(f"{args.path}: tier {tier}")
+        for r in reasons:
+            print(f"  {r}")
+    return {"V": EXIT_OK, "L": EXIT_OK, "S": EXIT_SUSPECT}.get(tier, EXIT_NOTHING)
 
 
 def _checked(store_url: str, opts: Any) -> str:

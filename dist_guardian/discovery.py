@@ -17,7 +17,16 @@ from typing import Any, Literal
 from . import formats, stores
 from .candidate import Candidate
 from .errors import StoreError
-from .layout import DCP_METADATA, MANIFEST_NAME, RANK_FILE_RE, REPLICATED_FILE, STEP_DIR_RE, TORCH_SUFFIXES  # noqa: F401 (re-exported)
+from .layout import (  # noqa: F401 (re-exported)
+    DCP_METADATA,
+    MANIFEST_NAME,
+    RANK_FILE_RE,
+    REPLICATED_FILE,
+    SAFETENSORS_SUFFIX,
+    STEP_DIR_RE,
+    TORCH_SUFFIXES,
+    safetensors_set,
+)
 from .stores import Entry, Store
 
 log = logging.getLogger(__name__)
@@ -31,7 +40,7 @@ class Sighting:
 
     store: Store
     rel: str  # relative to the store root
-    kind: Literal["native", "torch", "dcp"]
+    kind: Literal["native", "torch", "dcp", "safetensors"]
     step: int | None
     generation_hint: int | None = None
     entry_kind: str = "dir"  # what the listing says the path itself is (file, dir, symlink, other)
@@ -150,7 +159,7 @@ def _from_entries(store: Store, prefix: str, entries: list[Entry], *, ours: bool
         rel = f"{prefix}/{name}" if prefix else name
         kids = tuple(children.get(name, ()))
         m = STEP_DIR_RE.match(name)
-        if ours and m and e.kind in ("dir", "symlink", "other"):
+        if ours and m and e.kind in ("dir", "symlink", "other") and not _is_foreign_step_dir(kids):
             out.append(
                 Sighting(
                     store=store,
@@ -175,18 +184,24 @@ def _from_entries(store: Store, prefix: str, entries: list[Entry], *, ours: bool
                 )
             )
             continue
+        if name.lower().endswith(SAFETENSORS_SUFFIX) and e.kind in ("file", "symlink", "other"):
+            if safetensors_set(name) is not None:  # a set is one candidate, seen at its first shard
+                out.append(_file_sighting(store, rel, name, e, "safetensors"))
+            continue
         if name.lower().endswith(TORCH_SUFFIXES) and e.kind in ("file", "symlink", "other"):
-            out.append(
-                Sighting(
-                    store=store,
-                    rel=rel,
-                    kind="torch",
-                    step=formats.step_from_name(name),
-                    entry_kind=e.kind,
-                    size=e.size,
-                )
-            )
+            out.append(_file_sighting(store, rel, name, e, "torch"))
     return out
+
+
+def _is_foreign_step_dir(kids: tuple[Entry, ...]) -> bool:
+    """A ``step-N`` dir under the run that DCP wrote (torchtitan names its dirs so): ``.metadata``, no manifest."""
+    names = {k.rel for k in kids}
+    return DCP_METADATA in names and MANIFEST_NAME not in names
+
+
+def _file_sighting(store: Store, rel: str, name: str, e: Entry, kind: Literal["torch", "safetensors"]) -> Sighting:
+    """A bare foreign file: its step from the name for now (verification reads the content's, which wins)."""
+    return Sighting(store=store, rel=rel, kind=kind, step=formats.step_from_name(name), entry_kind=e.kind, size=e.size)
 
 
 def is_manifest(name: str) -> bool:

@@ -1,9 +1,9 @@
-"""Stage foreign checkpoints on this rank: bare ``torch.save`` files and PyTorch DCP directories.
+"""Stage PyTorch DCP directories on this rank; the loaders of foreign files are re-exported from ``foreign_files``.
 
-Belongs here: reading a foreign file or directory without running its code (an allowlisting
-unpickler for DCP ``.metadata``, ``weights_only=True`` for every ``torch.load``) and mapping
-its keys onto the live state. Native files are ``loading``'s; what a staged load must pass
-is ``staging``'s.
+Belongs here: reading a DCP directory without running its code (an allowlisting unpickler for
+``.metadata``, a planner that loads every non-tensor item ``weights_only=True``), the checks its
+files allow (byte ranges, chunk sizes), and running ``dcp.load`` into the target ``dcp_state``
+maps. Native files are ``loading``'s; what a staged load must pass is ``staging``'s.
 """
 
 from __future__ import annotations
@@ -18,33 +18,25 @@ from typing import Any
 
 import torch
 
-from . import formats, statetree, stores
+from . import dcp_state, foreign_sanity, formats, stores
 from .candidate import Candidate
 from .errors import CheckpointFormatError
+from .foreign_files import ALIASES, load_safetensors, load_torch_file, match_foreign
+from .foreign_files import split_safe_globals as _split_safe_globals
 from .layout import DCP_METADATA  # noqa: F401 (re-exported)
 from .staging import Staged
 from .stores import Store
 
 log = logging.getLogger(__name__)
 
-ALIASES = {
-    "module": ("model_state_dict", "state_dict", "model", "module", "net"),
-    "optimizer": ("optimizer_state_dict", "optimizer", "optim", "opt"),
-    "scheduler": ("scheduler_state_dict", "lr_scheduler", "scheduler", "sched"),
-}
+# The file loaders live in foreign_files; re-exported so callers keep saying foreign_loading.X.
+__all__ = ["ALIASES", "load_dcp", "load_safetensors", "load_torch_file", "match_foreign", "read_dcp_metadata"]
 
 
-def _role(v: Any) -> str | None:
-    if isinstance(v, torch.nn.Module):
-        return "module"
-    if isinstance(v, torch.optim.Optimizer):
-        return "optimizer"
-    if hasattr(v, "state_dict") and type(v).__module__.startswith("torch.optim.lr_scheduler"):
-        return "scheduler"
-    return None
+# ----------------------------------------------------------------------------- DCP directories
 
 
-def load_torch_file(
+def load_dcp(
     c: Candidate,
     store: Store,
     state: dict[str, Any],
@@ -53,115 +45,101 @@ def load_torch_file(
     foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
     required: Iterable[str] = (),
 ) -> Staged:
-    """Stage a bare ``torch.save`` file: checks, then ``weights_only=True`` only, then key matching."""
-    extra_names, safe = _split_safe_globals(extra_safe_globals)
-    data = stores.read_whole(store, c.rel)
-    if not data:
-        raise CheckpointFormatError(f"{c.path}: empty file")
-    # Every CRC: the whole file is in memory anyway; planning checked only up to its budget.
-    rep = formats.sniff_torch_file(io.BytesIO(data), len(data), c.path, extra_names, planning=False)
-    if rep.unsafe_globals:
-        log.warning("security_event: %s needs unsafe_globals=%s; never loaded", c.path, list(rep.unsafe_globals))
-        raise CheckpointFormatError(f"{c.path}: unsafe_globals={list(rep.unsafe_globals)}; loading it would run code")
-    if not rep.ok:
-        raise CheckpointFormatError("; ".join(rep.problems))
-    suspect = [f"checksum_mismatch: {p}" for p in rep.problems] if rep.crc == "mismatch" else []
-    try:
-        with torch.serialization.safe_globals(safe):
-            obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except Exception as e:
-        why = str(e).splitlines()[0][:300]
-        raise CheckpointFormatError(f"{c.path}: torch.load(weights_only=True) refused it: {why}") from e
-    tree, warnings = match_foreign(obj, state, path=c.path, foreign_loader=foreign_loader, required=required)
-    step = c.step
-    if step < 0 and isinstance(obj, dict):
-        for k in ("step", "global_step"):
-            if isinstance(obj.get(k), int):
-                step = obj[k]
-                break
-    return Staged(tree=tree, rng=None, step=step, suspect=suspect, warnings=warnings)
-
-
-def match_foreign(
-    obj: Any,
-    state: dict[str, Any],
-    *,
-    path: str,
-    foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
-    required: Iterable[str] = (),
-) -> tuple[dict[str, Any], list[str]]:
-    """Map a foreign object's top-level keys onto ``state``: same name, then common aliases, or the user's function."""
-    if foreign_loader is not None:
-        mapped = foreign_loader(obj, state)
-        if not isinstance(mapped, dict):
-            raise CheckpointFormatError(f"{path}: foreign_loader returned {type(mapped).__name__}, not a dict")
-        return mapped, []
-    if not isinstance(obj, dict):
-        raise CheckpointFormatError(f"{path}: holds a {type(obj).__name__}, not a dict of state")
-    modules = [k for k, v in state.items() if _role(v) == "module"]
-    if len(modules) == 1 and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        obj = {modules[0]: obj}  # a bare model state_dict
-    tree: dict[str, Any] = {}
-    warnings: list[str] = []
-    missing: list[str] = []
-    req = set(required)
-    for k, v in state.items():
-        names = (k, f"{k}_state_dict") + ALIASES.get(_role(v) or "", ())
-        hit = next((n for n in names if n in obj), None)
-        if hit is not None:
-            tree[k] = obj[hit]
-        elif k in req:
-            missing.append(k)
-        else:
-            warnings.append(f"missing_optional_key: {path} has no {k!r}; it keeps its current value")
-    if missing:
-        raise CheckpointFormatError(
-            f"{path}: keys do not match: missing {missing} (file has {sorted(map(str, obj))[:20]}); "
-            "pass foreign_loader= to map them"
-        )
-    return tree, warnings
-
-
-# ----------------------------------------------------------------------------- DCP directories
-
-
-def load_dcp(c: Candidate, store: Store, state: dict[str, Any], *, extra_safe_globals: Iterable[Any] = ()) -> Staged:
     """Stage a PyTorch DCP directory through ``torch.distributed.checkpoint`` (which reshards).
 
+    Keys are mapped with ``set_state_dict`` semantics (``dcp_state``): a fresh optimizer gets every
+    saved tensor, either saved layout loads, and extra scheduler or param-group keys fail nothing.
+    With ``foreign_loader`` the whole saved tree is loaded and handed to it, as for a torch.save file.
     torch's ``FileSystemReader`` unpickles ``.metadata`` with plain ``pickle.load``, and its
     ``DefaultLoadPlanner`` every non-tensor item with an unrestricted ``torch.load``: a planted
     DCP directory would run code. Here ``.metadata`` goes through :class:`_DCPMetadataUnpickler`
     (:data:`formats.DCP_SAFE_GLOBALS`; every file it names must lie in the directory) and each
     non-tensor item through ``torch.load(weights_only=True)``, both with ``extra_safe_globals``.
+    The format has no checksums: the files are checked against the metadata's byte ranges, and
+    every floating tensor staged must pass ``foreign_sanity`` (finite, bounded by the live state).
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
 
     if not store.is_local:
         raise CheckpointFormatError(f"{c.path}: DCP directories are loaded from local stores only")
     names, objs = _split_safe_globals(extra_safe_globals)
     stores.check_dirs_no_symlink(store.root, f"{c.rel}/{DCP_METADATA}")
     md = read_dcp_metadata(os.path.join(store.join(c.rel), DCP_METADATA), names)  # a clear error first
-    captured = statetree.capture(state)
-    _check_dcp_tensors(md, captured)
-    target = _empty_like_tree(captured)
-    planner = _safe_dcp_planner(c.path, names, objs)
+    check_dcp_files(store.join(c.rel), md, c.path)
+    mapping = dcp_state.map_whole(md) if foreign_loader is not None else dcp_state.map_state(md, state)
+    planner = _safe_dcp_planner(c.path, names, objs, flatten=False)
     try:
         # Every byte DCP unpickles here is allowlisted: .metadata by the reader (already parsed above),
         # non-tensor items by the planner (sniffed, then weights-only); tensor items are raw bytes.
-        dcp.load(target, storage_reader=_safe_dcp_reader(store.join(c.rel), names, md), planner=planner)
-    except CheckpointException:
+        dcp.load(mapping.target, storage_reader=_safe_dcp_reader(store.join(c.rel), names, md), planner=planner)
+    except BaseException as e:  # DCP's CheckpointException derives from BaseException
+        if not isinstance(e, Exception) and type(e).__name__ != "CheckpointException":
+            raise
         if planner.refused is not None:  # DCP wraps it with a traceback: the refusal itself is the reason
             raise planner.refused from None
-        raise
-    return Staged(tree=target, rng=None, step=c.step)
+        raise CheckpointFormatError(f"dcp_load_failed: {c.path}: {_first_failure(e)}") from None
+    tree = mapping.tree()
+    warnings: list[str] = []
+    if foreign_loader is not None:
+        tree, warnings = match_foreign(tree[""], state, path=c.path, foreign_loader=foreign_loader)
+    else:
+        req = set(required)
+        lacking = [k for k in mapping.missing if k in req]
+        if lacking:
+            tops = sorted({str(p[0]) for p in dcp_state.paths_of(md).values()})[:10]
+            raise CheckpointFormatError(
+                f"dcp_keys_missing: {c.path} has nothing for {lacking} (top-level names {tops}); "
+                "pass foreign_loader= to map them"
+            )
+        warnings = [f"missing_optional_key: {c.path} has no {k!r}; it keeps its current value" for k in mapping.missing]
+        log.debug("DCP %s: tensors restored per key %s", c.path, mapping.restored)
+    return Staged(tree=tree, rng=None, step=c.step, warnings=warnings, damaged=[foreign_sanity.ALL])
 
 
-def _split_safe_globals(extra_safe_globals: Iterable[Any]) -> tuple[list[str], list[Any]]:
-    """The caller's extra safe globals as qualnames (for our allowlists) and as objects (for ``torch.load``)."""
-    extra = list(extra_safe_globals)
-    names = [g if isinstance(g, str) else f"{g.__module__}.{g.__qualname__}" for g in extra]
-    return names, [g for g in extra if not isinstance(g, str)]
+def _first_failure(e: BaseException) -> str:
+    """One line for a failed ``dcp.load``: the first rank's error, not DCP's wrapped traceback."""
+    failures = getattr(e, "failures", None)
+    inner = next(iter(failures.values()), e) if isinstance(failures, dict) and failures else e
+    if isinstance(inner, tuple):  # (exception, traceback) in some torch versions
+        inner = inner[0]
+    text = (str(inner).strip().splitlines() or [""])[0]
+    return f"{type(inner).__name__}: {text[:240]}"
+
+
+def check_dcp_files(root: str, md: Any, where: str) -> None:
+    """Every byte range the metadata names lies inside its file, and every tensor's chunks add up to its
+    size: a truncated or swapped shard fails here, named, before DCP reads a byte of it."""
+    sizes: dict[str, int] = {}
+    for idx, info in getattr(md, "storage_data", {}).items():
+        rp = info.relative_path
+        if rp not in sizes:
+            try:
+                sizes[rp] = os.lstat(os.path.join(root, rp)).st_size
+            except OSError as e:
+                raise CheckpointFormatError(f"missing: {where}/{rp}: {e.strerror}") from None
+        end = int(info.offset) + int(info.length)
+        if end > sizes[rp]:
+            raise CheckpointFormatError(
+                f"truncated: {where}/{rp} is {sizes[rp]} bytes, the metadata puts {getattr(idx, 'fqn', '?')!r} at "
+                f"{info.offset}..{end}"
+            )
+    for fqn, meta in getattr(md, "state_dict_metadata", {}).items():
+        size = getattr(meta, "size", None)
+        if size is None:
+            continue
+        total = 1
+        for d in size:
+            total *= int(d)
+        covered = 0
+        for ch in meta.chunks:
+            n = 1
+            for d in ch.sizes:
+                n *= int(d)
+            covered += n
+        if covered != total:
+            raise CheckpointFormatError(
+                f"metadata_inconsistent: {where}: tensor {fqn!r} of {total} elements has chunks of {covered}"
+            )
 
 
 class _DCPMetadataUnpickler(pickle._Unpickler):
@@ -235,7 +213,7 @@ def read_dcp_metadata(path: str, extra_safe_globals: Iterable[str] = ()) -> Any:
     return md
 
 
-def _safe_dcp_planner(path: str, names: list[str], safe: list[Any]) -> Any:
+def _safe_dcp_planner(path: str, names: list[str], safe: list[Any], *, flatten: bool = True) -> Any:
     """A ``DefaultLoadPlanner`` whose non-tensor items are checked as a ``torch.save`` file and loaded weights-only.
 
     DCP writes each non-tensor value with ``torch.save(obj, BytesIO)``; torch's planner reads it
@@ -271,9 +249,9 @@ def _safe_dcp_planner(path: str, names: list[str], safe: list[Any]) -> Any:
             if self.flatten_state_dict:
                 set_element(self.original_state_dict, self.mappings[fqn], obj)
             else:
-                self.state_dict[fqn] = obj
+                self.original_state_dict[fqn] = obj  # the caller's dict (self.state_dict is a copy)
 
-    return _SafePlanner()
+    return _SafePlanner(flatten_state_dict=flatten)
 
 
 def _safe_dcp_reader(path: str, extra_safe_globals: Iterable[str], metadata: Any = None) -> Any:
@@ -307,42 +285,19 @@ def _safe_dcp_reader(path: str, extra_safe_globals: Iterable[str], metadata: Any
     return _SafeReader(path)
 
 
-def _check_dcp_tensors(md: Any, captured: dict[str, Any]) -> None:
-    """Each saved tensor's dtype and shape against the live one it would load into, before ``dcp.load``.
-
-    DCP loads into tensors shaped like the live state and casts silently: bf16 weights would
-    become an fp32 model's weights without a word (T05). Keys are DCP's flattened names.
-    """
-    live = dict(_flat_tensors(captured, ()))
-    for fqn, meta in getattr(md, "state_dict_metadata", {}).items():
-        t, props = live.get(fqn), getattr(meta, "properties", None)
-        if t is None or props is None:
-            continue
-        saved_shape = tuple(getattr(meta, "size", ()))
-        if props.dtype != t.dtype or saved_shape != tuple(t.shape):
-            what = "dtype_mismatch" if props.dtype != t.dtype else "shape_mismatch"
-            raise CheckpointFormatError(
-                f"{what}: tensor {fqn!r} is {props.dtype} {saved_shape} in the DCP checkpoint, "
-                f"{t.dtype} {tuple(t.shape)} in the live state; convert the checkpoint or the model first"
-            )
-
-
-def _flat_tensors(v: Any, path: tuple[str, ...]):
-    if isinstance(v, torch.Tensor):
-        yield ".".join(path), v
-    elif isinstance(v, dict):
-        for k, x in v.items():
-            yield from _flat_tensors(x, path + (str(k),))
-    elif isinstance(v, (list, tuple)):
-        for i, x in enumerate(v):
-            yield from _flat_tensors(x, path + (str(i),))
-
-
-def _empty_like_tree(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return torch.empty_like(v, device="cpu")
-    if isinstance(v, dict):
-        return {k: _empty_like_tree(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_empty_like_tree(x) for x in v]
-    return v
+def full_check_dcp(root: str) -> tuple[str, list[str]]:
+    """``dist-guardian verify`` of a local DCP directory: the metadata (allowlisted), every byte range inside
+    its file, every tensor's chunks adding up. DCP holds no checksums, so L is the best it can be."""
+    try:
+        md = read_dcp_metadata(os.path.join(root, DCP_METADATA))
+        check_dcp_files(root, md, root)
+    except CheckpointFormatError as e:
+        return "R", [str(e)]
+    except OSError as e:
+        return "R", [f"unreadable: {root}: {e.strerror or e}"]
+    n = len(getattr(md, "state_dict_metadata", {}))
+    files = {i.relative_path for i in md.storage_data.values()}
+    return "L", [
+        f"legacy_unverified: PyTorch DCP directory, {n} items in {len(files)} files, every byte range inside "
+        "its file (the format holds no checksums)"
+    ]

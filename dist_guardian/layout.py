@@ -42,6 +42,20 @@ RANK_FILE_RE = re.compile(r"^rank-(\d{5,7})-of-(\d{5,7})\.dgt\Z")
 SHARD_FILE_RE = re.compile(r"^shards-(\d{5,7})-of-(\d{5,7})\.dgt\Z")
 DCP_METADATA = ".metadata"  # what makes a directory a PyTorch DCP checkpoint
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+SAFETENSORS_SUFFIX = ".safetensors"  # a bare safetensors file (a model's weights, no optimizer)
+# One shard of a set: model-00001-of-00003.safetensors (the set is one candidate, found by its first shard).
+SAFETENSORS_SHARD_RE = re.compile(r"^(.+)-(\d{5})-of-(\d{5})\.safetensors\Z")
+
+
+def safetensors_set(name: str) -> list[str] | None:
+    """Every shard name of the set whose FIRST shard is ``name`` ([name] for a single file; None for a later shard)."""
+    m = SAFETENSORS_SHARD_RE.match(name)
+    if m is None:
+        return [name]
+    if int(m.group(2)) != 1:
+        return None
+    n = int(m.group(3))
+    return [f"{m.group(1)}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
 def step_dir_name(step: int, generation: int | None = None) -> str:

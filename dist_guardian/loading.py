@@ -28,7 +28,7 @@ from . import _faults, formats, manifest, nodeshare, sharded_io, sharding, state
 from .bulk import gc_paused
 from .candidate import Candidate, FileRef, Loaded
 from .errors import CheckpointFormatError
-from .foreign_loading import load_dcp, load_torch_file
+from .foreign_loading import load_dcp, load_safetensors, load_torch_file
 from .layout import MANIFEST_NAME, SHARD_FILE_RE
 from .manifest import Manifest
 from .staging import Staged, accept
@@ -90,7 +90,16 @@ def load_candidate(c: Candidate, store: Store, state: dict[str, Any], options: L
             foreign_loader=options.foreign_loader,
             required=options.required,
         )
-    return load_dcp(c, store, state, extra_safe_globals=options.extra_safe_globals)
+    if c.kind == "safetensors":
+        return load_safetensors(c, store, state, foreign_loader=options.foreign_loader, required=options.required)
+    return load_dcp(
+        c,
+        store,
+        state,
+        extra_safe_globals=options.extra_safe_globals,
+        foreign_loader=options.foreign_loader,
+        required=options.required,
+    )
 
 
 def load_and_check(c: Candidate, store: Store, state: dict[str, Any], options: LoadOptions) -> Loaded:

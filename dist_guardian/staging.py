@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import geometry, manifest, sharding, statetree
+from . import foreign_sanity, geometry, manifest, sharding, statetree
 from .candidate import Loaded
 from .errors import CheckpointFormatError
 
@@ -40,6 +40,9 @@ class Staged:
     tree_damaged: bool = False
     # Keys applied in fully-qualified-name form (a sharded checkpoint): module key -> None, optimizer -> its module.
     fqn: dict[str, str | None] = field(default_factory=dict)
+    # Foreign tensors whose bytes failed a check (tree paths) or foreign_sanity.ALL (no checksums to check):
+    # judged against the live state before a vote (foreign_sanity), None for a native candidate.
+    damaged: list[str] | None = None
 
 
 def accept(staged: Staged, state: dict[str, Any], required: Iterable[str]) -> Loaded:
@@ -49,11 +52,14 @@ def accept(staged: Staged, state: dict[str, Any], required: Iterable[str]) -> Lo
     checksum mismatch), where its failure names the mismatch as well as the tensor.
     """
     check_structure(staged, state, required)
-    if staged.suspect:
+    if staged.suspect or staged.damaged is not None:
         try:
-            sanity_gate(staged)
+            if staged.suspect:
+                sanity_gate(staged)
+            if staged.damaged is not None:
+                staged.warnings += foreign_sanity.judge(staged.tree, state, staged.damaged)
         except CheckpointFormatError as e:
-            raise CheckpointFormatError(f"{'; '.join(staged.suspect)}; {e}") from None
+            raise CheckpointFormatError("; ".join([*staged.suspect, str(e)])) from None
     return Loaded(
         staged=staged, suspect=tuple(staged.suspect), warnings=tuple(staged.warnings), last_resort=staged.tree_damaged
     )

@@ -113,6 +113,8 @@ def verify_sighting(
         return _verify_native(s, run=run, compat=compat, now=now, layout=layout)
     if s.kind == "torch":
         return verify_foreign.verify_torch(s, extra_safe_globals), 0, ()
+    if s.kind == "safetensors":
+        return verify_foreign.verify_safetensors(s), 0, ()
     return verify_foreign.verify_dcp(s, extra_safe_globals), 0, ()
 
 

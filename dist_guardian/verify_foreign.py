@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Iterable
 
 from . import formats, manifest, stores
 from .candidate import Candidate, FileRef
 from .discovery import Sighting
-from .errors import InsecurePathError, PlanningCapExceeded, Reason
-from .layout import DCP_METADATA
+from .errors import CheckpointFormatError, InsecurePathError, PlanningCapExceeded, Reason
+from .layout import DCP_METADATA, safetensors_set
 
 log = logging.getLogger(__name__)
 
@@ -118,3 +119,74 @@ def verify_dcp(s: Sighting, extra_safe: Iterable[str] = ()) -> Candidate:
     if s.step is None:
         c = c.with_verdict("L", "step_unknown: no step in the directory name; ordered last")
     return c.with_verdict("L", "legacy_unverified: PyTorch DCP directory")
+
+
+def verify_safetensors(s: Sighting) -> Candidate:
+    """A bare safetensors file or a sharded set (seen at its first shard): on a local store every header is
+    parsed and checked against its file's size.
+
+    The format holds no checksums, so the best it can be is L; a header that does not fit its
+    file (truncated, garbage) or a missing shard is R before any tensor is read.
+    """
+    head, _, name = s.rel.rpartition("/")
+    shards = safetensors_set(name) or [name]
+    c = s.candidate(files=(FileRef(name="", size=s.size),), replica_key=f"safetensors:{name}:{s.size}:{len(shards)}")
+    if s.size == 0:
+        return c.with_verdict("R", f"empty: {s.rel} is 0 bytes")
+    if s.step is None:
+        c = c.with_verdict(c.tier, "step_unknown: no step in the name (safetensors holds none); ordered last")
+    if not s.store.is_local:
+        return c.with_verdict("L", "legacy_unverified: remote safetensors file, header checked when loaded")
+    for shard in shards:
+        rel = f"{head}/{shard}" if head else shard
+        try:
+            stores.check_dirs_no_symlink(s.store.root, rel)
+            f = stores.open_reader(s.store.join(rel))
+        except InsecurePathError as e:
+            return c.with_verdict("R", _insecure(e))
+        except OSError as e:
+            return c.with_verdict("R", f"missing: {rel}: {e.strerror or e}" if shard != name else f"unreadable: {e}")
+        with f:
+            try:
+                formats.parse_header(f, os.fstat(f.fileno()).st_size, name=rel)
+            except CheckpointFormatError as e:
+                return c.with_verdict("R", f"unloadable: {e}")
+    what = f"a set of {len(shards)} safetensors shards" if len(shards) > 1 else "safetensors file"
+    return c.with_verdict("L", f"legacy_unverified: {what} (no checksums in the format)")
+
+
+def full_check(path: str) -> tuple[str, list[str]]:
+    """``dist-guardian verify`` of a local foreign FILE: every byte of a torch zip (all CRCs) or a safetensors header.
+
+    Returns (tier, reasons) as :func:`fullcheck.verify_full` does; L is the best a foreign file can be.
+    """
+    try:
+        fd = stores.open_regular(path)
+    except OSError as e:
+        return "R", [f"unreadable: {path}: {e.strerror or e}"]
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return "R", [f"empty: {path} is 0 bytes"]
+        if path.lower().endswith(".safetensors"):
+            try:
+                h = formats.parse_header(f, size, name=path)
+            except CheckpointFormatError as e:
+                return "R", [f"unloadable: {e}"]
+            return "L", [
+                f"legacy_unverified: safetensors file, {len(h.entries)} tensors, header fits the file "
+                "(the format holds no checksums)"
+            ]
+        rep = formats.sniff_torch_file(f, size, path, planning=False)
+    if rep.unsafe_globals:
+        return "R", [f"unsafe_globals={list(rep.unsafe_globals)}: loading it would run code; never loaded"]
+    if not rep.ok:
+        return "R", [f"unloadable: {p}" for p in rep.problems]
+    step = [f"step {rep.step_key} (from the content)"] if rep.step_key is not None else []
+    if rep.crc == "mismatch":
+        members = sorted(rep.damaged)
+        return "S", [
+            f"checksum_mismatch: zip CRC32 mismatch in {len(members)} member(s): {', '.join(members[:10])}"
+        ] + step
+    what = "every zip CRC32 matches" if rep.crc == "ok" else "written without CRCs: nothing to check"
+    return "L", [f"legacy_unverified: torch.save file, {what}"] + step

@@ -17,8 +17,8 @@ import time
 import zipfile
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import BinaryIO, cast
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, cast
 
 from ..errors import PlanningCapExceeded
 from ..layout import TORCH_SUFFIXES  # noqa: F401 (re-exported)
@@ -46,7 +46,11 @@ MAX_ZIP_DIRECTORY_BYTES = 16 * 1024 * 1024
 # A step is taken from a foreign name only where the name says it is one (``step_300``,
 # ``checkpoint-300``, ``global_step300``, ``iter_300``, ``epoch=3-step=900``): a bare number
 # (``model_7.pt``) or a date (``export_20240501.pt``) would outrank every native checkpoint.
-_STEP_RE = re.compile(r"(?:global_step|step|checkpoint|ckpt|iteration|iter)[_\-.=]?(\d{1,15})(?!\d)", re.IGNORECASE)
+# The word must start the name or follow a non-letter (``filter_3.pt`` is no ``iter_3``); a version
+# suffix (``model_v2.pt``, Lightning's ``epoch=3-step=900-v1.ckpt``, ``last-v1.ckpt``) is never a step.
+_STEP_RE = re.compile(
+    r"(?<![A-Za-z])(?:global_step|step|checkpoint|ckpt|iteration|iter)[_\-.=]?(\d{1,15})(?!\d)", re.IGNORECASE
+)
 _DATE_RE = re.compile(
     r"(?:(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])|(?:19|20)\d\d[_\-.]\d\d?[_\-.]\d\d?)(?!\d)"
 )
@@ -143,6 +147,9 @@ class TorchFileReport:
     step_key: int | None  # the top-level step/global_step value, when the pickle shows one
     crc_unchecked: int = 0  # member bytes whose CRC the planning budget left unchecked
     over_cap: str | None = None  # what is over a planning cap (then ok is False)
+    # Members whose bytes fail their CRC: name -> (size, the CRC32 of the bytes as they are), so the
+    # loader can tell which loaded storages (and so which tensors) hold the damaged bytes.
+    damaged: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def sniff_torch_file(
@@ -206,7 +213,7 @@ def _sniff_torch_file(f: BinaryIO, size: int, name: str, extra_safe: Iterable[st
         raise PlanningCapExceeded(f"{pkl[0].filename} (declared {pkl[0].file_size} bytes)", f"{MAX_PICKLE_BYTES} bytes")
     problems: list[str] = []
     crcs_off = all(i.CRC == 0 for i in infos if i.file_size > 0)
-    mismatched: list[str] = []
+    damaged: dict[str, tuple[int, int]] = {}
     budget = PLANNING_CRC_BYTES if planning else None
     deadline = time.monotonic() + PLANNING_CRC_SECONDS if planning else None
     unchecked = 0
@@ -233,7 +240,7 @@ def _sniff_torch_file(f: BinaryIO, size: int, name: str, extra_safe: Iterable[st
                         complete = False
                         break
         except zipfile.BadZipFile:
-            mismatched.append(info.filename)
+            damaged[info.filename] = (info.file_size, _raw_crc(zf, info))
             continue
         except (OSError, EOFError, ValueError) as e:
             return TorchFileReport(False, "none", (f"{name}: member {info.filename} unreadable ({e})",), (), None)
@@ -243,7 +250,7 @@ def _sniff_torch_file(f: BinaryIO, size: int, name: str, extra_safe: Iterable[st
         if budget is not None:
             budget -= info.file_size
         if crc != info.CRC:
-            mismatched.append(info.filename)
+            damaged[info.filename] = (info.file_size, crc)
     try:
         pickle_bytes = zf.read(pkl[0])
     except zipfile.BadZipFile:
@@ -256,14 +263,30 @@ def _sniff_torch_file(f: BinaryIO, size: int, name: str, extra_safe: Iterable[st
     unsafe, step_key, pk_problem = scan_pickle(pickle_bytes, extra_safe, PLANNING_SCAN_SECONDS if planning else None)
     if pk_problem:
         return TorchFileReport(False, "none", (f"{name}: {pk_problem}",), unsafe, step_key)
-    crc_state = "off" if crcs_off else "mismatch" if mismatched else "partial" if unchecked else "ok"
-    if mismatched:
-        problems.append(f"{name}: zip CRC32 mismatch in {', '.join(mismatched[:5])}")
-    return TorchFileReport(True, crc_state, tuple(problems), unsafe, step_key, crc_unchecked=unchecked)
+    crc_state = "off" if crcs_off else "mismatch" if damaged else "partial" if unchecked else "ok"
+    if damaged:
+        problems.append(f"{name}: zip CRC32 mismatch in {', '.join(list(damaged)[:5])}")
+    return TorchFileReport(True, crc_state, tuple(problems), unsafe, step_key, crc_unchecked=unchecked, damaged=damaged)
+
+
+def _raw_crc(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
+    """The CRC32 of a member's bytes as they are, read without zipfile's own CRC check."""
+    with zf.open(info) as m:
+        m._expected_crc = None  # type: ignore[attr-defined]
+        crc = 0
+        while chunk := m.read(DIGEST_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 _STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
 _INT_OPS = {"BININT", "BININT1", "BININT2", "LONG1", "INT", "LONG", "LONG4"}
+# Top-level keys that state a step, by preference: ``epoch`` only when nothing else does (an epoch
+# is coarser than a step, but it still orders a script's checkpoints).
+STEP_KEYS = ("step", "global_step", "iteration", "iter", "epoch")
+# Opcodes that return the object below their arguments (the dict a SETITEM fills stays that dict).
+_KEEP_BASE = {"SETITEM", "SETITEMS", "APPEND", "APPENDS", "ADDITEMS", "BUILD", "MEMOIZE"}
+_MARK = ("mark",)
 
 
 def scan_pickle(
@@ -271,57 +294,118 @@ def scan_pickle(
 ) -> tuple[tuple[str, ...], int | None, str | None]:
     """The globals a pickle would import (those outside the weights-only allowlist) and a top-level step.
 
-    Walks opcodes with ``pickletools.genops``: nothing is executed or imported. A walk longer than
-    ``deadline_s`` seconds raises :class:`PlanningCapExceeded` (checked every 65,536 opcodes).
+    Walks opcodes with ``pickletools.genops``: nothing is executed or imported. A shadow stack
+    (each opcode's declared stack effect) tells the top-level dict from nested ones, so only its
+    own ``step``/``global_step``/``iteration``/``epoch`` count (:data:`STEP_KEYS`), whether the key
+    is a fresh string or a memoised one (``BINGET``). A walk longer than ``deadline_s`` seconds
+    raises :class:`PlanningCapExceeded` (checked every 65,536 opcodes).
     """
     extra = frozenset(extra_safe)
     unsafe: list[str] = []
-    recent: list[object] = []  # values of recent pushes, enough to resolve STACK_GLOBAL
-    memo: dict[int, object] = {}
-    step_key = None
-    pending_step = False
+    found: dict[str, int] = {}
     deadline = None if deadline_s is None else time.monotonic() + deadline_s
     try:
+        walker = _Walker(extra, unsafe, found, dcp)
         for k, (op, arg, _pos) in enumerate(pickletools.genops(io.BytesIO(data))):
             if deadline is not None and not k & 0xFFFF and time.monotonic() > deadline:
                 raise PlanningCapExceeded(f"walking a {len(data)}-byte pickle", f"{deadline_s:g} s")
-            nm = op.name
-            if nm in _STRING_OPS:
-                recent.append(arg)
-                if pending_step:
-                    pending_step = False
-                pending_step = arg in ("step", "global_step") and step_key is None
-                continue
-            if nm in _INT_OPS and pending_step:
-                if isinstance(arg, int):
-                    step_key = arg
-                pending_step = False
-                recent.append(arg)
-                continue
-            if nm in ("BINPUT", "LONG_BINPUT", "PUT"):  # memoizing the key does not end "key, then value"
-                memo[int(cast(int, arg))] = recent[-1] if recent else None
-                continue
-            if nm == "MEMOIZE":
-                memo[len(memo)] = recent[-1] if recent else None
-                continue
-            pending_step = False
-            if nm in ("BINGET", "LONG_BINGET", "GET"):
-                recent.append(memo.get(int(cast(int, arg))))
-            elif nm in ("GLOBAL", "INST"):
-                mod, _, attr = str(arg).partition(" ")
-                _judge(f"{mod}.{attr}", extra, unsafe, dcp)
-            elif nm == "STACK_GLOBAL":
-                smod, sattr = (recent[-2], recent[-1]) if len(recent) >= 2 else (None, None)
-                _judge(f"{smod}.{sattr}", extra, unsafe, dcp)
-            else:
-                recent.append(None)
-            if len(recent) > 64:
-                del recent[:32]
+            walker.op(op, arg)
     except PlanningCapExceeded:
         raise
     except (ValueError, EOFError, KeyError, IndexError) as e:
-        return tuple(unsafe), step_key, f"pickle stream is corrupt ({str(e)[:100]})"
-    return tuple(dict.fromkeys(unsafe)), step_key, None
+        return tuple(unsafe), _pick_step(found), f"pickle stream is corrupt ({str(e)[:100]})"
+    return tuple(dict.fromkeys(unsafe)), _pick_step(found), None
+
+
+def _pick_step(found: dict[str, int]) -> int | None:
+    return next((found[k] for k in STEP_KEYS if k in found), None)
+
+
+class _Walker:
+    """A shadow of the unpickler's stack: strings, ints, globals and dicts as tags, everything else None."""
+
+    def __init__(self, extra: frozenset[str], unsafe: list[str], found: dict[str, int], dcp: bool):
+        self.stack: list[tuple | None] = []
+        self.memo: dict[int, tuple | None] = {}
+        self.extra, self.unsafe, self.found, self.dcp = extra, unsafe, found, dcp
+
+    def _pop_to_mark(self) -> list[tuple | None]:
+        st = self.stack
+        i = len(st) - 1
+        while i >= 0 and st[i] is not _MARK:
+            i -= 1
+        if i < 0:
+            raise ValueError("no mark on the stack")
+        items = st[i + 1 :]
+        del st[i:]
+        return items
+
+    def _set(self, d: tuple | None, pairs: list[tuple | None]) -> None:
+        if not (d and d[0] == "d" and d[1]):
+            return  # not the top-level dict
+        for key, val in zip(pairs[::2], pairs[1::2], strict=False):
+            if key and key[0] == "s" and key[1] in STEP_KEYS and val and val[0] == "i":
+                self.found.setdefault(key[1], val[1])
+
+    def op(self, op: Any, arg: Any) -> None:
+        nm, st = op.name, self.stack
+        if nm in _STRING_OPS:
+            st.append(("s", arg))
+        elif nm in _INT_OPS:
+            st.append(("i", arg) if isinstance(arg, int) and not isinstance(arg, bool) else None)
+        elif nm in ("BINPUT", "LONG_BINPUT", "PUT"):
+            self.memo[int(arg)] = st[-1] if st else None
+        elif nm == "MEMOIZE":
+            self.memo[len(self.memo)] = st[-1] if st else None
+        elif nm in ("BINGET", "LONG_BINGET", "GET"):
+            st.append(self.memo.get(int(arg)))
+        elif nm == "EMPTY_DICT":
+            st.append(("d", not st))
+        elif nm == "SETITEM":
+            val, key = st.pop(), st.pop()
+            self._set(st[-1] if st else None, [key, val])
+        elif nm == "SETITEMS":
+            items = self._pop_to_mark()
+            self._set(st[-1] if st else None, items)
+        elif nm in ("GLOBAL", "INST"):
+            mod, _, attr = str(arg).partition(" ")
+            _judge(f"{mod}.{attr}", self.extra, self.unsafe, self.dcp)
+            if nm == "INST":
+                self._pop_to_mark()
+            st.append(("g", f"{mod}.{attr}"))
+        elif nm == "STACK_GLOBAL":
+            sattr, smod = st.pop(), st.pop()
+            qual = f"{smod[1] if smod and smod[0] == 's' else None}.{sattr[1] if sattr and sattr[0] == 's' else None}"
+            _judge(qual, self.extra, self.unsafe, self.dcp)
+            st.append(("g", qual))
+        elif nm == "REDUCE":
+            _args, fn = st.pop(), st.pop()
+            st.append(("d", not st) if fn == ("g", "collections.OrderedDict") else None)
+        else:
+            self._generic(op, nm)
+
+    def _generic(self, op: Any, nm: str) -> None:
+        """Any other opcode by its declared stack effect (``pickletools`` knows every one)."""
+        st = self.stack
+        before = [s.name for s in op.stack_before]
+        base = None
+        if "mark" in before:
+            self._pop_to_mark()
+            n = before.index("mark")
+        else:
+            n = len(before)
+        if n:
+            if len(st) < n:
+                raise ValueError(f"{nm}: stack underflow")
+            base = st[-n]
+            del st[-n:]
+        after = op.stack_after
+        if nm in _KEEP_BASE and after:
+            st.append(base)
+        elif nm == "DUP":
+            st += [base, base]
+        else:
+            st += [_MARK if s.name == "mark" else None for s in after]
 
 
 def _judge(qualname: str, extra: frozenset[str], unsafe: list[str], dcp: bool) -> None:

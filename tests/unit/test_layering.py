@@ -55,8 +55,11 @@ LAYERS = [
     "geometry",
     "statetree",
     "sharding",
+    "foreign_sanity",
     "staging",
     "sharded_io",
+    "dcp_state",
+    "foreign_files",
     "foreign_loading",
     "loading",
     "attempts",
@@ -66,6 +69,9 @@ LAYERS = [
     "bench",
     "cli",
     "__init__",
+    # framework adapters: the public API only (absolute imports of dist_guardian), nothing below imports them
+    "integrations",
+    "integrations.lightning",
 ]
 TORCH_FREE = set(LAYERS[: LAYERS.index("comm")]) | {"cli", "__init__"}
 
