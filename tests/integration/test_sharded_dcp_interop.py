@@ -14,12 +14,6 @@ from dg_harness import run_ranks
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="foreign_loading.load_dcp maps onto plain state_dict(): AdamW state is keyed by FQN in the DCP "
-    "checkpoint and lazily empty in a fresh optimizer, so exp_avg/exp_avg_sq/step are not restored; "
-    "h13b switches DCP loads to set_state_dict semantics",
-)
 @pytest.mark.parametrize("world", [2, 1])
 def test_dcp_from_an_fsdp2_job_loads_with_resharding(tmp_path, world):
     root = str(tmp_path)
