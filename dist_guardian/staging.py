@@ -26,7 +26,6 @@ SANITY_FACTOR = 10.0
 
 
 @dataclass
-@dataclass
 class Staged:
     """What one rank loaded: the decoded trees, and what verification found on the way."""
 
@@ -39,6 +38,9 @@ class Staged:
     names: dict[int, str] = field(default_factory=dict)  # id(tensor) -> name, to name a damaged tensor
     # Damage outside the tensors (state tree, tensor index): the sanity gate cannot judge it (T10).
     tree_damaged: bool = False
+    # A foreign load's parts of ``state`` it could not restore, each named with why ("'sched': no scheduler.pt");
+    # ``completeness.judge`` fails the attempt on them (or, with ``partial_ok``, warns).
+    not_restored: list[str] = field(default_factory=list)
 
 
 def accept(staged: Staged, state: dict[str, Any], required: Iterable[str]) -> Loaded:

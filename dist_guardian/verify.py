@@ -22,7 +22,7 @@ from typing import Any
 
 import xxhash
 
-from . import formats, manifest, stores, verify_foreign
+from . import formats, manifest, stores, verify_foreign, verify_hf
 from .candidate import Candidate, FileRef
 from .discovery import Sighting
 from .errors import CheckpointFormatError, Reason, StoreUnavailable
@@ -113,6 +113,8 @@ def verify_sighting(
         return _verify_native(s, run=run, compat=compat, now=now, layout=layout)
     if s.kind == "torch":
         return verify_foreign.verify_torch(s, extra_safe_globals), 0, ()
+    if s.kind == "hf":
+        return verify_hf.verify_hf(s, extra_safe_globals), 0, ()
     return verify_foreign.verify_dcp(s, extra_safe_globals), 0, ()
 
 

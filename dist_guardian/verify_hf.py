@@ -1,0 +1,186 @@
+"""Verdicts on Hugging Face Trainer checkpoint directories (``checkpoint-N/``), without torch.
+
+Belongs here: what planning may judge of one ``checkpoint-N/`` before anything loads: the step
+of its ``trainer_state.json``, the files a load would read (model weights whole or sharded,
+optimizer, scheduler, per-rank RNG) against the listing and against the manifest that
+``dist_guardian.integrations.hf.GuardianCallback`` records, every safetensors header and a
+sharded model's index, and each ``torch.save`` file's zip structure, CRCs and pickle globals.
+The tier follows: V with a clean manifest, L without one, S on a CRC mismatch, R when the
+layout is broken or a pickle is unsafe. Side files the Trainer writes for itself
+(``training_args.bin``, a pickled ``TrainingArguments``) are never read nor judged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Iterable
+
+import xxhash
+
+from . import formats, manifest, stores
+from .candidate import Candidate, FileRef
+from .discovery import Sighting
+from .errors import CheckpointFormatError, InsecurePathError
+from .formats import hf_layout
+from .layout import MANIFEST_NAME
+from .manifest import Manifest, ManifestError
+
+log = logging.getLogger(__name__)
+
+HF_WRITER = "dist_guardian.integrations.hf"  # the manifest's ``writer["by"]``: recorded by GuardianCallback
+
+
+def wanted_files(files: hf_layout.HFFiles) -> list[str]:
+    """Every file a load of this checkpoint reads, RNG files included."""
+    names = list(files.model) + [n for n in (files.index, files.optimizer, files.scheduler, files.trainer_state) if n]
+    return names + sorted(files.rng.values())
+
+
+def verify_hf(s: Sighting, extra_safe: Iterable[str] = ()) -> Candidate:
+    """One ``checkpoint-N/`` directory's verdict; on a local store its headers and pickles are sniffed."""
+    kids = {e.rel: e for e in s.children if "/" not in e.rel}
+    files = hf_layout.classify(kids)
+    for side in files.side:
+        log.debug("%s: %s is a framework side file; never read", s.store.uri(s.rel), side)
+    names = wanted_files(files)
+    c = s.candidate(files=tuple(_ref(n, kids[n].size, files) for n in names), world_size=files.rng_world_size)
+    bad = [n for n in names + ([MANIFEST_NAME] if MANIFEST_NAME in kids else []) if kids[n].kind != "file"]
+    if bad:
+        return c.with_verdict("R", f"not_regular: {', '.join(bad[:5])} (a symlink or not a file); never followed")
+    if not files.model:
+        return c.with_verdict("R", "unloadable: Hugging Face checkpoint without model weights")
+    if len(files.model) > 1 and files.index is None:
+        return c.with_verdict("R", f"missing: {hf_layout.MODEL_INDEX} of a sharded model")
+    empty = [n for n in names if kids[n].size == 0]
+    if empty:
+        return c.with_verdict("R", f"empty: {', '.join(empty[:5])} 0 bytes")
+    mf: Manifest | None = None
+    if MANIFEST_NAME in kids:
+        got = _manifest(s, kids, c)
+        if isinstance(got, Candidate):
+            return got
+        mf, c = got
+    step = _step(s, files, mf)
+    if step is not None:
+        c = dataclasses.replace(c, step=step)
+    elif s.step is None:
+        c = c.with_verdict(c.tier, "step_unknown: no global_step in trainer_state.json nor a step in the name")
+    if mf is None:
+        key = json.dumps([c.step, sorted((n, kids[n].size) for n in names)])
+        c = dataclasses.replace(c, replica_key=f"hf:{xxhash.xxh3_64_hexdigest(key.encode())}")
+    if not s.store.is_local:
+        note = "remote Hugging Face checkpoint: headers and pickles checked when loaded"
+        return c if mf is not None else c.with_verdict("L", f"legacy_unverified: {note}")
+    return _local_checks(s, files, c, extra_safe, verified=mf is not None)
+
+
+def _ref(name: str, size: int, files: hf_layout.HFFiles) -> FileRef:
+    """A file of the candidate; ``rng_state_K.pth`` is read by rank K only."""
+    rank = next((r for r, n in files.rng.items() if n == name and r is not None), None)
+    return FileRef(name=name, size=size, rank=rank)
+
+
+def _manifest(s: Sighting, kids: dict, c: Candidate) -> tuple[Manifest, Candidate] | Candidate:
+    """The callback's manifest, checked against the listing: digests on the candidate's files, or its verdict."""
+    try:
+        if kids[MANIFEST_NAME].size > manifest.MAX_MANIFEST_BYTES:
+            raise ManifestError("manifest_too_large", f"{kids[MANIFEST_NAME].size} bytes")
+        mf = manifest.parse(stores.read_small(s.store, _rel(s, MANIFEST_NAME), manifest.MAX_MANIFEST_BYTES))
+    except (ManifestError, OSError, CheckpointFormatError) as e:
+        return c.with_verdict("R", f"manifest_rejected: {e}")
+    problems = []
+    for f in mf.files:
+        got = kids.get(f.name)
+        if got is None:
+            problems.append(f"missing: {f.name}")
+        elif got.size != f.size:
+            problems.append(f"size_mismatch: {f.name} expected={f.size} got={got.size}")
+    recorded = {f.name: f for f in mf.files}
+    unrecorded = [r.name for r in c.files if r.name not in recorded]
+    if unrecorded:
+        problems.append(f"unrecorded: {', '.join(unrecorded[:5])} not in the manifest (written after it?)")
+    if problems:
+        return c.with_verdict("R", *problems)
+    refs = tuple(dataclasses.replace(r, digest=recorded[r.name].digest) for r in c.files)
+    key = json.dumps([mf.step, sorted((f.name, f.size, f.digest) for f in mf.files)])
+    c = dataclasses.replace(
+        c, files=refs, run=mf.run, replica_key=f"hf:{xxhash.xxh3_64_hexdigest(key.encode())}", created_unix=None
+    )
+    return mf, c
+
+
+def _step(s: Sighting, files: hf_layout.HFFiles, mf: Manifest | None) -> int | None:
+    """The step the content states: ``trainer_state.json``'s ``global_step``, else the manifest's."""
+    if files.trainer_state is not None:
+        try:
+            data = stores.read_small(s.store, _rel(s, files.trainer_state), hf_layout.MAX_TRAINER_STATE_BYTES)
+        except (OSError, CheckpointFormatError) as e:
+            log.info("%s: trainer_state.json unreadable (%s); step from the name", s.store.uri(s.rel), e)
+        else:
+            step = hf_layout.step_from_trainer_state(data)
+            if step is not None and step <= manifest.MAX_STEP:
+                return step
+    return mf.step if mf is not None else None
+
+
+def _rel(s: Sighting, name: str) -> str:
+    return name if s.rel == "." else f"{s.rel}/{name}"
+
+
+def _local_checks(
+    s: Sighting, files: hf_layout.HFFiles, c: Candidate, extra_safe: Iterable[str], *, verified: bool
+) -> Candidate:
+    """Safetensors headers, the shard index, and every ``torch.save`` file the load reads (no tensor data)."""
+    tensors: dict[str, set[str]] = {}
+    try:
+        for name in files.model:
+            if name.endswith(".safetensors"):
+                with stores.open_reader(s.store.join(_rel(s, name))) as f:
+                    header = formats.parse_header(f, c_size(c, name), name=name)
+                tensors[name] = {e.name for e in header.entries}
+        if files.index is not None:
+            data = stores.read_small(s.store, _rel(s, files.index), hf_layout.MAX_INDEX_BYTES)
+            problems = hf_layout.index_problems(data, files.model, tensors)
+            if problems:
+                return c.with_verdict("R", *problems)
+    except CheckpointFormatError as e:
+        return c.with_verdict("R", f"bad_header: {e}")
+    except InsecurePathError as e:
+        return c.with_verdict("R", f"insecure: {e.detail}")
+    except OSError as e:
+        return c.with_verdict("R", f"unreadable: {e}")
+    suspect: list[str] = []
+    notes: list[str] = []
+    for name in files.torch_files:
+        safe = list(extra_safe) + (sorted(hf_layout.RNG_SAFE_GLOBALS) if hf_layout.RNG_RE.match(name) else [])
+        try:
+            with stores.open_reader(s.store.join(_rel(s, name))) as f:
+                rep = formats.sniff_torch_file(f, c_size(c, name), name, safe)
+        except OSError as e:
+            return c.with_verdict("R", f"unreadable: {name}: {e}")
+        if rep.over_cap:
+            return c.with_verdict("R", f"planning_cap_exceeded: {rep.over_cap}")
+        if rep.unsafe_globals:
+            where = s.store.uri(s.rel, name)
+            log.warning("security_event: %s needs unsafe_globals=%s; never loaded", where, list(rep.unsafe_globals))
+            return c.with_verdict("R", f"unsafe_globals={list(rep.unsafe_globals)} in {name}")
+        if not rep.ok:
+            return c.with_verdict("R", *(f"unloadable: {p}" for p in rep.problems))
+        if rep.crc == "mismatch":
+            suspect += [f"checksum_mismatch: {p}" for p in rep.problems]
+        elif rep.crc == "partial":
+            notes.append(f"crc_unchecked: {name}: {rep.crc_unchecked} bytes past the planning budget")
+    if suspect:
+        return c.with_verdict("S", *suspect, *notes)
+    if verified:
+        return c.with_verdict("V", *notes) if notes else c
+    return c.with_verdict(
+        "L", "legacy_unverified: Hugging Face checkpoint without a dist_guardian manifest (no checksums)", *notes
+    )
+
+
+def c_size(c: Candidate, name: str) -> int:
+    """The listed size of one of the candidate's files."""
+    return next(f.size for f in c.files if f.name == name)
