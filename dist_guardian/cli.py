@@ -176,7 +176,7 @@ def _verify(args: argparse.Namespace, opts: Any) -> int:
         print(f"{args.path}: tier {tier}" + ("" if reasons else " (every checksum matches)"))
         for r in reasons:
             print(f"  {r}")
-    return {"V": EXIT_OK, "S": EXIT_SUSPECT}.get(tier, EXIT_NOTHING)
+    return {"V": EXIT_OK, "L": EXIT_OK, "S": EXIT_SUSPECT}.get(tier, EXIT_NOTHING)
 
 
 def _checked(store_url: str, opts: Any) -> str:

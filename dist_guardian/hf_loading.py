@@ -23,8 +23,8 @@ import torch
 import xxhash
 
 from . import formats, statetree, stores
-from .candidate import Candidate
-from .errors import CheckpointFormatError
+from .candidate import Candidate, Loaded
+from .errors import CheckpointFormatError, IncompleteRestore
 from .formats import hf_layout
 from .staging import Staged
 from .stores import Store
@@ -208,3 +208,30 @@ def _from_hf_rng(hf: Any) -> dict[str, Any]:
         cuda = hf["cuda"]
         out["cuda"] = list(cuda) if isinstance(cuda, (list, tuple)) else [cuda]
     return out
+
+
+def check_loads(
+    c: Candidate,
+    store: Store,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    extra_safe_globals: Iterable[Any] = (),
+    need_optimizer: bool = True,
+) -> Loaded:
+    """Whether the Trainer's own resume would load ``c`` on this rank, without live objects: every model
+    file parsed, ``optimizer.pt`` (needed unless ``need_optimizer`` is off), ``scheduler.pt`` and this
+    rank's RNG file loaded weights-only, every byte checked against the manifest. Raises when it would not."""
+    if c.kind != "hf":
+        raise CheckpointFormatError(f"{c.path}: not a Hugging Face checkpoint ({c.kind})")
+    files = hf_layout.classify(f.name for f in c.files)
+    r = _Reader(c, store, extra_safe_globals)
+    if not r.model(files):
+        raise CheckpointFormatError(f"{c.path}: the model files hold no tensors")
+    if files.optimizer is None and need_optimizer:
+        raise IncompleteRestore(f"incomplete: {c.path} has no optimizer.pt", missing=("optimizer",))
+    for name in (files.optimizer, files.scheduler):
+        if name is not None and not isinstance(r.load_pt(name), dict):
+            raise CheckpointFormatError(f"{r.uri(name)}: not a state dict")
+    _, warnings = _rng(r, files, rank, world_size)
+    return Loaded(staged=None, suspect=tuple(r.suspect), warnings=tuple(warnings))

@@ -19,10 +19,10 @@ from collections.abc import Iterable
 
 import xxhash
 
-from . import formats, manifest, stores
-from .candidate import Candidate, FileRef
+from . import formats, fullcheck, manifest, stores
+from .candidate import TIER_RANK, Candidate, FileRef
 from .discovery import Sighting
-from .errors import CheckpointFormatError, InsecurePathError
+from .errors import CheckpointFormatError, InsecurePathError, StoreError
 from .formats import hf_layout
 from .layout import MANIFEST_NAME
 from .manifest import Manifest, ManifestError
@@ -38,8 +38,11 @@ def wanted_files(files: hf_layout.HFFiles) -> list[str]:
     return names + sorted(files.rng.values())
 
 
-def verify_hf(s: Sighting, extra_safe: Iterable[str] = ()) -> Candidate:
-    """One ``checkpoint-N/`` directory's verdict; on a local store its headers and pickles are sniffed."""
+def verify_hf(s: Sighting, extra_safe: Iterable[str] = (), *, planning: bool = True) -> Candidate:
+    """One ``checkpoint-N/`` directory's verdict; on a local store its headers and pickles are sniffed.
+
+    ``planning``: zip CRCs within the planning budget; ``False`` (``dist-guardian verify``) checks all.
+    """
     kids = {e.rel: e for e in s.children if "/" not in e.rel}
     files = hf_layout.classify(kids)
     for side in files.side:
@@ -73,7 +76,29 @@ def verify_hf(s: Sighting, extra_safe: Iterable[str] = ()) -> Candidate:
     if not s.store.is_local:
         note = "remote Hugging Face checkpoint: headers and pickles checked when loaded"
         return c if mf is not None else c.with_verdict("L", f"legacy_unverified: {note}")
-    return _local_checks(s, files, c, extra_safe, verified=mf is not None)
+    return _local_checks(s, files, c, extra_safe, verified=mf is not None, planning=planning)
+
+
+def is_hf_dir(store: stores.Store, rel: str) -> bool:
+    """Whether ``rel`` is a Hugging Face checkpoint directory (one listing)."""
+    try:
+        names = [e.rel for e in stores.list_tree(store, rel, max_depth=1)]
+    except (OSError, StoreError):
+        return False
+    return hf_layout.looks_like_hf(rel.rsplit("/", 1)[-1], names)
+
+
+def verify_hf_full(store: stores.Store, rel: str) -> tuple[str, list[str]]:
+    """``dist-guardian verify`` of a ``checkpoint-N/``: its structure and every zip CRC, and with the
+    callback's manifest every file's checksum (``fullcheck``). Returns (tier, reasons)."""
+    entries = tuple(e for e in stores.list_tree(store, rel, max_depth=1) if "/" not in e.rel)
+    s = Sighting(store=store, rel=rel, kind="hf", step=formats.step_from_name(rel), children=entries)
+    c = verify_hf(s, planning=False)
+    if c.tier == "R" or not any(e.rel == MANIFEST_NAME for e in entries):
+        return c.tier, list(c.reasons)
+    tier, reasons = fullcheck.verify_full(store, rel)
+    worst = max(tier, c.tier, key=lambda t: TIER_RANK[t])
+    return worst, list(c.reasons) + reasons
 
 
 def _ref(name: str, size: int, files: hf_layout.HFFiles) -> FileRef:
@@ -130,7 +155,7 @@ def _rel(s: Sighting, name: str) -> str:
 
 
 def _local_checks(
-    s: Sighting, files: hf_layout.HFFiles, c: Candidate, extra_safe: Iterable[str], *, verified: bool
+    s: Sighting, files: hf_layout.HFFiles, c: Candidate, extra_safe: Iterable[str], *, verified: bool, planning: bool
 ) -> Candidate:
     """Safetensors headers, the shard index, and every ``torch.save`` file the load reads (no tensor data)."""
     tensors: dict[str, set[str]] = {}
@@ -157,7 +182,7 @@ def _local_checks(
         safe = list(extra_safe) + (sorted(hf_layout.RNG_SAFE_GLOBALS) if hf_layout.RNG_RE.match(name) else [])
         try:
             with stores.open_reader(s.store.join(_rel(s, name))) as f:
-                rep = formats.sniff_torch_file(f, c_size(c, name), name, safe)
+                rep = formats.sniff_torch_file(f, c_size(c, name), name, safe, planning=planning)
         except OSError as e:
             return c.with_verdict("R", f"unreadable: {name}: {e}")
         if rep.over_cap:

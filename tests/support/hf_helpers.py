@@ -80,3 +80,19 @@ def saved(path: str) -> dict[str, Any]:
 
 def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def find_on_rank(rank: int, world: int, *, output_dir: str, stores: list[str]) -> str | None:
+    """A harness rank: ``find_resume_checkpoint`` collectively, on every rank."""
+    from dist_guardian.integrations.hf import find_resume_checkpoint
+
+    return find_resume_checkpoint(output_dir, stores=stores, timeout=60.0)
+
+
+def flip_byte(path: str, offset_from_end: int = 10) -> None:
+    """One bit pattern changed inside the data of a file (the last tensor of a safetensors file)."""
+    with open(path, "r+b") as f:
+        f.seek(-offset_from_end, 2)
+        b = f.read(1)
+        f.seek(-offset_from_end, 2)
+        f.write(bytes([b[0] ^ 0xFF]))

@@ -49,6 +49,7 @@ LAYERS = [
     "copying",
     "retention",
     "mirror",
+    "hf_dirs",
     # torch from here on
     "comm",
     "statetree",
@@ -64,6 +65,9 @@ LAYERS = [
     "bench",
     "cli",
     "__init__",
+    # framework adapters: over the public API only, nothing above imports them (transformers only there)
+    "integrations",
+    "integrations.hf",
 ]
 TORCH_FREE = set(LAYERS[: LAYERS.index("comm")]) | {"cli", "__init__"}
 

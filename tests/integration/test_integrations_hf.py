@@ -1,0 +1,138 @@
+"""``dist_guardian.integrations.hf`` with the real ``transformers.Trainer``: the callback's manifests, mirrors and
+retention, and ``find_resume_checkpoint`` on a damaged newest checkpoint, with and without a mirror, on 1 and 2 ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import hf_helpers
+import pytest
+from dg_harness import run_ranks
+
+from dist_guardian import cli, hf_dirs
+from dist_guardian.integrations.hf import GuardianCallback, find_resume_checkpoint
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def hf_mirrored(tmp_path_factory):
+    """checkpoint-2, -4, -6 in ``out`` and in the mirror ``mirror/out``, each with the callback's manifest."""
+    base = tmp_path_factory.mktemp("hfm")
+    out, mirror = str(base / "out"), str(base / "mirror")
+    cb = GuardianCallback(stores=[mirror])
+    hf_helpers.train(out, 6, callbacks=[cb])
+    assert cb.flush() == []
+    return out, mirror
+
+
+@pytest.fixture
+def run(hf_mirrored, tmp_path):
+    out, mirror = (str(tmp_path / "out"), str(tmp_path / "mirror"))
+    shutil.copytree(hf_mirrored[0], out)
+    shutil.copytree(hf_mirrored[1], mirror)
+    return out, mirror
+
+
+def _verify(capsys, path):
+    rc = cli.main(["verify", path, "--json"])
+    return rc, json.loads(capsys.readouterr().out)
+
+
+def test_callback_records_every_file_and_mirrors_it(run, capsys):
+    out, mirror = run
+    ck = os.path.join(out, "checkpoint-6")
+    mf = json.load(open(os.path.join(ck, "manifest.json")))
+    assert sorted(mf["files"]) == sorted(n for n in os.listdir(ck) if n != "manifest.json")
+    assert mf["step"] == 6 and mf["run"] == "out" and mf["writer"]["by"] == "dist_guardian.integrations.hf"
+    assert sorted(os.listdir(os.path.join(mirror, "out"))) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert _verify(capsys, ck) == (0, {"path": ck, "tier": "V", "reasons": []})
+    hf_helpers.flip_byte(os.path.join(ck, "model.safetensors"))
+    rc, doc = _verify(capsys, ck)
+    assert (
+        rc == 4
+        and doc["tier"] == "S"
+        and any(r.startswith("checksum_mismatch: model.safetensors") for r in doc["reasons"])
+    )
+
+
+def test_retention_follows_save_total_limit_and_keeps_what_a_mirror_lacks(tmp_path):
+    out, mirror = str(tmp_path / "out"), str(tmp_path / "mirror")
+    t = hf_helpers.train(out, 8, callbacks=[GuardianCallback(stores=[mirror])], save_total_limit=2)
+    assert t.args.save_total_limit is None  # the Trainer's mtime rotation is ours now
+    assert sorted(os.listdir(out)) == ["checkpoint-6", "checkpoint-8"]
+    assert len(os.listdir(os.path.join(mirror, "out"))) == 4
+    # A mirror that cannot be written: nothing local is deleted, since no copy exists elsewhere.
+    out2, bad = str(tmp_path / "out2"), str(tmp_path / "not-a-dir")
+    open(bad, "w").close()
+    cb = GuardianCallback(stores=[bad], keep_last=2)
+    hf_helpers.train(out2, 8, callbacks=[cb])
+    assert sorted(os.listdir(out2)) == [f"checkpoint-{n}" for n in (2, 4, 6, 8)]
+    assert len(cb.flush(timeout=5)) == 4
+
+
+def test_damaged_newest_resumes_from_the_mirror_copy_and_reaches_max_steps(run, caplog):
+    out, mirror = run
+    hf_helpers.flip_byte(os.path.join(out, "checkpoint-6", "model.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="dist_guardian"):
+        path = find_resume_checkpoint(out, stores=[mirror])
+    assert path == os.path.join(out, "checkpoint-6")
+    assert any(n.startswith(".quarantine-checkpoint-6-") for n in os.listdir(out))  # the damaged copy, kept
+    assert (
+        open(os.path.join(path, "model.safetensors"), "rb").read()
+        == open(os.path.join(mirror, "out", "checkpoint-6", "model.safetensors"), "rb").read()
+    )
+    assert any("checkpoint_restored" in r.getMessage() for r in caplog.records)
+    t = hf_helpers.trainer(out, 8)
+    t.train(resume_from_checkpoint=path)
+    assert t.state.global_step == 8
+
+
+def test_damaged_newest_without_a_mirror_resumes_from_the_one_before(run):
+    out, _ = run
+    hf_helpers.flip_byte(os.path.join(out, "checkpoint-6", "model.safetensors"))
+    path = find_resume_checkpoint(out)
+    assert path == os.path.join(out, "checkpoint-4")
+    t = hf_helpers.trainer(out, 8)
+    t.train(resume_from_checkpoint=path)
+    assert t.state.global_step == 8
+
+
+def test_missing_local_copy_is_restored_from_the_mirror(run):
+    out, mirror = run
+    shutil.rmtree(os.path.join(out, "checkpoint-6"))
+    assert find_resume_checkpoint(out, stores=[mirror]) == os.path.join(out, "checkpoint-6")
+    assert json.load(open(os.path.join(out, "checkpoint-6", "manifest.json")))["step"] == 6
+
+
+def test_missing_optimizer_skips_the_checkpoint_unless_partial_ok(run):
+    out, _ = run
+    ck = os.path.join(out, "checkpoint-6")
+    os.remove(os.path.join(ck, "optimizer.pt"))  # lost after the manifest was recorded: never chosen
+    assert find_resume_checkpoint(out, partial_ok=True) == os.path.join(out, "checkpoint-4")
+    hf_dirs.record_manifest(ck, step=6, run="out")  # saved without one (save_only_model=True)
+    assert find_resume_checkpoint(out) == os.path.join(out, "checkpoint-4")
+    assert find_resume_checkpoint(out, partial_ok=True) == os.path.join(out, "checkpoint-6")
+
+
+def test_none_only_when_nothing_loads_with_the_record_at_warning(run, caplog):
+    out, _ = run
+    for n in (2, 4, 6):
+        hf_helpers.flip_byte(os.path.join(out, f"checkpoint-{n}", "model.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="dist_guardian"):
+        assert find_resume_checkpoint(out) is None
+    (msg,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("find_resume_checkpoint:")]
+    assert '"resumed": false' in msg and "checkpoint-2" in msg
+
+
+def test_two_ranks_agree_on_the_mirror_copy(run):
+    out, mirror = run
+    hf_helpers.flip_byte(os.path.join(out, "checkpoint-6", "model.safetensors"))
+    got = run_ranks(hf_helpers.find_on_rank, 2, timeout=120.0, output_dir=out, stores=[mirror])
+    assert got.ok(), got.errors
+    assert got.results == {0: os.path.join(out, "checkpoint-6"), 1: os.path.join(out, "checkpoint-6")}
+    assert sum(n.startswith(".quarantine-") for n in os.listdir(out)) == 1
