@@ -86,13 +86,26 @@ def held_by(target: Store, run: str, name: str) -> bool:
         return False
 
 
-def checkpoints(store: Store, prefix: str = "") -> list[tuple[int, str, str]]:
-    """(step, name, tier) of every ``checkpoint-N/`` under ``prefix``, newest first (cheap verification)."""
+def checkpoints(store: Store, prefix: str = "") -> list[tuple[int, str, bool]]:
+    """(step, name, good) of every ``checkpoint-N/`` under ``prefix``, newest first.
+
+    Good: its manifest parses and every file it names is listed with its size (nothing is read
+    but the manifest: retention runs after every save and must not re-read every checkpoint).
+    """
     out = []
     for s in _sightings(store, prefix):
-        c = verify_hf.verify_hf(s)
-        out.append((c.step, s.rel.rsplit("/", 1)[-1], c.tier))
+        out.append((s.step if s.step is not None else -1, s.rel.rsplit("/", 1)[-1], _good(s)))
     return sorted(out, key=lambda t: -t[0])
+
+
+def _good(s: Sighting) -> bool:
+    if s.child(MANIFEST_NAME) is None:
+        return False
+    try:
+        mf = manifest.parse(stores.read_small(s.store, f"{s.rel}/{MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES))
+    except (OSError, ValueError):
+        return False
+    return mf.step == s.step and all((e := s.child(f.name)) is not None and e.size == f.size for f in mf.files)
 
 
 def _sightings(store: Store, prefix: str) -> list[Sighting]:
@@ -118,7 +131,7 @@ def _sightings(store: Store, prefix: str) -> list[Sighting]:
 def prune(
     output_dir: str, keep: int, *, run: str, targets: Sequence[Store] = (), protect: Iterable[str] = ()
 ) -> list[str]:
-    """Delete ``checkpoint-N/`` dirs of ``output_dir`` beyond the newest ``keep`` good ones (V: manifest, sizes).
+    """Delete ``checkpoint-N/`` dirs of ``output_dir`` beyond the newest ``keep`` good ones (manifest, sizes).
 
     Never deletes the newest good one, one newer than it, one not held by every target yet, or a
     protected one (the Trainer's best model). Each goes by a rename to a trash name first.
@@ -126,7 +139,7 @@ def prune(
     store = stores.resolve(output_dir, 0)
     keep = max(keep, 2)  # the newest alone could be the bad one (F40)
     found = checkpoints(store)
-    good = [name for _, name, tier in found if tier == "V"]
+    good = [name for _, name, ok in found if ok]
     if len(good) <= keep:
         return []
     cut = found.index(next(t for t in found if t[1] == good[keep - 1]))

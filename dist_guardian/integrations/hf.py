@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
@@ -58,6 +59,17 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Job:
+    """One saved ``checkpoint-N/`` for the worker."""
+
+    ck: str
+    output_dir: str
+    step: int
+    world_size: int
+    protect: tuple[str, ...]
+
+
 class GuardianCallback(TrainerCallback):
     """Checksum, mirror and prune every ``checkpoint-N/`` the Trainer saves.
 
@@ -75,26 +87,31 @@ class GuardianCallback(TrainerCallback):
     def __init__(self, stores: Sequence[str] = (), run: str | None = None, **guardian_options: Any):
         unknown = sorted(set(guardian_options) - set(_CALLBACK_OPTIONS))
         if unknown:
-            raise ConfigError(
-                f"GuardianCallback() got unknown keyword(s) {unknown}; use: {', '.join(_CALLBACK_OPTIONS)}"
-            )
+            allowed = ", ".join(_CALLBACK_OPTIONS)
+            raise ConfigError(f"GuardianCallback() got unknown keyword(s) {unknown}; use: {allowed}")
         self.store_urls = [stores] if isinstance(stores, str) else list(stores)
         if self.store_urls:
             ResumeConfig(stores=tuple(self.store_urls), storage_options=guardian_options.get("storage_options"))
         if run is not None and not (isinstance(run, str) and NAME_RE.match(run)):
             raise ConfigError(f"run={run!r} is not a plain name (letters, digits, '.', '_', '-')")
+        keep, timeout = guardian_options.get("keep_last"), guardian_options.get("mirror_timeout", 600.0)
+        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+            raise ConfigError(f"keep_last={keep!r} must be None (save_total_limit decides) or a positive integer")
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+            raise ConfigError(f"mirror_timeout={timeout!r} must be a non-negative number of seconds")
         self.run, self.options = run, guardian_options
-        self.keep_last: int | None = guardian_options.get("keep_last")
-        self.mirror_timeout = float(guardian_options.get("mirror_timeout", 600.0))
-        self._jobs: queue.Queue[tuple[str, str, list[str]] | None] = queue.Queue()
+        self.keep_last: int | None = keep
+        self.mirror_timeout = float(timeout)
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._worker: threading.Thread | None = None
+        self._lock = threading.Lock()
         self._unmirrored: set[str] = set()
         self._targets: list[Store] = []
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.keep_last is None and args.save_total_limit is not None:
             self.keep_last = int(args.save_total_limit)
-        args.save_total_limit = None  # pruned here, by step, after the mirror holds a copy
+        args.save_total_limit = None  # pruned here, by step, after the mirrors hold a copy
         opts = self.options.get("storage_options")
         self._targets = [resolve(u, i + 1, opts) for i, u in enumerate(self.store_urls)]
         if self._worker is None and state.is_world_process_zero:
@@ -102,18 +119,22 @@ class GuardianCallback(TrainerCallback):
             self._worker.start()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """After the Trainer wrote ``checkpoint-N/`` (every rank its ``rng_state_K.pth``): manifest, then mirror."""
-        ck = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        """Collective: every rank calls it (the Trainer does). After ``checkpoint-N/`` is written by every
+        rank (each its ``rng_state_K.pth``), rank 0 queues its manifest, mirror and pruning in the background."""
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # every rank's files are written before rank 0 records them
         if not state.is_world_process_zero:
             return
-        hf_dirs.record_manifest(
-            ck, step=state.global_step, run=run_name(args.output_dir, self.run), world_size=args.world_size
+        job = _Job(
+            ck=os.path.join(args.output_dir, f"checkpoint-{state.global_step}"),
+            output_dir=args.output_dir,
+            step=state.global_step,
+            world_size=args.world_size,
+            protect=(state.best_model_checkpoint,) if state.best_model_checkpoint else (),
         )
-        self._unmirrored.add(ck)
-        protect = [state.best_model_checkpoint] if state.best_model_checkpoint else []
-        self._jobs.put((ck, args.output_dir, protect))
+        with self._lock:
+            self._unmirrored.add(job.ck)
+        self._jobs.put(job)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         left = self.flush()
@@ -121,11 +142,10 @@ class GuardianCallback(TrainerCallback):
             log.warning("still unmirrored after %.0fs: %s", self.mirror_timeout, left)
 
     def flush(self, timeout: float | None = None) -> list[str]:
-        """Wait for queued mirrors and pruning; the checkpoints not yet mirrored everywhere."""
+        """Wait for queued manifests, mirrors and pruning; returns the checkpoints not yet mirrored everywhere."""
         if self._worker is None:
             return []
         done = threading.Event()
-        self._jobs.put(None)
 
         def wait() -> None:
             self._jobs.join()
@@ -133,32 +153,36 @@ class GuardianCallback(TrainerCallback):
 
         threading.Thread(target=wait, daemon=True).start()
         done.wait(self.mirror_timeout if timeout is None else timeout)
-        return sorted(self._unmirrored)
+        with self._lock:
+            return sorted(self._unmirrored)
 
     def _work(self) -> None:
         while True:
             job = self._jobs.get()
             try:
                 if job is not None:
-                    self._mirror_and_prune(*job)
-            except Exception:  # the training loop never dies of a mirror; the next save retries
-                log.exception("mirroring %s failed", job[0] if job else "?")
+                    self._record_mirror_prune(job)
+            except Exception:  # training never dies of a mirror; the next save retries it
+                log.exception("dist_guardian could not record or mirror %s", job.ck if job else "?")
             finally:
                 self._jobs.task_done()
 
-    def _mirror_and_prune(self, ck: str, output_dir: str, protect: list[str]) -> None:
-        run = run_name(output_dir, self.run)
-        for old in sorted(self._unmirrored):  # a failed earlier mirror is retried with this one
-            if os.path.isdir(old) and not hf_dirs.mirror(old, self._targets, run):
-                self._unmirrored.discard(old)
-            elif not os.path.isdir(old):
-                self._unmirrored.discard(old)
+    def _record_mirror_prune(self, job: _Job) -> None:
+        """Worker thread: the manifest (hashing off the training thread), the mirrors, then retention."""
+        run = run_name(job.output_dir, self.run)
+        hf_dirs.record_manifest(job.ck, step=job.step, run=run, world_size=job.world_size)
+        with self._lock:
+            pending = sorted(self._unmirrored)
+        for ck in pending:  # a failed earlier mirror is retried with this one
+            if not os.path.isdir(ck) or not hf_dirs.mirror(ck, self._targets, run):
+                with self._lock:
+                    self._unmirrored.discard(ck)
         if self.keep_last is not None:
-            hf_dirs.prune(output_dir, self.keep_last, run=run, targets=self._targets, protect=protect)
+            hf_dirs.prune(job.output_dir, self.keep_last, run=run, targets=self._targets, protect=job.protect)
 
 
 def find_resume_checkpoint(output_dir: str, stores: Sequence[str] | None = None, **guardian_options: Any) -> str | None:
-    """Collective: the local path of the newest ``checkpoint-N/`` that loads on every rank, or None.
+    """Collective: call on every rank. The local path of the newest ``checkpoint-N/`` that loads on every rank.
 
     Every rank tries the same candidate, newest first, across ``output_dir`` and ``stores`` (the
     mirrors of :class:`GuardianCallback`): its files must verify (sizes, zip CRCs, the manifest's
