@@ -14,12 +14,17 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
+from typing import BinaryIO
+
+import numpy as np
+import xxhash
 
 from . import copying, formats, manifest, stores, verify, verify_hf
 from .discovery import Sighting
+from .errors import CheckpointFormatError
 from .formats import hf_layout
 from .layout import FILE_NAME_RE, MANIFEST_NAME, trash_name
-from .manifest import FileEntry, ManifestDraft
+from .manifest import FileEntry, ManifestDraft, TensorStat
 from .stores import Store
 
 log = logging.getLogger(__name__)
@@ -28,11 +33,15 @@ log = logging.getLogger(__name__)
 def record_manifest(ck_dir: str, *, step: int, run: str, world_size: int = 1) -> list[str]:
     """Write ``manifest.json`` into ``ck_dir``: every regular file's size and digest (atomic replace, last).
 
+    For a safetensors file also each tensor's digest and ``max|x|``: a damaged tensor is then named
+    when it loads, and the sanity gate bounds it by its saved value, as for a native checkpoint.
+
     Returns the names left out (subdirectories, names a manifest cannot hold), also logged.
     """
     store = stores.resolve(os.path.dirname(os.path.abspath(ck_dir)), 0)
     name = os.path.basename(os.path.abspath(ck_dir))
     files, skipped = [], []
+    tensors: dict[str, dict[str, TensorStat]] = {}
     for e in sorted(stores.list_tree(store, name, max_depth=1), key=lambda e: e.rel):
         if e.rel == MANIFEST_NAME:
             continue
@@ -40,7 +49,10 @@ def record_manifest(ck_dir: str, *, step: int, run: str, world_size: int = 1) ->
             skipped.append(e.rel)
             continue
         with stores.open_reader(store.join(name, e.rel)) as f:
-            size, digest = formats.file_digest_stream(f)
+            if e.rel.endswith(".safetensors"):
+                size, digest, tensors[e.rel] = _safetensors_stats(f, e.size, e.rel)
+            else:
+                size, digest = formats.file_digest_stream(f)
         files.append(FileEntry(name=e.rel, size=size, digest=digest))
     if skipped:
         log.warning("%s: not in its manifest (not plain files): %s", ck_dir, skipped[:10])
@@ -54,13 +66,51 @@ def record_manifest(ck_dir: str, *, step: int, run: str, world_size: int = 1) ->
             compat={},
             metrics={},
             files=files,
-            tensors={},
+            tensors=tensors,
             torch_version="",
             writer={"by": verify_hf.HF_WRITER},
         )
     )
     stores.write_small(store, f"{name}/{MANIFEST_NAME}", data, what=f"write {ck_dir}/{MANIFEST_NAME}")
     return skipped
+
+
+# Float dtypes numpy reads directly; bf16 is widened to float32 by its bit pattern.
+_NP_FLOATS = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}
+
+
+def _safetensors_stats(f: BinaryIO, size: int, name: str) -> tuple[int, str, dict[str, TensorStat]]:
+    """One pass over a safetensors file: its size and whole-file digest, and each tensor's digest and max|x|."""
+    header = formats.parse_header(f, size, name=name)
+    whole = xxhash.xxh3_128(header.header_bytes)
+    stats = {}
+    for t in header.entries:  # in file order, contiguous (parse_header checks it)
+        h = xxhash.xxh3_128()
+        peak, finite, left = 0.0, True, t.end - t.begin
+        while left:
+            chunk = f.read(min(left, formats.DIGEST_CHUNK))  # a multiple of every element size
+            if not chunk:
+                raise CheckpointFormatError(f"{name}: truncated in tensor {t.name!r}")
+            h.update(chunk)
+            whole.update(chunk)
+            left -= len(chunk)
+            x = _floats(chunk, t.dtype)
+            if x is not None and x.size:
+                ok = np.isfinite(x)
+                finite = finite and bool(ok.all())
+                if ok.any():
+                    peak = max(peak, float(np.abs(x[ok]).max()))
+        is_float = _floats(b"", t.dtype) is not None
+        stats[t.name] = TensorStat(digest=h.hexdigest(), max_abs=peak if is_float and finite else None, finite=finite)
+    return header.file_size, whole.hexdigest(), stats
+
+
+def _floats(chunk: bytes, dtype: str) -> np.ndarray | None:
+    if dtype in _NP_FLOATS:
+        return np.frombuffer(chunk, dtype=_NP_FLOATS[dtype])
+    if dtype == "BF16":
+        return (np.frombuffer(chunk, dtype="<u2").astype("<u4") << 16).view("<f4")
+    return None
 
 
 def mirror(ck_dir: str, targets: Sequence[Store], run: str) -> list[str]:

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 import xxhash
 
-from . import formats, statetree, stores
+from . import formats, manifest, statetree, stores
 from .candidate import Candidate, Loaded
 from .errors import CheckpointFormatError, IncompleteRestore
 from .formats import hf_layout
+from .layout import MANIFEST_NAME
 from .staging import Staged
 from .stores import Store
 
@@ -57,14 +58,28 @@ class _Reader:
     def __init__(self, c: Candidate, store: Store, extra_safe_globals: Iterable[Any]):
         self.c, self.store = c, store
         extra = list(extra_safe_globals)
-        self.names = [g if isinstance(g, str) else f"{g.__module__}.{g.__qualname__}" for g in extra]
-        self.objs = [g for g in extra if not isinstance(g, str)]
+        self.safe_names = [g if isinstance(g, str) else f"{g.__module__}.{g.__qualname__}" for g in extra]
+        self.safe_objs = [g for g in extra if not isinstance(g, str)]
         self.suspect: list[str] = []
+        self.stats: dict[str, manifest.TensorStat] = {}  # tensor name -> saved stats (the callback's manifest)
+        self.names: dict[int, str] = {}  # id(tensor) -> its name, for the sanity gate
+        self.recorded = self._recorded_tensors()
+
+    def _recorded_tensors(self) -> dict[str, dict[str, manifest.TensorStat]]:
+        """Per safetensors file, each tensor's saved digest and max|x|, when the callback recorded them."""
+        if self.c.manifest_digest is None:
+            return {}
+        rel = MANIFEST_NAME if self.c.rel == "." else f"{self.c.rel}/{MANIFEST_NAME}"
+        data = stores.read_small(self.store, rel, manifest.MAX_MANIFEST_BYTES)
+        if manifest.digest_bytes(data) != self.c.manifest_digest:
+            raise CheckpointFormatError(f"{self.uri(MANIFEST_NAME)}: manifest.json changed since the plan was made")
+        return manifest.parse(data).tensors
 
     def uri(self, name: str) -> str:
         return self.store.uri(self.c.rel, name) if self.c.rel != "." else self.store.uri(name)
 
-    def read(self, name: str) -> bytes:
+    def read(self, name: str) -> tuple[bytes, str | None]:
+        """The file's bytes, and the mismatch text when they differ from the manifest's digest."""
         ref = next(f for f in self.c.files if f.name == name)
         rel = name if self.c.rel == "." else f"{self.c.rel}/{name}"
         data = stores.read_whole(self.store, rel)
@@ -73,14 +88,16 @@ class _Reader:
         if ref.digest is not None:
             got = xxhash.xxh3_128_hexdigest(data)
             if got != ref.digest:
-                self.suspect.append(f"checksum_mismatch: {self.uri(name)} expected={ref.digest} got={got}")
-        return data
+                return data, f"checksum_mismatch: {self.uri(name)} expected={ref.digest} got={got}"
+        return data, None
 
     def load_pt(self, name: str) -> Any:
         """A ``torch.save`` file of the checkpoint: every CRC and global judged, then weights-only."""
-        data = self.read(name)
+        data, mismatch = self.read(name)
+        if mismatch:
+            self.suspect.append(mismatch)
         rng = bool(hf_layout.RNG_RE.match(name))
-        names = self.names + (sorted(hf_layout.RNG_SAFE_GLOBALS) if rng else [])
+        names = self.safe_names + (sorted(hf_layout.RNG_SAFE_GLOBALS) if rng else [])
         rep = formats.sniff_torch_file(io.BytesIO(data), len(data), self.uri(name), names, planning=False)
         if rep.unsafe_globals:
             log.warning("security_event: %s needs unsafe_globals=%s; never loaded", self.uri(name), rep.unsafe_globals)
@@ -90,7 +107,7 @@ class _Reader:
         if rep.crc == "mismatch":
             self.suspect += [f"checksum_mismatch: {p}" for p in rep.problems]
         try:
-            with torch.serialization.safe_globals(self.objs + (_rng_safe_objects() if rng else [])):
+            with torch.serialization.safe_globals(self.safe_objs + (_rng_safe_objects() if rng else [])):
                 return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
         except Exception as e:
             why = (str(e).splitlines() or [type(e).__name__])[0][:300]
@@ -105,15 +122,29 @@ class _Reader:
                 if not isinstance(part, dict) or not all(isinstance(t, torch.Tensor) for t in part.values()):
                     raise CheckpointFormatError(f"{self.uri(name)}: not a state dict of tensors")
             else:
-                data = self.read(name)
-                header = formats.parse_header(io.BytesIO(data), len(data), name=self.uri(name))
-                buf = torch.frombuffer(bytearray(data[header.data_start :]) or bytearray(1), dtype=torch.uint8)
-                part = statetree.tensors_from_buffer(header.entries, buf)
+                part = self._safetensors(name)
             twice = sorted(set(part) & set(out))
             if twice:
                 raise CheckpointFormatError(f"{self.uri(name)}: tensors also in another shard: {twice[:5]}")
             out.update(part)
         return out
+
+    def _safetensors(self, name: str) -> dict[str, torch.Tensor]:
+        """One safetensors file (our header parser, no pickle); on a mismatch, the damaged tensors named."""
+        data, mismatch = self.read(name)
+        header = formats.parse_header(io.BytesIO(data), len(data), name=self.uri(name))
+        payload = bytearray(data[header.data_start :])
+        recorded = self.recorded.get(name, {})
+        if mismatch:
+            _, per = formats.payload_digests(header, memoryview(payload))
+            damaged = [t for t, d in per.items() if t in recorded and recorded[t].digest != d]
+            self.suspect.append(mismatch + (f" damaged_tensors={damaged[:10]}" if damaged else ""))
+        part = statetree.tensors_from_buffer(
+            header.entries, torch.frombuffer(payload or bytearray(1), dtype=torch.uint8)
+        )
+        self.stats.update(recorded)
+        self.names.update({id(t): n for n, t in part.items()})
+        return part
 
 
 def load_hf(
@@ -153,7 +184,16 @@ def load_hf(
         else:
             tree[key] = r.load_pt(source)
     rng, warnings = _rng(r, files, rank, world_size)
-    return Staged(tree=tree, rng=rng, step=c.step, suspect=r.suspect, warnings=warnings, not_restored=not_restored)
+    return Staged(
+        tree=tree,
+        rng=rng,
+        step=c.step,
+        suspect=r.suspect,
+        warnings=warnings,
+        stats=r.stats,
+        names=r.names,
+        not_restored=not_restored,
+    )
 
 
 def _with_tied(sd: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:

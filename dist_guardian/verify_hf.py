@@ -112,7 +112,8 @@ def _manifest(s: Sighting, kids: dict, c: Candidate) -> tuple[Manifest, Candidat
     try:
         if kids[MANIFEST_NAME].size > manifest.MAX_MANIFEST_BYTES:
             raise ManifestError("manifest_too_large", f"{kids[MANIFEST_NAME].size} bytes")
-        mf = manifest.parse(stores.read_small(s.store, _rel(s, MANIFEST_NAME), manifest.MAX_MANIFEST_BYTES))
+        data = stores.read_small(s.store, _rel(s, MANIFEST_NAME), manifest.MAX_MANIFEST_BYTES)
+        mf = manifest.parse(data)
     except (ManifestError, OSError, CheckpointFormatError) as e:
         return c.with_verdict("R", f"manifest_rejected: {e}")
     problems = []
@@ -131,7 +132,11 @@ def _manifest(s: Sighting, kids: dict, c: Candidate) -> tuple[Manifest, Candidat
     refs = tuple(dataclasses.replace(r, digest=recorded[r.name].digest) for r in c.files)
     key = json.dumps([mf.step, sorted((f.name, f.size, f.digest) for f in mf.files)])
     c = dataclasses.replace(
-        c, files=refs, run=mf.run, replica_key=f"hf:{xxhash.xxh3_64_hexdigest(key.encode())}", created_unix=None
+        c,
+        files=refs,
+        run=mf.run,
+        replica_key=f"hf:{xxhash.xxh3_64_hexdigest(key.encode())}",
+        manifest_digest=manifest.digest_bytes(data),
     )
     return mf, c
 

@@ -13,7 +13,7 @@ import hf_helpers
 import pytest
 from dg_harness import run_ranks
 
-from dist_guardian import cli, hf_dirs
+from dist_guardian import Guardian, cli, hf_dirs
 from dist_guardian.integrations.hf import GuardianCallback, find_resume_checkpoint
 
 pytestmark = pytest.mark.timeout(180)
@@ -136,3 +136,25 @@ def test_two_ranks_agree_on_the_mirror_copy(run):
     assert got.ok(), got.errors
     assert got.results == {0: os.path.join(out, "checkpoint-6"), 1: os.path.join(out, "checkpoint-6")}
     assert sum(n.startswith(".quarantine-") for n in os.listdir(out)) == 1
+
+
+def test_guardian_names_a_damaged_tensor_and_the_gate_bounds_it_by_the_saved_max(run):
+    # The callback's manifest records each tensor's digest and max|x|: a resume through Guardian names the
+    # damaged tensor, and the sanity gate refuses an absurd value (10x the saved max|x|) before it is applied.
+    out, _ = run
+    model = os.path.join(out, "checkpoint-6", "model.safetensors")
+    hf_helpers.set_float(model, "transformer.wte.weight", 3.5e21)
+    g = Guardian(stores=[out], run="out")
+    state = hf_helpers.live_state()
+    r = g.resume(state)
+    g.close()
+    assert (r.resumed, r.step) == (True, 4)
+    (why,) = [w for _, w in r.attempts[0].reasons]
+    assert "damaged_tensors=['transformer.wte.weight']" in why and "sanity_gate_failed" in why
+    assert float(state["model"].state_dict()["transformer.wte.weight"].abs().max()) < 1e3
+    hf_helpers.set_float(model, "transformer.wte.weight", 0.01)  # damaged, but within the bound: loaded, reported
+    g = Guardian(stores=[out], run="out")
+    r = g.resume(hf_helpers.live_state())
+    g.close()
+    assert (r.step, r.tier) == (6, "S")
+    assert any(w.startswith("checkpoint_suspect_loaded") and "transformer.wte.weight" in w for w in r.warnings)

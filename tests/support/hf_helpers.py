@@ -96,3 +96,17 @@ def flip_byte(path: str, offset_from_end: int = 10) -> None:
         b = f.read(1)
         f.seek(-offset_from_end, 2)
         f.write(bytes([b[0] ^ 0xFF]))
+
+
+def set_float(path: str, tensor: str, value: float) -> None:
+    """Overwrite the first element of one float32 tensor of a safetensors file in place (its size unchanged)."""
+    import struct
+
+    from dist_guardian import formats
+
+    with open(path, "r+b") as f:
+        header = formats.parse_header(f, os.path.getsize(path), name=path)
+        (entry,) = [e for e in header.entries if e.name == tensor]
+        assert entry.dtype == "F32"
+        f.seek(header.data_start + entry.begin)
+        f.write(struct.pack("<f", value))
