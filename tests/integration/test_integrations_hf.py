@@ -158,3 +158,18 @@ def test_guardian_names_a_damaged_tensor_and_the_gate_bounds_it_by_the_saved_max
     g.close()
     assert (r.step, r.tier) == (6, "S")
     assert any(w.startswith("checkpoint_suspect_loaded") and "transformer.wte.weight" in w for w in r.warnings)
+
+
+def test_s3_mirror_restores_a_deleted_newest_checkpoint(tmp_path, s3):
+    out = str(tmp_path / "out")
+    opts = s3.storage_options()
+    cb = GuardianCallback(stores=[s3.url], storage_options=opts, mirror_timeout=60)
+    hf_helpers.train(out, 4, callbacks=[cb])
+    keys = s3.keys("ckpt/out/")
+    assert "ckpt/out/checkpoint-4/manifest.json" in keys and "ckpt/out/checkpoint-4/model.safetensors" in keys
+    shutil.rmtree(os.path.join(out, "checkpoint-4"))
+    path = find_resume_checkpoint(out, stores=[s3.url], storage_options=opts)
+    assert path == os.path.join(out, "checkpoint-4")
+    t = hf_helpers.trainer(out, 6)
+    t.train(resume_from_checkpoint=path)
+    assert t.state.global_step == 6
