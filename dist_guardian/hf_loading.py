@@ -133,15 +133,15 @@ class _Reader:
         """One safetensors file (our header parser, no pickle); on a mismatch, the damaged tensors named."""
         data, mismatch = self.read(name)
         header = formats.parse_header(io.BytesIO(data), len(data), name=self.uri(name))
-        payload = bytearray(data[header.data_start :])
+        whole = bytearray(data)  # one writable copy; the tensors are views into it
+        del data
         recorded = self.recorded.get(name, {})
         if mismatch:
-            _, per = formats.payload_digests(header, memoryview(payload))
+            _, per = formats.payload_digests(header, memoryview(whole)[header.data_start :])
             damaged = [t for t, d in per.items() if t in recorded and recorded[t].digest != d]
             self.suspect.append(mismatch + (f" damaged_tensors={damaged[:10]}" if damaged else ""))
-        part = statetree.tensors_from_buffer(
-            header.entries, torch.frombuffer(payload or bytearray(1), dtype=torch.uint8)
-        )
+        buf = torch.frombuffer(whole, dtype=torch.uint8)[header.data_start :]
+        part = statetree.tensors_from_buffer(header.entries, buf)
         self.stats.update(recorded)
         self.names.update({id(t): n for n, t in part.items()})
         return part

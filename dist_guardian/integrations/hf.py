@@ -221,18 +221,18 @@ def find_resume_checkpoint(output_dir: str, stores: Sequence[str] | None = None,
     assert result.path is not None
     if result.store == urls[0]:
         return result.path
-    return _restored(result.path, result.store, urls, output_dir, opts.get("storage_options"))
+    return _restored(result.path, result.store, urls, output_dir, opts)
 
 
-def _restored(path: str, store_url: str | None, urls: list[str], output_dir: str, opts: Any) -> str:
-    """Collective: rank 0 fetches the mirror's copy into ``output_dir``; every rank learns the outcome."""
+def _restored(path: str, store_url: str | None, urls: list[str], output_dir: str, opts: dict[str, Any]) -> str:
+    """Collective: call on every rank. Rank 0 fetches the mirror's copy into ``output_dir``; all learn how it went."""
     index = urls.index(store_url) if store_url in urls else -1
-    comm = Comm(600.0)
+    comm = Comm(float(opts.get("timeout", 600.0)))
     try:
         outcome: Any = None
         if comm.rank == 0:
             try:
-                src = resolve(urls[index], index, opts)
+                src = resolve(urls[index], index, opts.get("storage_options"))
                 rel = path[len(src.uri()) :].strip("/") if path.startswith(src.uri()) else path
                 outcome = {"path": hf_dirs.restore(src, rel, output_dir)}
                 log.warning("checkpoint_restored %s from the mirror copy %s", outcome["path"], path)
