@@ -11,8 +11,9 @@ restored from a mirror into the output dir first when the local copy is damaged 
     trainer = Trainer(..., callbacks=[GuardianCallback(stores=["s3://bucket/runs"])])
     trainer.train(resume_from_checkpoint=find_resume_checkpoint(args.output_dir, stores=["s3://bucket/runs"]))
 
-Only this module imports transformers; it uses dist_guardian's public parts (``resume``, ``hf_dirs``,
-``hf_loading``, ``stores``, ``config``).
+Only this module imports transformers; it uses dist_guardian's public parts: ``dist_guardian.resume``,
+``hf_dirs`` (manifest, mirror, prune, restore of a checkpoint dir), ``hf_loading.check_loads``, and the
+config and run-name rules every entry point validates with.
 """
 
 from __future__ import annotations
@@ -28,14 +29,10 @@ from typing import Any
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from .. import hf_dirs, hf_loading
-from ..candidate import Candidate, Loaded
-from ..comm import Comm
-from ..config import ResumeConfig
-from ..coordinator import resume
-from ..errors import ConfigError, ResumeFailed
-from ..layout import NAME_RE
-from ..stores import Store, resolve
+import dist_guardian
+from dist_guardian import Candidate, ConfigError, Loaded, ResumeFailed, Store, hf_dirs, hf_loading
+from dist_guardian.config import ResumeConfig
+from dist_guardian.layout import NAME_RE
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +110,7 @@ class GuardianCallback(TrainerCallback):
             self.keep_last = int(args.save_total_limit)
         args.save_total_limit = None  # pruned here, by step, after the mirrors hold a copy
         opts = self.options.get("storage_options")
-        self._targets = [resolve(u, i + 1, opts) for i, u in enumerate(self.store_urls)]
+        self._targets = hf_dirs.mirror_stores(self.store_urls, opts)
         if self._worker is None and state.is_world_process_zero:
             self._worker = threading.Thread(target=self._work, name="dist_guardian-hf-mirror", daemon=True)
             self._worker.start()
@@ -213,7 +210,7 @@ def find_resume_checkpoint(output_dir: str, stores: Sequence[str] | None = None,
             need_optimizer=need_optimizer,
         )
 
-    result = resume(load, stores=urls, run=run, **opts)
+    result = dist_guardian.resume(load, stores=urls, run=run, **opts)
     if not result.resumed:
         if rank == 0:
             log.warning("find_resume_checkpoint: no checkpoint loads; training starts fresh: %s", result.to_json())
@@ -225,24 +222,22 @@ def find_resume_checkpoint(output_dir: str, stores: Sequence[str] | None = None,
 
 
 def _restored(path: str, store_url: str | None, urls: list[str], output_dir: str, opts: dict[str, Any]) -> str:
-    """Collective: call on every rank. Rank 0 fetches the mirror's copy into ``output_dir``; all learn how it went."""
-    index = urls.index(store_url) if store_url in urls else -1
-    comm = Comm(float(opts.get("timeout", 600.0)))
-    try:
-        outcome: Any = None
-        if comm.rank == 0:
-            try:
-                src = resolve(urls[index], index, opts.get("storage_options"))
-                rel = path[len(src.uri()) :].strip("/") if path.startswith(src.uri()) else path
-                outcome = {"path": hf_dirs.restore(src, rel, output_dir)}
-                log.warning("checkpoint_restored %s from the mirror copy %s", outcome["path"], path)
-            except (OSError, ValueError) as e:
-                outcome = {"error": f"{type(e).__name__}: {e}"}
-        outcome = comm.broadcast_json(outcome, "restore from mirror")
-    finally:
-        comm.close()
-    if "error" in outcome:
-        raise ResumeFailed(
-            f"the newest loadable checkpoint is {path}, but restoring it locally failed: {outcome['error']}"
-        )
-    return str(outcome["path"])
+    """Collective: call on every rank. Rank 0 fetches the mirror's copy into ``output_dir`` (verified in
+    full); after a barrier every rank checks the restored copy itself (the output dir is shared)."""
+    rank = _rank_world()[0]
+    local = os.path.join(os.path.abspath(output_dir), path.rstrip("/").rsplit("/", 1)[-1])
+    error = None
+    if rank == 0:
+        try:
+            index = urls.index(store_url) if store_url in urls else 0
+            local = hf_dirs.restore(urls[index], index, path, output_dir, opts.get("storage_options"))
+            log.warning("checkpoint_restored %s from the mirror copy %s", local, path)
+        except (OSError, ValueError) as e:
+            error = f"{type(e).__name__}: {e}"
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if error is None and not hf_dirs.good_dir(local):
+        error = f"{local} is not a complete checkpoint after rank 0 restored it (is {output_dir} shared?)"
+    if error is not None:
+        raise ResumeFailed(f"the newest loadable checkpoint is {path}, but restoring it locally failed: {error}")
+    return local
