@@ -129,13 +129,19 @@ def test_none_only_when_nothing_loads_with_the_record_at_warning(run, caplog):
     assert '"resumed": false' in msg and "checkpoint-2" in msg
 
 
-def test_two_ranks_agree_on_the_mirror_copy(run):
+def test_two_ranks_agree_on_the_mirror_copy_and_each_restores_its_own_rng(run, tmp_path):
     out, mirror = run
     hf_helpers.flip_byte(os.path.join(out, "checkpoint-6", "model.safetensors"))
-    got = run_ranks(hf_helpers.find_on_rank, 2, timeout=120.0, output_dir=out, stores=[mirror])
+    per_rank = str(tmp_path / "per-rank" / "checkpoint-4")  # a store that is one checkpoint dir
+    shutil.copytree(os.path.join(out, "checkpoint-4"), per_rank)
+    os.remove(os.path.join(per_rank, "manifest.json"))
+    heads = hf_helpers.write_rank_rng(per_rank, 2)
+    got = run_ranks(hf_helpers.find_on_rank, 2, timeout=120.0, output_dir=out, stores=[mirror], per_rank_dir=per_rank)
     assert got.ok(), got.errors
-    assert got.results == {0: os.path.join(out, "checkpoint-6"), 1: os.path.join(out, "checkpoint-6")}
+    assert [got.results[r]["path"] for r in (0, 1)] == [os.path.join(out, "checkpoint-6")] * 2
     assert sum(n.startswith(".quarantine-") for n in os.listdir(out)) == 1
+    assert [(got.results[r]["resumed"], got.results[r]["step"]) for r in (0, 1)] == [(True, 4)] * 2
+    assert [got.results[r]["torch_rng"] for r in (0, 1)] == heads and heads[0] != heads[1]
 
 
 def test_guardian_names_a_damaged_tensor_and_the_gate_bounds_it_by_the_saved_max(run):

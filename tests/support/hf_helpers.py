@@ -60,11 +60,19 @@ def train(output_dir: str, max_steps: int, **kw: Any) -> Trainer:
 
 
 def live_state(max_steps: int = 6, seed: int = 5) -> dict[str, Any]:
-    """What a user resumes into: a fresh model and the optimizer and scheduler the Trainer would build."""
-    args = TrainingArguments(output_dir="unused", max_steps=max_steps, report_to=[], use_cpu=True, learning_rate=1e-2)
-    t = Trainer(model=tiny_model(seed), args=args)
-    t.create_optimizer_and_scheduler(num_training_steps=max_steps)
-    return {"model": t.model, "optim": t.optimizer, "sched": t.lr_scheduler}
+    """What a user resumes into: a fresh model, and the optimizer and scheduler the Trainer builds for it
+    (AdamW over a decay and a no-decay group, a linear schedule), built without ``TrainingArguments`` so
+    that a harness rank needs no accelerate launch environment."""
+    from transformers import get_linear_schedule_with_warmup
+
+    model = tiny_model(seed)
+    decay = set(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]  # self is unused
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n in decay], "weight_decay": 0.0},
+        {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0},
+    ]
+    optim = torch.optim.AdamW(groups, lr=1e-2)
+    return {"model": model, "optim": optim, "sched": get_linear_schedule_with_warmup(optim, 0, max_steps)}
 
 
 def saved(path: str) -> dict[str, Any]:
@@ -82,11 +90,36 @@ def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def find_on_rank(rank: int, world: int, *, output_dir: str, stores: list[str]) -> str | None:
-    """A harness rank: ``find_resume_checkpoint`` collectively, on every rank."""
+def find_on_rank(rank: int, world: int, *, output_dir: str, stores: list[str], per_rank_dir: str) -> dict[str, Any]:
+    """A harness rank: ``find_resume_checkpoint`` collectively, then ``Guardian.resume`` of a checkpoint dir
+    that holds one RNG file per rank (``rng_state_K.pth``)."""
+    from dist_guardian import Guardian
     from dist_guardian.integrations.hf import find_resume_checkpoint
 
-    return find_resume_checkpoint(output_dir, stores=stores, timeout=60.0)
+    path = find_resume_checkpoint(output_dir, stores=stores, timeout=60.0)
+    g = Guardian(stores=[per_rank_dir], timeout=60.0)
+    r = g.resume(live_state())
+    g.close()
+    return {"path": path, "resumed": r.resumed, "step": r.step, "torch_rng": torch.get_rng_state()[:64].tolist()}
+
+
+def write_rank_rng(ck: str, world: int) -> list[list[int]]:
+    """Replace ``rng_state.pth`` by ``rng_state_K.pth`` files as a ``world``-process Trainer writes them
+    (python, numpy and torch state, each rank seeded apart); returns each rank's torch state head."""
+    import random
+
+    import numpy as np
+
+    os.remove(os.path.join(ck, "rng_state.pth"))
+    heads = []
+    for k in range(world):
+        random.seed(k)
+        np.random.seed(k)
+        torch.manual_seed(100 + k)
+        state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
+        torch.save(state, os.path.join(ck, f"rng_state_{k}.pth"))
+        heads.append(state["cpu"][:64].tolist())
+    return heads
 
 
 def flip_byte(path: str, offset_from_end: int = 10) -> None:
