@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import xxhash
 
@@ -98,7 +99,30 @@ def verify_hf_full(store: stores.Store, rel: str) -> tuple[str, list[str]]:
         return c.tier, list(c.reasons)
     tier, reasons = fullcheck.verify_full(store, rel)
     worst = max(tier, c.tier, key=lambda t: TIER_RANK[t])
-    return worst, list(c.reasons) + reasons
+    return worst, list(c.reasons) + [_name_damaged(store, rel, r) for r in reasons]
+
+
+def _name_damaged(store: stores.Store, rel: str, reason: str) -> str:
+    """A safetensors file's checksum mismatch, with the tensors whose recorded digests differ named."""
+    name = reason.removeprefix("checksum_mismatch: ").split(" ", 1)[0]
+    if not reason.startswith("checksum_mismatch: ") or not name.endswith(".safetensors"):
+        return reason
+    try:
+        mf = manifest.parse(stores.read_small(store, f"{rel}/{MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES))
+        recorded = mf.tensors.get(name, {})
+        entry = next(f for f in mf.files if f.name == name)
+        f: Any = (
+            stores.open_reader(store.join(rel, name))
+            if store.is_local
+            else stores.RemoteReader(store, f"{rel}/{name}", entry.size)
+        )
+        with f:
+            header = formats.parse_header(f, entry.size, name=name)
+            _, per = formats.stream_digests(f, header, name=name)
+    except (OSError, ValueError, StopIteration):
+        return reason
+    damaged = [t for t, d in per.items() if t in recorded and recorded[t].digest != d]
+    return reason + (f" damaged_tensors={damaged[:10]}" if damaged else "")
 
 
 def _ref(name: str, size: int, files: hf_layout.HFFiles) -> FileRef:
