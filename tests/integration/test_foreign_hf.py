@@ -182,3 +182,13 @@ def test_crc_mismatch_in_optimizer_is_suspect(out):
     cands = verify.verify_all(discovery.discover_store(store, "default"), run="default", compat=None).candidates
     c6 = next(c for c in cands if c.step == 6)
     assert c6.tier == "S" and any("zip CRC32 mismatch" in why for why in c6.reasons)
+
+
+def test_pytorch_model_bin_is_the_model_when_there_is_no_safetensors(out):
+    ck = os.path.join(out, "checkpoint-6")
+    ref = hf_helpers.saved(ck)["model"]
+    torch.save(ref, os.path.join(ck, "pytorch_model.bin"))
+    os.remove(os.path.join(ck, "model.safetensors"))
+    r, state = _resume(out)
+    assert (r.resumed, r.step) == (True, 6)
+    assert hf_helpers.same_tensors({k: v for k, v in state["model"].state_dict().items() if k in ref}, ref)
