@@ -177,3 +177,18 @@ def test_s3_mirror_restores_a_deleted_newest_checkpoint(tmp_path, s3):
     t = hf_helpers.trainer(out, 6)
     t.train(resume_from_checkpoint=path)
     assert t.state.global_step == 6
+
+
+def test_retention_never_counts_a_checkpoint_without_a_good_manifest(run):
+    out, mirror = run
+    shutil.copytree(os.path.join(out, "checkpoint-6"), os.path.join(out, "checkpoint-8"))
+    os.remove(os.path.join(out, "checkpoint-8", "manifest.json"))  # written, never recorded: not good
+    with open(os.path.join(out, "checkpoint-6", "optimizer.pt"), "ab") as f:
+        f.write(b"x")  # its size no longer matches its manifest: not good either
+    assert hf_dirs.prune(out, 2, run="out") == []  # the good ones are 4 and 2: both kept
+    hf_dirs.record_manifest(os.path.join(out, "checkpoint-8"), step=8, run="out")
+    assert hf_dirs.prune(out, 2, run="out", protect=[os.path.join(out, "checkpoint-2")]) == []  # the best model
+    assert hf_dirs.prune(out, 2, run="out", targets=hf_dirs.mirror_stores([mirror])) == [
+        os.path.join(out, "checkpoint-2")
+    ]  # 8 and 4 are the newest good; 6 is newer than 4 and stays
+    assert sorted(os.listdir(out)) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
