@@ -17,6 +17,8 @@ from .errors import ConfigError, PlanFormatError
 Tier = Literal["V", "L", "S", "R"]
 SuspectPolicy = Literal["after_same_step", "last_resort", "reject"]
 SUSPECT_POLICIES = ("after_same_step", "last_resort", "reject")
+Kind = Literal["native", "torch", "dcp", "safetensors", "hf"]
+KINDS = ("native", "torch", "dcp", "safetensors", "hf")
 TIER_RANK = {"V": 0, "L": 1, "S": 2, "R": 3}
 
 
@@ -44,7 +46,7 @@ class Candidate:
     store_index: int
     rel: str  # location relative to the store root (each rank resolves it through its own store)
     path: str  # rank 0's full location, for people and records
-    kind: Literal["native", "torch", "dcp", "safetensors"]
+    kind: Kind
     step: int
     generation: int = 0
     run: str | None = None
@@ -113,8 +115,8 @@ class Candidate:
             raise bad("generation", "must be a non-negative integer")
         if d.get("world_size") is not None and not _is_int(d["world_size"], 1, 1 << 20):
             raise bad("world_size", "must be a positive integer or null")
-        if d["kind"] not in ("native", "torch", "dcp", "safetensors"):
-            raise bad("kind", "must be native, torch, dcp or safetensors")
+        if d["kind"] not in KINDS:
+            raise bad("kind", f"must be one of {', '.join(KINDS)}")
         if not isinstance(d.get("tier", "V"), str) or d.get("tier", "V") not in TIER_RANK:
             raise bad("tier", "must be V, L, S or R")
         cu = d.get("created_unix")
@@ -167,7 +169,12 @@ def _finite(v: float) -> bool:
 
 
 def _safe_rel(rel: Any) -> bool:
-    """A location relative to a store root that cannot leave it (what each rank joins to its own root)."""
+    """A location relative to a store root that cannot leave it (what each rank joins to its own root).
+
+    ``"."`` is the root itself: a store that is one Hugging Face ``checkpoint-N/`` directory.
+    """
+    if rel == ".":
+        return True
     if not isinstance(rel, str) or not rel or len(rel) > 4096 or "\x00" in rel or rel.startswith("/"):
         return False
     return all(p not in ("", ".", "..") for p in rel.split("/"))

@@ -47,6 +47,9 @@ class ResumeConfig:
         attempt_timeout: seconds one load attempt may take on a rank; ``None``: 0.8 x ``timeout``,
             so a slow load is a failed attempt (all move on) rather than a dead coordination group.
         use_journal: demote crash-looping candidates (reads ``<primary>/<run>/.journal/``).
+        partial_ok: resume from a foreign checkpoint that restores only part of ``state`` (the
+            ``required`` keys at least), with a WARNING naming what keeps its current value; by
+            default such a candidate fails and the next one is tried.
     """
 
     stores: tuple[str, ...]
@@ -64,6 +67,7 @@ class ResumeConfig:
     layout: dict[str, str] | None = None
     attempt_timeout: float | None = None
     use_journal: bool = True
+    partial_ok: bool = False
 
     def __post_init__(self) -> None:
         if not self.stores:
@@ -97,6 +101,11 @@ class ResumeConfig:
         ):
             raise ConfigError(
                 f"remote_concurrency={self.remote_concurrency!r} must be None (the store decides) or a positive integer"
+            )
+        if not isinstance(self.partial_ok, bool):
+            raise ConfigError(
+                f"partial_ok={self.partial_ok!r} must be True (a foreign checkpoint may restore part of state, "
+                "with a warning) or False"
             )
         if self.progress not in (None, True, False):
             raise ConfigError(f"progress={self.progress!r} must be None (only on a TTY), True or False")

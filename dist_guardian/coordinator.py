@@ -24,7 +24,7 @@ from .attempts import MAX_ATTEMPTS, LoopContext, Record, attempt_loop
 from .candidate import Attempt, Candidate, ResumeResult
 from .comm import Comm
 from .config import ResumeConfig, resume_config
-from .errors import ConfigError, NoReachableCheckpoint, ResumeFailed
+from .errors import ConfigError, DistGuardianError, NoReachableCheckpoint, ResumeFailed
 from .planning import Plan, PlanCursor, PlanRequest, resolve_stores
 from .stores import Store
 
@@ -226,13 +226,34 @@ def _exhausted(settings: _Settings, comm: Comm, rec: Record) -> ResumeResult:
         if anything:
             log.error("starting FRESH: every candidate failed for a lasting reason; all are kept. %s", summary)
         else:
-            log.info(
-                "no checkpoint found in %s for run %s: starting fresh",
-                ", ".join(settings.config.stores),
-                settings.config.run,
+            cfg = settings.config
+            log.warning(
+                "starting FRESH: no checkpoint found for run %s in %s; seen there: %s",
+                cfg.run,
+                ", ".join(cfg.stores),
+                _seen(resolve_stores(cfg.stores, cfg.storage_options)[0], cfg.run),
             )
         log.info("resume decision: %s", result.to_json())
     return result
+
+
+def _seen(store_list: Sequence[Store], run: str, limit: int = 8) -> str:
+    """What each store holds where resume looks (``<store>/<run>/``, and a local store's top), for the
+    fresh-start warning: a wrong path or run name shows as what is there instead. Only on a fresh start."""
+    parts = []
+    for store in store_list:
+        where = [run] + ([""] if store.is_local else [])
+        names: list[str] = []
+        for rel in where:
+            try:
+                listed = stores.list_tree(store, rel, max_depth=1, max_entries=1000)
+                names += [f"{rel}/{e.rel}" if rel else e.rel for e in listed]
+            except (OSError, DistGuardianError) as e:
+                names.append(f"({rel or '.'}: {type(e).__name__})")
+        names = sorted(set(names))
+        shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+        parts.append(f"{store.url}: " + (shown or "empty"))
+    return "; ".join(parts) if parts else "no store could be used"
 
 
 def _availability_vote(

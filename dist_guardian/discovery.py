@@ -1,14 +1,15 @@
 """Find checkpoint candidates across stores: one listing per store, nothing read yet.
 
 What belongs here: turning listings into sightings (a step dir of ours, a bare torch.save
-file, a DCP directory), skipping our own staging, trash and journal names, and recording
-which stores could not be listed. Deciding whether a sighting can be trusted is
-``verify``'s job; nothing here opens a data file, and nothing here ever deletes.
+file, a DCP directory, a Hugging Face ``checkpoint-N/``), skipping our own staging, trash and
+journal names, and recording which stores could not be listed. Deciding whether a sighting
+can be trusted is ``verify``'s job; nothing here opens a data file, and nothing here ever deletes.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, Literal
 from . import formats, stores
 from .candidate import Candidate
 from .errors import StoreError
+from .formats import hf_layout
 from .layout import (  # noqa: F401 (re-exported)
     DCP_METADATA,
     MANIFEST_NAME,
@@ -40,7 +42,7 @@ class Sighting:
 
     store: Store
     rel: str  # relative to the store root
-    kind: Literal["native", "torch", "dcp", "safetensors"]
+    kind: Literal["native", "torch", "dcp", "safetensors", "hf"]
     step: int | None
     generation_hint: int | None = None
     entry_kind: str = "dir"  # what the listing says the path itself is (file, dir, symlink, other)
@@ -66,7 +68,7 @@ class Sighting:
             store=self.store.url,
             store_index=self.store.index,
             rel=self.rel,
-            path=self.store.uri(self.rel),
+            path=self.store.uri(self.rel) if self.rel != "." else self.store.uri(),
             kind=self.kind,
             step=self.step if self.step is not None else -1,
             **fields,
@@ -137,8 +139,24 @@ def discover_store(store: Store, run: str) -> list[Sighting]:
         except FileNotFoundError:
             top = []
         top = [e for e in top if e.rel != run and not e.rel.startswith(run + "/")]
+        root = _hf_root(store, top)
+        if root is not None:  # the store is one checkpoint-N/: one candidate, not one per file
+            out.append(root)
+            top = [e for e in top if "/" in e.rel or e.kind == "dir"]
         out += _from_entries(store, "", top, ours=False)
     return out
+
+
+def _hf_root(store: Store, top: list[Entry]) -> Sighting | None:
+    """The store root itself as a Hugging Face checkpoint (``stores=["out/checkpoint-30"]``), or None.
+
+    Its ``rel`` is ``"."``: every rank resolves the same store URL to the same directory.
+    """
+    files = tuple(e for e in top if "/" not in e.rel and e.kind != "dir")
+    name = os.path.basename(store.root.rstrip("/"))
+    if not hf_layout.looks_like_hf(name, (e.rel for e in files)):
+        return None
+    return Sighting(store=store, rel=".", kind="hf", step=formats.step_from_name(name), children=files)
 
 
 def _from_entries(store: Store, prefix: str, entries: list[Entry], *, ours: bool) -> list[Sighting]:
@@ -178,6 +196,18 @@ def _from_entries(store: Store, prefix: str, entries: list[Entry], *, ours: bool
                     store=store,
                     rel=rel,
                     kind="dcp",
+                    step=formats.step_from_name(name),
+                    entry_kind=e.kind,
+                    children=kids,
+                )
+            )
+            continue
+        if e.kind in ("dir", "symlink") and hf_layout.looks_like_hf(name, (k.rel for k in kids)):
+            out.append(
+                Sighting(
+                    store=store,
+                    rel=rel,
+                    kind="hf",
                     step=formats.step_from_name(name),
                     entry_kind=e.kind,
                     children=kids,

@@ -67,6 +67,14 @@ class CheckpointFormatError(DistGuardianError, ValueError):
     """A file or manifest is not what it claims to be (names the file and what is wrong)."""
 
 
+class IncompleteRestore(CheckpointFormatError):
+    """A foreign checkpoint would not restore everything ``state`` asks for; ``missing`` names each part."""
+
+    def __init__(self, message: str, *, missing: tuple[str, ...]):
+        super().__init__(message)
+        self.missing = missing
+
+
 class PlanningCapExceeded(CheckpointFormatError):
     """Verifying a candidate would cost more than planning allows one candidate (``what`` over ``cap``): tier R."""
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import coordinator, loading, staging, statetree
+from . import completeness, coordinator, loading, staging, statetree
 from .candidate import Candidate, Loaded, ResumeResult
 from .comm import Comm
 from .commit import SaveResult
@@ -46,6 +46,9 @@ class Guardian:
             everything else is replicated and written once by rank 0.
         rng: save each rank's RNG state (python, numpy, torch) and restore it on resume.
         required: keys that a foreign checkpoint must hold (default: the ``nn.Module`` keys).
+        partial_ok: a foreign checkpoint that restores only part of ``state`` (``required`` at
+            least) is resumed from, with a WARNING naming the rest; by default it fails and
+            the next candidate is tried, so ``resumed=True`` means all of ``state`` came back.
         extra_safe_globals: classes a foreign ``torch.save`` file may need (F34 opt-in).
         foreign_loader: ``fn(obj, state) -> dict`` mapping a foreign file onto ``state``.
         save_failures: consecutive failed saves tolerated with a warning before one raises.
@@ -122,6 +125,7 @@ class Guardian:
             extra_safe_globals=cfg.extra_safe_globals,
             foreign_loader=cfg.foreign_loader,
             required=required,
+            partial_ok=cfg.partial_ok,
         )
 
         def load(c: Candidate, store: Store) -> Loaded:
@@ -129,6 +133,10 @@ class Guardian:
 
         def apply(c: Candidate, staged: Staged) -> None:
             staging.apply(staged, state)
+            if comm.rank == 0:
+                for w in staged.warnings:
+                    if w.startswith(completeness.PARTIAL_TOKEN):
+                        log.warning("%s", w)
 
         result = coordinator.resume(
             load, apply_fn=apply, comm=comm, config=replace(cfg, layout=statetree.layout_fingerprints(state))

@@ -24,11 +24,12 @@ from typing import Any, BinaryIO, cast
 import torch
 import xxhash
 
-from . import _faults, formats, manifest, nodeshare, sharded_io, sharding, statetree, stores
+from . import _faults, completeness, formats, manifest, nodeshare, sharded_io, sharding, statetree, stores
 from .bulk import gc_paused
 from .candidate import Candidate, FileRef, Loaded
 from .errors import CheckpointFormatError
 from .foreign_loading import load_dcp, load_safetensors, load_torch_file
+from .hf_loading import load_hf
 from .layout import MANIFEST_NAME, SHARD_FILE_RE
 from .manifest import Manifest
 from .staging import Staged, accept
@@ -67,6 +68,7 @@ class LoadOptions:
     extra_safe_globals: tuple[Any, ...] = ()  # classes or qualnames a foreign pickle may name
     foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None
     required: tuple[str, ...] = ()  # top-level keys a checkpoint must hold
+    partial_ok: bool = False  # a foreign checkpoint may leave parts of state unrestored (warned, not failed)
 
 
 def load_candidate(c: Candidate, store: Store, state: dict[str, Any], options: LoadOptions) -> Staged:
@@ -82,7 +84,7 @@ def load_candidate(c: Candidate, store: Store, state: dict[str, Any], options: L
             state=state,
         )
     if c.kind == "torch":
-        return load_torch_file(
+        staged = load_torch_file(
             c,
             store,
             state,
@@ -90,16 +92,29 @@ def load_candidate(c: Candidate, store: Store, state: dict[str, Any], options: L
             foreign_loader=options.foreign_loader,
             required=options.required,
         )
-    if c.kind == "safetensors":
-        return load_safetensors(c, store, state, foreign_loader=options.foreign_loader, required=options.required)
-    return load_dcp(
-        c,
-        store,
-        state,
-        extra_safe_globals=options.extra_safe_globals,
-        foreign_loader=options.foreign_loader,
-        required=options.required,
-    )
+    elif c.kind == "safetensors":
+        staged = load_safetensors(c, store, state, foreign_loader=options.foreign_loader, required=options.required)
+    elif c.kind == "hf":
+        staged = load_hf(
+            c,
+            store,
+            state,
+            rank=options.rank,
+            world_size=options.world_size,
+            extra_safe_globals=options.extra_safe_globals,
+        )
+    else:
+        staged = load_dcp(
+            c,
+            store,
+            state,
+            extra_safe_globals=options.extra_safe_globals,
+            foreign_loader=options.foreign_loader,
+            required=options.required,
+        )
+    # Foreign: resumed only when all of state is restored (or partial_ok, with a warning naming the rest).
+    completeness.judge(staged, state, path=c.path, partial_ok=options.partial_ok, required=options.required)
+    return staged
 
 
 def load_and_check(c: Candidate, store: Store, state: dict[str, Any], options: LoadOptions) -> Loaded:

@@ -43,6 +43,9 @@ class Staged:
     # Foreign tensors whose bytes failed a check (tree paths) or foreign_sanity.ALL (no checksums to check):
     # judged against the live state before a vote (foreign_sanity), None for a native candidate.
     damaged: list[str] | None = None
+    # A foreign load's parts of ``state`` it could not restore, each named with why ("'sched': no scheduler.pt");
+    # ``completeness.judge`` fails the attempt on them (or, with ``partial_ok``, warns).
+    not_restored: list[str] = field(default_factory=list)
 
 
 def accept(staged: Staged, state: dict[str, Any], required: Iterable[str]) -> Loaded:

@@ -4,10 +4,10 @@ Tiers (FAULTS.md): V verified (manifest, sizes match), L legacy (no manifest, st
 zip CRCs clean), S suspect (checksum or CRC mismatch, still loadable), R rejected (missing,
 empty, truncated, unsafe, incompatible). Verification never raises for a bad candidate and
 never reads tensor data of a native checkpoint: checksums are checked while loading, when
-the bytes stream by anyway. :func:`verify_full` (``fullcheck``, re-exported here) is the
-exception, for ``dist-guardian verify`` and retention. Belongs here: the dispatch over
-sightings and the native step-directory checks; torch.save files and DCP directories are
-judged in ``verify_foreign``.
+the bytes stream by anyway. :func:`verify_full` (``fullcheck``, or ``verify_hf`` for a
+Hugging Face dir) is the exception, for ``dist-guardian verify`` and retention. Belongs here:
+the dispatch over sightings and the native step-directory checks; torch.save files and DCP
+directories are judged in ``verify_foreign``, Hugging Face ``checkpoint-N/`` in ``verify_hf``.
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ from typing import Any
 
 import xxhash
 
-from . import formats, manifest, stores, verify_foreign
+from . import formats, fullcheck, manifest, stores, verify_foreign, verify_hf
 from .candidate import Candidate, FileRef
 from .discovery import Sighting
 from .errors import CheckpointFormatError, Reason, StoreUnavailable
-from .fullcheck import verify_full as verify_full  # re-exported: callers say verify.verify_full
-from .layout import MANIFEST_NAME, NATIVE_SUFFIX, RANK_FILE_RE, REPLICATED_FILE
+from .layout import MANIFEST_NAME, NATIVE_SUFFIX, RANK_FILE_RE, REPLICATED_FILE, STEP_DIR_RE
 from .manifest import Manifest, ManifestError
 from .stores import Entry
 
@@ -115,7 +114,19 @@ def verify_sighting(
         return verify_foreign.verify_torch(s, extra_safe_globals), 0, ()
     if s.kind == "safetensors":
         return verify_foreign.verify_safetensors(s), 0, ()
+    if s.kind == "hf":
+        return verify_hf.verify_hf(s, extra_safe_globals), 0, ()
     return verify_foreign.verify_dcp(s, extra_safe_globals), 0, ()
+
+
+def verify_full(store: stores.Store, rel: str) -> tuple[str, list[str]]:
+    """Read every byte of one checkpoint directory and compare all checksums: (tier, reasons).
+
+    A native step dir goes to ``fullcheck``; a Hugging Face ``checkpoint-N/`` to ``verify_hf``.
+    """
+    if not STEP_DIR_RE.match(rel.rsplit("/", 1)[-1]) and verify_hf.is_hf_dir(store, rel):
+        return verify_hf.verify_hf_full(store, rel)
+    return fullcheck.verify_full(store, rel)
 
 
 def foreign_owner(store: stores.Store, rels: Iterable[str]) -> str | None:

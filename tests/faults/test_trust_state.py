@@ -217,7 +217,7 @@ def test_T05_foreign_file_of_another_optimizer_class_falls_back_to_native(tmp_pa
     torch.save(
         {"model": m.state_dict(), "optim": sgd.state_dict(), "step": 300}, os.path.join(root, RUN, "checkpoint-300.pt")
     )
-    r, state = _resume(root)
+    r, state = _resume(root, partial_ok=True)  # the file holds no 'sched' nor 'trainer': the optimizer decides
     assert r.step == 200 and [a.outcome for a in r.attempts] == ["failed", "loaded"]
     assert "lacks ['betas'" in r.attempts[0].reasons[0][1]
     helpers.train(state, 1)  # AdamW steps with AdamW state

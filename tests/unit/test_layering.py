@@ -24,6 +24,7 @@ LAYERS = [
     "formats.digests",
     "formats.writing",
     "formats.foreign",
+    "formats.hf_layout",
     "formats",
     # the stores package, bottom up: the value and error translation, then calls, then operations
     "stores.base",
@@ -43,6 +44,7 @@ LAYERS = [
     "discovery",
     "fullcheck",
     "verify_foreign",
+    "verify_hf",
     "verify",
     "journal",
     "planning",
@@ -50,6 +52,7 @@ LAYERS = [
     "retention",
     "mirror",
     "nodeshare",
+    "hf_dirs",
     # torch from here on
     "comm",
     "geometry",
@@ -60,7 +63,9 @@ LAYERS = [
     "sharded_io",
     "dcp_state",
     "foreign_files",
+    "completeness",
     "foreign_loading",
+    "hf_loading",
     "loading",
     "attempts",
     "coordinator",
@@ -69,8 +74,9 @@ LAYERS = [
     "bench",
     "cli",
     "__init__",
-    # framework adapters: the public API only (absolute imports of dist_guardian), nothing below imports them
+    # framework adapters: over the public API only, nothing above imports them (transformers, Lightning only there)
     "integrations",
+    "integrations.hf",
     "integrations.lightning",
 ]
 TORCH_FREE = set(LAYERS[: LAYERS.index("comm")]) | {"cli", "__init__"}
