@@ -11,6 +11,7 @@ full before it replaces anything; the damaged one is kept aside).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -95,11 +96,10 @@ def _safetensors_stats(f: BinaryIO, size: int, name: str) -> tuple[int, str, dic
             whole.update(chunk)
             left -= len(chunk)
             x = _floats(chunk, t.dtype)
-            if x is not None and x.size:
-                ok = np.isfinite(x)
-                finite = finite and bool(ok.all())
-                if ok.any():
-                    peak = max(peak, float(np.abs(x[ok]).max()))
+            if x is not None and x.size and finite:
+                m = max(-float(x.min()), float(x.max()))  # no |x| temporary; NaN and Inf propagate
+                finite = math.isfinite(m)
+                peak = max(peak, m) if finite else peak
         is_float = _floats(b"", t.dtype) is not None
         stats[t.name] = TensorStat(digest=h.hexdigest(), max_abs=peak if is_float and finite else None, finite=finite)
     return header.file_size, whole.hexdigest(), stats
