@@ -38,7 +38,8 @@ class ResumeConfig:
         on_exhausted: ``"fresh"`` or ``"raise"`` (F33).
         timeout: seconds; bounds one load attempt and each vote.
         storage_options: per URL prefix, e.g. ``{"s3://bucket": {"anon": True}}``.
-        required: keys that a foreign checkpoint must hold (``None``: the ``nn.Module`` keys).
+        required: keys that a foreign checkpoint must hold even with ``partial_ok`` (``None``: the
+            ``nn.Module`` keys); without ``partial_ok`` it must restore every key of ``state``.
         extra_safe_globals: classes a foreign ``torch.save`` file may need (F34 opt-in).
         foreign_loader: ``fn(obj, state) -> dict`` mapping a foreign file onto ``state``.
         remote_concurrency: connections per remote file read; ``None`` lets the store decide.

@@ -202,7 +202,10 @@ def _from_entries(store: Store, prefix: str, entries: list[Entry], *, ours: bool
                 )
             )
             continue
-        if e.kind in ("dir", "symlink") and hf_layout.looks_like_hf(name, (k.rel for k in kids)):
+        # A symlink named checkpoint-N is listed without its files: sighted, so that verify says why it is refused.
+        if (e.kind == "dir" and hf_layout.looks_like_hf(name, (k.rel for k in kids))) or (
+            e.kind == "symlink" and hf_layout.HF_DIR_RE.match(name)
+        ):
             out.append(
                 Sighting(
                     store=store,

@@ -45,7 +45,8 @@ class Guardian:
         per_rank: keys of ``state`` that differ per rank (data position, sharded tensors);
             everything else is replicated and written once by rank 0.
         rng: save each rank's RNG state (python, numpy, torch) and restore it on resume.
-        required: keys that a foreign checkpoint must hold (default: the ``nn.Module`` keys).
+        required: keys that a foreign checkpoint must hold even with ``partial_ok`` (default: the
+            ``nn.Module`` keys); without ``partial_ok`` it must restore every key of ``state``.
         partial_ok: a foreign checkpoint that restores only part of ``state`` (``required`` at
             least) is resumed from, with a WARNING naming the rest; by default it fails and
             the next candidate is tried, so ``resumed=True`` means all of ``state`` came back.

@@ -11,6 +11,7 @@ full before it replaces anything; the damaged one is kept aside).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -95,11 +96,10 @@ def _safetensors_stats(f: BinaryIO, size: int, name: str) -> tuple[int, str, dic
             whole.update(chunk)
             left -= len(chunk)
             x = _floats(chunk, t.dtype)
-            if x is not None and x.size:
-                ok = np.isfinite(x)
-                finite = finite and bool(ok.all())
-                if ok.any():
-                    peak = max(peak, float(np.abs(x[ok]).max()))
+            if x is not None and x.size and finite:
+                m = max(-float(x.min()), float(x.max()))  # no |x| temporary; NaN and Inf propagate
+                finite = math.isfinite(m)
+                peak = max(peak, m) if finite else peak
         is_float = _floats(b"", t.dtype) is not None
         stats[t.name] = TensorStat(digest=h.hexdigest(), max_abs=peak if is_float and finite else None, finite=finite)
     return header.file_size, whole.hexdigest(), stats
@@ -211,26 +211,15 @@ def prune(
     return deleted
 
 
-def restore(src_url: str, src_index: int, path: str, output_dir: str, storage_options: dict | None = None) -> str:
-    """Fetch a mirror's copy of a checkpoint (``path`` in the store ``src_url``, at ``src_index`` of the
-    caller's store list) into ``output_dir/<name>``, verified in full before it replaces anything there;
-    a damaged local copy is renamed aside (``.quarantine-<name>-<id>``), never deleted. Returns the local path."""
-    src = stores.resolve(src_url, src_index, storage_options)
-    root = src.uri()
-    rel = path[len(root) :].strip("/") if path.startswith(root) else path
+def restore(src: Store, src_rel: str, output_dir: str) -> str:
+    """Fetch a mirror's copy of a checkpoint (``src_rel`` in ``src``) into ``output_dir/<name>``, verified
+    in full before it replaces anything there; a damaged local copy is renamed aside
+    (``.quarantine-<name>-<id>``), never deleted. Returns the local path."""
     store = stores.resolve(os.path.dirname(os.path.abspath(output_dir)), 0)
-    name = rel.rsplit("/", 1)[-1]
-    return copying.repair_replica(src, rel, store, os.path.basename(os.path.abspath(output_dir)), name)
+    name = src_rel.rsplit("/", 1)[-1]
+    return copying.repair_replica(src, src_rel, store, os.path.basename(os.path.abspath(output_dir)), name)
 
 
 def mirror_stores(urls: Sequence[str], storage_options: dict | None = None) -> list[Store]:
     """The mirror stores of an output dir (which is store 0), resolved and checked as a resume does."""
     return [stores.resolve(u, i + 1, storage_options) for i, u in enumerate(urls)]
-
-
-def good_dir(path: str) -> bool:
-    """Whether the local ``checkpoint-N/`` at ``path`` holds a manifest whose files are all there, sized right."""
-    store = stores.resolve(os.path.dirname(os.path.abspath(path)), 0)
-    name = os.path.basename(os.path.abspath(path))
-    s = next((s for s in _sightings(store, "") if s.rel == name), None)
-    return s is not None and _good(s)

@@ -189,6 +189,7 @@ def _local_checks(
     """Safetensors headers, the shard index, and every ``torch.save`` file the load reads (no tensor data)."""
     tensors: dict[str, set[str]] = {}
     try:
+        stores.check_dirs_no_symlink(s.store.root, _rel(s, MANIFEST_NAME))  # no planted dir link above the files
         for name in files.model:
             if name.endswith(".safetensors"):
                 with stores.open_reader(s.store.join(_rel(s, name))) as f:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 import dist_guardian
-from dist_guardian import Candidate, ConfigError, Loaded, ResumeFailed, Store, hf_dirs, hf_loading
+from dist_guardian import Candidate, ConfigError, Loaded, Store, hf_dirs, hf_loading
 from dist_guardian.config import ResumeConfig
 from dist_guardian.layout import NAME_RE
 
@@ -185,7 +185,8 @@ def find_resume_checkpoint(output_dir: str, stores: Sequence[str] | None = None,
     mirrors of :class:`GuardianCallback`): its files must verify (sizes, zip CRCs, the manifest's
     checksums: a damaged copy is never chosen) and its model and optimizer must load weights-only
     on every rank. A copy found only in a mirror, or intact only there, is first restored into
-    ``output_dir`` (verified in full; a damaged local copy is kept aside as ``.quarantine-...``).
+    ``output_dir`` by rank 0 before the vote (verified in full; a damaged local copy is kept aside as
+    ``.quarantine-...``): the output dir must be shared by the ranks, as the Trainer's resume needs.
     None only when nothing loads; the decision record is then logged at WARNING.
 
     ``guardian_options``: ``run`` (the mirrors' run name, as the callback's), ``storage_options``,
@@ -201,7 +202,7 @@ def find_resume_checkpoint(output_dir: str, stores: Sequence[str] | None = None,
     rank, world = _rank_world()
 
     def load(c: Candidate, store: Store) -> Loaded:
-        return hf_loading.check_loads(
+        loaded = hf_loading.check_loads(
             c,
             store,
             rank=rank,
@@ -209,6 +210,12 @@ def find_resume_checkpoint(output_dir: str, stores: Sequence[str] | None = None,
             extra_safe_globals=opts.get("extra_safe_globals", ()),
             need_optimizer=need_optimizer,
         )
+        if c.store_index != 0 and rank == 0:
+            # A mirror's copy: rank 0 restores it into the output dir before its vote (verified in full; a
+            # damaged local copy is set aside), so a failed restore is a failed attempt on every rank.
+            local = hf_dirs.restore(store, c.rel, output_dir)
+            log.warning("checkpoint_restored %s from the mirror copy %s", local, c.path)
+        return loaded
 
     result = dist_guardian.resume(load, stores=urls, run=run, **opts)
     if not result.resumed:
@@ -218,26 +225,4 @@ def find_resume_checkpoint(output_dir: str, stores: Sequence[str] | None = None,
     assert result.path is not None
     if result.store == urls[0]:
         return result.path
-    return _restored(result.path, result.store, urls, output_dir, opts)
-
-
-def _restored(path: str, store_url: str | None, urls: list[str], output_dir: str, opts: dict[str, Any]) -> str:
-    """Collective: call on every rank. Rank 0 fetches the mirror's copy into ``output_dir`` (verified in
-    full); after a barrier every rank checks the restored copy itself (the output dir is shared)."""
-    rank = _rank_world()[0]
-    local = os.path.join(os.path.abspath(output_dir), path.rstrip("/").rsplit("/", 1)[-1])
-    error = None
-    if rank == 0:
-        try:
-            index = urls.index(store_url) if store_url in urls else 0
-            local = hf_dirs.restore(urls[index], index, path, output_dir, opts.get("storage_options"))
-            log.warning("checkpoint_restored %s from the mirror copy %s", local, path)
-        except (OSError, ValueError) as e:
-            error = f"{type(e).__name__}: {e}"
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    if error is None and not hf_dirs.good_dir(local):
-        error = f"{local} is not a complete checkpoint after rank 0 restored it (is {output_dir} shared?)"
-    if error is not None:
-        raise ResumeFailed(f"the newest loadable checkpoint is {path}, but restoring it locally failed: {error}")
-    return local
+    return os.path.join(os.path.abspath(output_dir), result.path.rstrip("/").rsplit("/", 1)[-1])

@@ -192,3 +192,16 @@ def test_pytorch_model_bin_is_the_model_when_there_is_no_safetensors(out):
     r, state = _resume(out)
     assert (r.resumed, r.step) == (True, 6)
     assert hf_helpers.same_tensors({k: v for k, v in state["model"].state_dict().items() if k in ref}, ref)
+
+
+def test_a_symlink_inside_a_checkpoint_dir_is_never_followed(out, tmp_path):
+    ck = os.path.join(out, "checkpoint-6")
+    outside = tmp_path / "outside.pt"
+    shutil.move(os.path.join(ck, "optimizer.pt"), outside)
+    os.symlink(outside, os.path.join(ck, "optimizer.pt"))
+    os.symlink(os.path.join(out, "checkpoint-4"), os.path.join(out, "checkpoint-8"))
+    r, _ = _resume(out)
+    assert r.step == 4
+    rejected = dict(r.rejected)
+    assert rejected[ck].startswith("not_regular: optimizer.pt")
+    assert rejected[os.path.join(out, "checkpoint-8")].startswith("insecure:")

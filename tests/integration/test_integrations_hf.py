@@ -13,7 +13,7 @@ import hf_helpers
 import pytest
 from dg_harness import run_ranks
 
-from dist_guardian import Guardian, cli, hf_dirs
+from dist_guardian import ConfigError, Guardian, cli, hf_dirs
 from dist_guardian.integrations.hf import GuardianCallback, find_resume_checkpoint
 
 pytestmark = pytest.mark.timeout(180)
@@ -192,3 +192,12 @@ def test_retention_never_counts_a_checkpoint_without_a_good_manifest(run):
         os.path.join(out, "checkpoint-2")
     ]  # 8 and 4 are the newest good; 6 is newer than 4 and stays
     assert sorted(os.listdir(out)) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+
+
+def test_guardian_callback_options_are_checked_when_built():
+    with pytest.raises(ConfigError, match=r"^GuardianCallback\(\) got unknown keyword\(s\) \['keep'\]; use: "):
+        GuardianCallback(keep=3)
+    with pytest.raises(ConfigError, match=r"^keep_last=0 must be None \(save_total_limit decides\) or a positive"):
+        GuardianCallback(keep_last=0)
+    with pytest.raises(ConfigError, match=r"^run='\.\./x' is not a plain name"):
+        GuardianCallback(run="../x")

@@ -150,3 +150,13 @@ def test_resume_builds_the_same_config_and_names_unknown_keywords(tmp_path):
 def test_guardian_does_not_take_the_resume_function_knobs(tmp_path):
     with pytest.raises(ConfigError, match=r"^Guardian\(\) got unknown keyword\(s\) 'layout'; use: "):
         Guardian(stores=[str(tmp_path / "ck")], run="r", layout={})
+
+
+def test_partial_ok_must_be_a_bool(tmp_path):
+    _raises(
+        tmp_path,
+        "partial_ok='yes' must be True (a foreign checkpoint may restore part of state, with a warning) or False",
+        partial_ok="yes",
+    )
+    assert _build(tmp_path, partial_ok=True).resume.partial_ok is True
+    assert _build(tmp_path).resume.partial_ok is False
