@@ -181,13 +181,8 @@ def _verify(args: argparse.Namespace, opts: Any) -> int:
         print(f"{args.path}: tier {tier}" + ("" if reasons else " (every checksum matches)"))
         if layout:
             print(
-                f"  written by {layout['world_size']} ranks"
-                + (
-                    f"; sharded: {layout['sharded_tensors']} tensors in {layout['chunks']} chunks "
-                    f"over {layout['shard_files']} shard files"
-                    if layout["chunks"]
-                    else ""
-                )
+                f"  written by {layout['world_size']} ranks; sharded: {layout['sharded_tensors']} tensors in "
+                f"{layout['chunks']} chunks over {layout['shard_files']} shard files"
             )
         for r in reasons:
             print(f"  {r}")
@@ -203,13 +198,15 @@ def _shape(c: Any) -> str:
 
 
 def _written_layout(store: Any, rel: str) -> dict[str, Any]:
-    """World size and chunk counts from a checkpoint's manifest ({} when it has none that parses)."""
+    """World size and chunk counts of a sharded checkpoint ({} for another, or one without a manifest that parses)."""
     from . import manifest, stores
     from .errors import DistGuardianError
 
     try:
         mf = manifest.parse(stores.read_small(store, f"{rel}/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES))
     except (OSError, DistGuardianError):
+        return {}
+    if not mf.sharded:  # the world size matters to a reader only when tensors are resharded
         return {}
     return {
         "world_size": mf.world_size,
