@@ -88,13 +88,15 @@ def save_run(
     mesh_shape: tuple[int, ...] | None = None,
     blocking: bool = True,
     replicate: bool = False,
+    mirrors: tuple[str, ...] = (),
+    storage_options: dict | None = None,
 ) -> dict[str, Any]:
     """Train ``total`` steps, saving after each step in ``saves``; the full state at each save and at the end."""
     from dist_guardian import Guardian
 
     model, optim = build(world, mesh_shape, replicate=replicate)
     state = {"model": model, "optim": optim, "data": {"position": 0}}
-    g = Guardian(stores=[root], run=run, timeout=30, per_rank=("data",))
+    g = Guardian(stores=[root, *mirrors], run=run, timeout=30, per_rank=("data",), storage_options=storage_options)
     at: dict[int, Any] = {}
     results: list[Any] = []
     for s in range(total):
@@ -104,8 +106,9 @@ def save_run(
             results.append(g.save(state, step=s, blocking=blocking))
             at[s] = gathered(model, optim)
     g.wait()
-    g.close()
+    unmirrored = g.close()
     return {
+        "unmirrored": unmirrored,
         "at": at,
         "final": gathered(model, optim),
         "committed": [(r.result() if hasattr(r, "result") else r).committed for r in results],
@@ -123,13 +126,17 @@ def resume_run(
     mesh_shape: tuple[int, ...] | None = None,
     replicate: bool = False,
     data: bool = True,
+    storage_options: dict | None = None,
 ) -> dict[str, Any]:
-    """A freshly built model and an optimizer that never stepped, resumed; then trained up to ``total``."""
+    """A freshly built model and an optimizer that never stepped, resumed from ``root`` (a store URL); then
+    trained up to ``total``."""
     from dist_guardian import Guardian
 
     model, optim = build(world, mesh_shape, seed=99, replicate=replicate)
     state: dict[str, Any] = {"model": model, "optim": optim} | ({"data": {"position": -1}} if data else {})
-    g = Guardian(stores=[root], run=run, timeout=30, per_rank=("data",) if data else ())
+    g = Guardian(
+        stores=[root], run=run, timeout=30, per_rank=("data",) if data else (), storage_options=storage_options
+    )
     r = g.resume(state)
     g.close()
     out: dict[str, Any] = {
