@@ -179,13 +179,8 @@ def _verify(args: argparse.Namespace, opts: Any) -> int:
         print(f"{args.path}: tier {tier}" + ("" if reasons else " (every checksum matches)"))
         if layout:
             print(
-                f"  written by {layout['world_size']} ranks"
-                + (
-                    f"; sharded: {layout['sharded_tensors']} tensors in {layout['chunks']} chunks "
-                    f"over {layout['shard_files']} shard files"
-                    if layout["chunks"]
-                    else ""
-                )
+                f"  written by {layout['world_size']} ranks; sharded: {layout['sharded_tensors']} tensors "
+                f"in {layout['chunks']} chunks over {layout['shard_files']} shard files"
             )
         for r in reasons:
             print(f"  {r}")
@@ -193,21 +188,23 @@ def _verify(args: argparse.Namespace, opts: Any) -> int:
 
 
 def _shape(c: Any) -> str:
-    """`` ws=N`` (the world size that wrote it) and `` shards=K`` for a sharded checkpoint."""
+    """For a sharded checkpoint, `` ws=N shards=K``: the world size that wrote it and its shard files."""
     from .layout import SHARD_FILE_RE
 
     shards = sum(1 for f in c.files if SHARD_FILE_RE.match(f.name))
-    return (f"  ws={c.world_size}" if c.world_size else "") + (f" shards={shards}" if shards else "")
+    return f"  ws={c.world_size} shards={shards}" if shards else ""
 
 
 def _written_layout(store: Any, rel: str) -> dict[str, Any]:
-    """World size and chunk counts from a checkpoint's manifest ({} when it has none that parses)."""
+    """World size and chunk counts of a sharded checkpoint ({} for any other, or a manifest that does not parse)."""
     from . import manifest, stores
     from .errors import DistGuardianError
 
     try:
         mf = manifest.parse(stores.read_small(store, f"{rel}/{manifest.MANIFEST_NAME}", manifest.MAX_MANIFEST_BYTES))
     except (OSError, DistGuardianError):
+        return {}
+    if not mf.sharded:
         return {}
     return {
         "world_size": mf.world_size,
