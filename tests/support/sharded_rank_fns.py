@@ -100,13 +100,21 @@ def save_run(
     plain: bool = False,
     mirrors: tuple[str, ...] = (),
     storage_options: dict | None = None,
+    keep_last: int | None = None,
 ) -> dict[str, Any]:
     """Train ``total`` steps, saving after each step in ``saves``; the full state at each save and at the end."""
     from dist_guardian import Guardian
 
     model, optim = build(world, mesh_shape, replicate=replicate, plain=plain)
     state = {"model": model, "optim": optim, "data": {"position": 0}}
-    g = Guardian(stores=[root, *mirrors], run=run, timeout=30, per_rank=("data",), storage_options=storage_options)
+    g = Guardian(
+        stores=[root, *mirrors],
+        run=run,
+        timeout=30,
+        per_rank=("data",),
+        storage_options=storage_options,
+        keep_last=keep_last,
+    )
     at: dict[int, Any] = {}
     results: list[Any] = []
     for s in range(total):
