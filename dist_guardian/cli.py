@@ -190,11 +190,11 @@ def _verify(args: argparse.Namespace, opts: Any) -> int:
 
 
 def _shape(c: Any) -> str:
-    """`` ws=N`` (the world size that wrote it) and `` shards=K`` for a sharded checkpoint."""
+    """For a sharded checkpoint, `` ws=N shards=K``: the world size that wrote it and its shard files."""
     from .layout import SHARD_FILE_RE
 
     shards = sum(1 for f in c.files if SHARD_FILE_RE.match(f.name))
-    return (f"  ws={c.world_size}" if c.world_size else "") + (f" shards={shards}" if shards else "")
+    return f"  ws={c.world_size} shards={shards}" if shards else ""
 
 
 def _written_layout(store: Any, rel: str) -> dict[str, Any]:

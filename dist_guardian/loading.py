@@ -361,6 +361,10 @@ def _assemble(
 ) -> sharded_io.Assembled | None:
     """A sharded checkpoint's tensors in the live layout (None for a checkpoint without sharded tensors)."""
     if mf is None or not mf.sharded:
+        if state and sharding.sharded_modules(state):  # refused before the vote, never half-applied
+            raise CheckpointFormatError(
+                f"{c.path}: saved without DTensors; a sharded (FSDP2/TP) model resumes from sharded checkpoints only"
+            )
         return None
     return sharded_io.assemble(mf, c.rel, store, sharding.Targets(state or {}), concurrency=concurrency)
 
@@ -481,5 +485,5 @@ def _load_native(
         stats=ChainMap(*tables),  # type: ignore[arg-type]  # read-only use
         names=names,
         tree_damaged=tree_damaged,
-        fqn=sharding.fqn_keys(state or {}) if assembled is not None else {},
+        fqn=sharding.apply_keys(state or {}, tree) if assembled is not None else {},
     )

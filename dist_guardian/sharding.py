@@ -57,6 +57,28 @@ def fqn_keys(state: dict[str, Any]) -> dict[str, str | None]:
     return {**dict.fromkeys(mods), **optimizer_pairs(state, mods)}
 
 
+def apply_keys(state: dict[str, Any], tree: dict[str, Any]) -> dict[str, str | None]:
+    """The keys of a staged sharded checkpoint to apply in FQN form: a sharded live module and its optimizer,
+    and any optimizer saved in FQN form (its parameter names are strings) with the module that owns it.
+
+    So an FSDP2 job's checkpoint also loads into a plain model, e.g. one process for evaluation.
+    """
+    modules = {k: v for k, v in state.items() if isinstance(v, torch.nn.Module)}
+    out: dict[str, str | None] = dict.fromkeys(sharded_modules(state))
+    for ok, mk in optimizer_pairs(state, modules).items():
+        if mk in out or _fqn_form(tree.get(ok)):
+            out[ok] = mk
+            out.setdefault(mk, None)
+    return out
+
+
+def _fqn_form(saved: Any) -> bool:
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    return isinstance(groups, list) and any(
+        isinstance(g, dict) and any(isinstance(p, str) for p in g.get("params", ())) for g in groups
+    )
+
+
 def capture(state: dict[str, Any]) -> dict[str, Any]:
     """The plain tree of ``state`` (as ``statetree.capture``), sharded modules and their optimizers in FQN form."""
     keys = fqn_keys(state)

@@ -88,3 +88,18 @@ def test_fsdp2_async_save_is_a_snapshot_and_resumes_bit_identical(tmp_path):
         assert got["step"] == 3
         _equal(got["loaded"], saved.results[r]["at"][3])
         _equal(got["final"], saved.results[r]["final"])
+
+
+def test_fsdp2_retention_keeps_the_newest_sharded_checkpoints(tmp_path):
+    root = str(tmp_path / "ck")
+    saved = run_ranks(srf.save_run, 2, timeout=90, root=root, run="r", saves=[0, 1, 2, 3], total=4, keep_last=2)
+    assert saved.ok(), saved.errors
+    assert saved.results[0]["committed"] == [True] * 4
+    assert sorted(d for d in os.listdir(os.path.join(root, "r")) if d.startswith("step-")) == [
+        "step-000000000002",
+        "step-000000000003",
+    ]
+    out = run_ranks(srf.resume_run, 2, timeout=90, root=root, run="r")
+    assert out.ok(), out.errors
+    assert [out.results[r]["step"] for r in range(2)] == [3, 3]
+    _equal(out.results[1]["loaded"], saved.results[1]["at"][3])

@@ -84,3 +84,21 @@ def test_sharded_replicated_written_once_and_by_several_ranks(tmp_path):
     assert len(replicated) == 1 + 3 * 2 and all(len(t["chunks"]) == 1 for t in replicated)
     writers = {c["file"] for t in replicated for c in t["chunks"]}
     assert len(writers) == 2  # replicated state is spread over both ranks, none writes it all
+
+
+def test_sharded_checkpoint_loads_into_a_plain_model_and_the_reverse_is_refused_before_the_vote(tmp_path):
+    """An FSDP2 job's checkpoint resumes one plain (unsharded) process, e.g. for evaluation; a plain
+    checkpoint is refused by a sharded model on every rank before anything is applied (fresh start)."""
+    root = str(tmp_path / "a")
+    want = _save(root, 2)
+    got = _resume(root, 1, plain=True)
+    _equal(got[0]["loaded"], want)
+    plain_root = str(tmp_path / "b")
+    _save(plain_root, 2, plain=True)
+    out = run_ranks(srf.resume_run, 2, timeout=120, root=plain_root, run="r")
+    assert out.ok(), out.errors
+    for r in range(2):
+        assert not out.results[r]["resumed"]
+        (step, outcome, reasons), *_ = out.results[r]["attempts"]
+        assert (step, outcome) == (1, "failed") and len(reasons) == 2
+        assert all("saved without DTensors" in w for w in reasons)

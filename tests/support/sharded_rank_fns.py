@@ -16,8 +16,15 @@ import torch
 DIMS = (12, 20, 9, 4)  # odd sizes: uneven shards, and an empty shard at 4 ranks
 
 
-def build(world: int, mesh_shape: tuple[int, ...] | None = None, *, seed: int = 0, replicate: bool = False) -> Any:
-    """The model (FSDP2 over the mesh; with two mesh dims TP on the second) and AdamW."""
+def build(
+    world: int,
+    mesh_shape: tuple[int, ...] | None = None,
+    *,
+    seed: int = 0,
+    replicate: bool = False,
+    plain: bool = False,
+) -> Any:
+    """The model (FSDP2 over the mesh; with two mesh dims TP on the second; ``plain``: not sharded) and AdamW."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -26,6 +33,8 @@ def build(world: int, mesh_shape: tuple[int, ...] | None = None, *, seed: int = 
     for a, b in zip(DIMS, DIMS[1:], strict=False):
         layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
     model = torch.nn.Sequential(*layers[:-1])
+    if plain:
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     shape = mesh_shape or (world,)
     if len(shape) == 2:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -88,13 +97,24 @@ def save_run(
     mesh_shape: tuple[int, ...] | None = None,
     blocking: bool = True,
     replicate: bool = False,
+    plain: bool = False,
+    mirrors: tuple[str, ...] = (),
+    storage_options: dict | None = None,
+    keep_last: int | None = None,
 ) -> dict[str, Any]:
     """Train ``total`` steps, saving after each step in ``saves``; the full state at each save and at the end."""
     from dist_guardian import Guardian
 
-    model, optim = build(world, mesh_shape, replicate=replicate)
+    model, optim = build(world, mesh_shape, replicate=replicate, plain=plain)
     state = {"model": model, "optim": optim, "data": {"position": 0}}
-    g = Guardian(stores=[root], run=run, timeout=30, per_rank=("data",))
+    g = Guardian(
+        stores=[root, *mirrors],
+        run=run,
+        timeout=30,
+        per_rank=("data",),
+        storage_options=storage_options,
+        keep_last=keep_last,
+    )
     at: dict[int, Any] = {}
     results: list[Any] = []
     for s in range(total):
@@ -104,8 +124,9 @@ def save_run(
             results.append(g.save(state, step=s, blocking=blocking))
             at[s] = gathered(model, optim)
     g.wait()
-    g.close()
+    unmirrored = g.close()
     return {
+        "unmirrored": unmirrored,
         "at": at,
         "final": gathered(model, optim),
         "committed": [(r.result() if hasattr(r, "result") else r).committed for r in results],
@@ -123,13 +144,18 @@ def resume_run(
     mesh_shape: tuple[int, ...] | None = None,
     replicate: bool = False,
     data: bool = True,
+    storage_options: dict | None = None,
+    plain: bool = False,
 ) -> dict[str, Any]:
-    """A freshly built model and an optimizer that never stepped, resumed; then trained up to ``total``."""
+    """A freshly built model and an optimizer that never stepped, resumed from ``root`` (a store URL); then
+    trained up to ``total``."""
     from dist_guardian import Guardian
 
-    model, optim = build(world, mesh_shape, seed=99, replicate=replicate)
+    model, optim = build(world, mesh_shape, seed=99, replicate=replicate, plain=plain)
     state: dict[str, Any] = {"model": model, "optim": optim} | ({"data": {"position": -1}} if data else {})
-    g = Guardian(stores=[root], run=run, timeout=30, per_rank=("data",) if data else ())
+    g = Guardian(
+        stores=[root], run=run, timeout=30, per_rank=("data",) if data else (), storage_options=storage_options
+    )
     r = g.resume(state)
     g.close()
     out: dict[str, Any] = {
