@@ -35,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Guardian",
     "resume",
+    "read_torch_object",
     "ResumeResult",
     "SaveResult",
     "Attempt",
@@ -61,6 +62,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .commit import SaveResult
     from .coordinator import resume
+    from .foreign_files import read_torch_object
     from .guardian import Guardian
 
 
@@ -73,6 +75,10 @@ def __getattr__(name: str) -> Any:
         from .coordinator import resume
 
         return resume
+    if name == "read_torch_object":  # a foreign torch.save file, read as a resume reads it (for load_fn)
+        from .foreign_files import read_torch_object
+
+        return read_torch_object
     if name == "SaveResult":
         from .commit import SaveResult
 

@@ -73,6 +73,20 @@ def load_torch_file(
     return Staged(tree=tree, rng=None, step=step, suspect=suspect, warnings=warnings, damaged=damaged)
 
 
+def read_torch_object(c: Candidate, store: Store, *, extra_safe_globals: Iterable[Any] = ()) -> Any:
+    """A foreign ``torch.save`` file's object, for a lower-layer ``load_fn`` (the framework adapters use it).
+
+    The same path as a resume: its pickle's globals judged against the allowlist and every zip
+    CRC checked before ``torch.load(weights_only=True)``. A CRC mismatch raises: no sanity gate
+    judges the damaged tensors on this path.
+    """
+    names, safe = split_safe_globals(extra_safe_globals)
+    obj, rep = _read_torch(store, c.rel, c.path, names, safe)
+    if rep.crc == "mismatch":
+        raise CheckpointFormatError("checksum_mismatch: " + "; ".join(rep.problems))
+    return obj
+
+
 def _read_torch(store: Store, rel: str, path: str, extra_names: list[str], safe: list[Any]) -> tuple[Any, Any]:
     """A torch.save file's object and sniff report: every CRC checked, globals judged, then weights-only."""
     data = stores.read_whole(store, rel)

@@ -5,7 +5,8 @@ and nowhere else in the package):
 
 - :func:`find_resume_checkpoint` for ``trainer.fit(model, ckpt_path=find_resume_checkpoint(dirpath, stores=[...]))``:
   collective; the newest ``.ckpt`` in ``dirpath`` or a mirror whose bytes match their recorded
-  checksum and that loads (``torch.load(weights_only=True)``) on every rank. A damaged or missing
+  checksum and that loads (``dist_guardian.read_torch_object``: allowlisted globals, zip CRCs,
+  ``weights_only=True``) on every rank. A damaged or missing
   local copy is first restored from the mirror copy that loaded, so Lightning reads a good file.
 - :class:`GuardianCheckpointIO`, a Lightning ``CheckpointIO`` plugin: each save is written to a
   temporary name, fsynced and renamed (atomic), with its xxh3-128 checksum beside it in
@@ -59,7 +60,7 @@ def find_resume_checkpoint(
             raise CheckpointFormatError(f"not_lightning: {c.path} is not a .ckpt file")
         data = _read(store, c.rel)
         _check_sum(store, c.rel, data, c.path)
-        obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        obj = dist_guardian.read_torch_object(c, store)  # our sniffing, every zip CRC, then weights-only
         if not isinstance(obj, dict) or "state_dict" not in obj:
             raise CheckpointFormatError(f"not_lightning: {c.path} holds no Lightning checkpoint (no state_dict)")
         return data
