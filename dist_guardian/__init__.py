@@ -62,7 +62,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .commit import SaveResult
     from .coordinator import resume
-    from .foreign_files import read_torch_object
+    from .foreign_loading import read_torch_object
     from .guardian import Guardian
 
 
@@ -76,7 +76,7 @@ def __getattr__(name: str) -> Any:
 
         return resume
     if name == "read_torch_object":  # a foreign torch.save file, read as a resume reads it (for load_fn)
-        from .foreign_files import read_torch_object
+        from .foreign_loading import read_torch_object
 
         return read_torch_object
     if name == "SaveResult":

@@ -53,7 +53,7 @@ LAYERS = [
     "foreign_sanity",
     "staging",
     "dcp_state",
-    "foreign_files",
+    "foreign_dcp",
     "foreign_loading",
     "loading",
     "attempts",
