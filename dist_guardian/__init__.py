@@ -29,6 +29,9 @@ from .errors import (
 )
 from .policy import order
 from .stores import Store
+from .stores import read_whole as read_bytes  # for adapters: one file whole, opened safely (no symlink, no FIFO)
+from .stores import resolve as resolve_store  # for adapters: a store URL -> Store
+from .stores import write_small as write_bytes  # for adapters: an atomic local replace, one PUT remotely
 
 __version__ = "0.1.0"
 
@@ -36,6 +39,9 @@ __all__ = [
     "Guardian",
     "resume",
     "read_torch_object",
+    "read_bytes",
+    "write_bytes",
+    "resolve_store",
     "ResumeResult",
     "SaveResult",
     "Attempt",
