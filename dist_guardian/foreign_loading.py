@@ -117,23 +117,28 @@ def match_foreign(
     return tree, warnings
 
 
-def read_torch_object(c: Candidate, store: Store, *, extra_safe_globals: Iterable[Any] = ()) -> Any:
+def read_torch_object(
+    c: Candidate, store: Store, *, extra_safe_globals: Iterable[Any] = (), data: bytes | None = None
+) -> Any:
     """A foreign ``torch.save`` file's object, for a lower-layer ``load_fn`` (the framework adapters use it).
 
     The same path as a resume: its pickle's globals judged against the allowlist and every zip
     CRC checked before ``torch.load(weights_only=True)``. A CRC mismatch raises: no sanity gate
-    judges the damaged tensors on this path.
+    judges the damaged tensors on this path. ``data``: the file's bytes when the caller read them already.
     """
     names, safe = _split_safe_globals(extra_safe_globals)
-    obj, rep = _read_torch(store, c.rel, c.path, names, safe)
+    obj, rep = _read_torch(store, c.rel, c.path, names, safe, data)
     if rep.crc == "mismatch":
         raise CheckpointFormatError("checksum_mismatch: " + "; ".join(rep.problems))
     return obj
 
 
-def _read_torch(store: Store, rel: str, path: str, extra_names: list[str], safe: list[Any]) -> tuple[Any, Any]:
+def _read_torch(
+    store: Store, rel: str, path: str, extra_names: list[str], safe: list[Any], data: bytes | None = None
+) -> tuple[Any, Any]:
     """A torch.save file's object and sniff report: every CRC checked, globals judged, then weights-only."""
-    data = stores.read_whole(store, rel)
+    if data is None:
+        data = stores.read_whole(store, rel)
     if not data:
         raise CheckpointFormatError(f"{path}: empty file")
     # Every CRC: the whole file is in memory anyway; planning checked only up to its budget.

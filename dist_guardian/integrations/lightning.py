@@ -58,7 +58,7 @@ def find_resume_checkpoint(
             raise CheckpointFormatError(f"not_lightning: {c.path} is not a .ckpt file")
         data = dist_guardian.read_bytes(store, c.rel)
         _check_sum(store, c.rel, data, c.path)
-        obj = dist_guardian.read_torch_object(c, store)  # our sniffing, every zip CRC, then weights-only
+        obj = dist_guardian.read_torch_object(c, store, data=data)  # our sniffing, every zip CRC, then weights-only
         if not isinstance(obj, dict) or "state_dict" not in obj:
             raise CheckpointFormatError(f"not_lightning: {c.path} holds no Lightning checkpoint (no state_dict)")
         return data
