@@ -106,3 +106,16 @@ def test_two_ranks_agree_and_the_local_copy_is_restored_once_for_all(tmp_path):
     out = run_ranks(foreign_rank_fns.lightning_find, 2, timeout=150, dirpath=d, mirror=mirror)
     assert out.ok(), out.errors
     assert [out.results[r] for r in range(2)] == [{"path": newest, "size": size}] * 2
+
+
+@pytest.mark.timeout(120)
+def test_an_s3_mirror_restores_the_truncated_newest(tmp_path, s3):
+    so = s3.storage_options()
+    d = str(tmp_path / "ck")
+    io_ = dgl.GuardianCheckpointIO(stores=[s3.url], storage_options=so)
+    lh.fit(d, 20, plugins=[io_], save_last=False)
+    newest = os.path.join(d, "epoch=1-step=20.ckpt")
+    good = open(newest, "rb").read()
+    os.truncate(newest, 100)
+    path = dgl.find_resume_checkpoint(d, stores=[s3.url], storage_options=so)
+    assert path == newest and open(newest, "rb").read() == good
