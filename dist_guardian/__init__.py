@@ -29,12 +29,19 @@ from .errors import (
 )
 from .policy import order
 from .stores import Store
+from .stores import read_whole as read_bytes  # for adapters: one file whole, opened safely (no symlink, no FIFO)
+from .stores import resolve as resolve_store  # for adapters: a store URL -> Store
+from .stores import write_small as write_bytes  # for adapters: an atomic local replace, one PUT remotely
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Guardian",
     "resume",
+    "read_torch_object",
+    "read_bytes",
+    "write_bytes",
+    "resolve_store",
     "ResumeResult",
     "SaveResult",
     "Attempt",
@@ -61,6 +68,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .commit import SaveResult
     from .coordinator import resume
+    from .foreign_loading import read_torch_object
     from .guardian import Guardian
 
 
@@ -73,6 +81,10 @@ def __getattr__(name: str) -> Any:
         from .coordinator import resume
 
         return resume
+    if name == "read_torch_object":  # a foreign torch.save file, read as a resume reads it (for load_fn)
+        from .foreign_loading import read_torch_object
+
+        return read_torch_object
     if name == "SaveResult":
         from .commit import SaveResult
 

@@ -1,42 +1,47 @@
-"""Stage PyTorch DCP directories on this rank; the loaders of foreign files are re-exported from ``foreign_files``.
+"""Stage foreign checkpoints on this rank: bare ``torch.save`` files, Lightning ``.ckpt``, safetensors, DCP.
 
-Belongs here: reading a DCP directory without running its code (an allowlisting unpickler for
-``.metadata``, a planner that loads every non-tensor item ``weights_only=True``), the checks its
-files allow (byte ranges, chunk sizes), and running ``dcp.load`` into the target ``dcp_state``
-maps. Native files are ``loading``'s; what a staged load must pass is ``staging``'s.
+Belongs here: reading a foreign file without running its code (``weights_only=True`` after our
+sniffing), mapping its keys onto the live state (same name, common aliases, Lightning's layout, or
+the user's ``foreign_loader``), and naming the tensors whose bytes fail their zip CRC, with a bound
+for each from the nearest intact sibling file when the live state has none. PyTorch DCP
+directories are ``foreign_dcp``'s (re-exported here); native files are ``loading``'s; what a
+staged load must pass is ``staging``'s and ``foreign_sanity``'s.
 """
 
 from __future__ import annotations
 
-import enum
 import io
 import logging
-import os
-import pickle
+import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from . import dcp_state, foreign_sanity, formats, stores
+from . import dcp_state, foreign_sanity, formats, statetree, stores
 from .candidate import Candidate
 from .errors import CheckpointFormatError
-from .foreign_files import ALIASES, load_safetensors, load_torch_file, match_foreign
-from .foreign_files import split_safe_globals as _split_safe_globals
-from .layout import DCP_METADATA  # noqa: F401 (re-exported)
+from .foreign_dcp import (  # noqa: F401 (re-exported: callers and tests say foreign_loading.X)
+    DCP_METADATA,
+    _safe_dcp_planner,
+    _safe_dcp_reader,
+    check_dcp_files,
+    full_check_dcp,
+    load_dcp,
+    read_dcp_metadata,
+)
+from .foreign_dcp import split_safe_globals as _split_safe_globals
+from .layout import safetensors_set
 from .staging import Staged
 from .stores import Store
 
 log = logging.getLogger(__name__)
 
-# The file loaders live in foreign_files; re-exported so callers keep saying foreign_loading.X.
-__all__ = ["ALIASES", "load_dcp", "load_safetensors", "load_torch_file", "match_foreign", "read_dcp_metadata"]
+ALIASES = dcp_state.ALIASES
+_role = dcp_state.role
 
 
-# ----------------------------------------------------------------------------- DCP directories
-
-
-def load_dcp(
+def load_torch_file(
     c: Candidate,
     store: Store,
     state: dict[str, Any],
@@ -45,259 +50,258 @@ def load_dcp(
     foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
     required: Iterable[str] = (),
 ) -> Staged:
-    """Stage a PyTorch DCP directory through ``torch.distributed.checkpoint`` (which reshards).
+    """Stage a bare ``torch.save`` file: checks, then ``weights_only=True`` only, then key matching.
 
-    Keys are mapped with ``set_state_dict`` semantics (``dcp_state``): a fresh optimizer gets every
-    saved tensor, either saved layout loads, and extra scheduler or param-group keys fail nothing.
-    With ``foreign_loader`` the whole saved tree is loaded and handed to it, as for a torch.save file.
-    torch's ``FileSystemReader`` unpickles ``.metadata`` with plain ``pickle.load``, and its
-    ``DefaultLoadPlanner`` every non-tensor item with an unrestricted ``torch.load``: a planted
-    DCP directory would run code. Here ``.metadata`` goes through :class:`_DCPMetadataUnpickler`
-    (:data:`formats.DCP_SAFE_GLOBALS`; every file it names must lie in the directory) and each
-    non-tensor item through ``torch.load(weights_only=True)``, both with ``extra_safe_globals``.
-    The format has no checksums: the files are checked against the metadata's byte ranges, and
-    every floating tensor staged must pass ``foreign_sanity`` (finite, bounded by the live state).
+    A file whose zip CRCs fail is a suspect: its damaged tensors are named (``Staged.damaged``) and
+    judged before any vote, against the live state, or against the nearest intact sibling file
+    where the live state has no value to bound them (:func:`_judge_by_neighbour`).
     """
-    import torch.distributed.checkpoint as dcp
-
-    if not store.is_local:
-        raise CheckpointFormatError(f"{c.path}: DCP directories are loaded from local stores only")
-    names, objs = _split_safe_globals(extra_safe_globals)
-    stores.check_dirs_no_symlink(store.root, f"{c.rel}/{DCP_METADATA}")
-    md = read_dcp_metadata(os.path.join(store.join(c.rel), DCP_METADATA), names)  # a clear error first
-    check_dcp_files(store.join(c.rel), md, c.path)
-    mapping = dcp_state.map_whole(md) if foreign_loader is not None else dcp_state.map_state(md, state)
-    planner = _safe_dcp_planner(c.path, names, objs, flatten=False)
-    try:
-        # Every byte DCP unpickles here is allowlisted: .metadata by the reader (already parsed above),
-        # non-tensor items by the planner (sniffed, then weights-only); tensor items are raw bytes.
-        dcp.load(mapping.target, storage_reader=_safe_dcp_reader(store.join(c.rel), names, md), planner=planner)
-    except BaseException as e:  # DCP's CheckpointException derives from BaseException
-        if not isinstance(e, Exception) and type(e).__name__ != "CheckpointException":
-            raise
-        if planner.refused is not None:  # DCP wraps it with a traceback: the refusal itself is the reason
-            raise planner.refused from None
-        raise CheckpointFormatError(f"dcp_load_failed: {c.path}: {_first_failure(e)}") from None
-    tree = mapping.tree()
-    warnings: list[str] = []
-    if foreign_loader is not None:
-        tree, warnings = match_foreign(tree[""], state, path=c.path, foreign_loader=foreign_loader)
-    else:
-        req = set(required)
-        lacking = [k for k in mapping.missing if k in req]
+    extra_names, safe = _split_safe_globals(extra_safe_globals)
+    obj, rep = _read_torch(store, c.rel, c.path, extra_names, safe)
+    suspect = [f"checksum_mismatch: {p}" for p in rep.problems] if rep.crc == "mismatch" else []
+    hit = _damaged_tensors(obj, rep.damaged, c.path) if rep.damaged else None
+    step = c.step
+    if step < 0 and isinstance(obj, dict):
+        step = next((obj[k] for k in formats.STEP_KEYS if isinstance(obj.get(k), int)), -1)
+    tree, warnings = _map(obj, state, c.path, foreign_loader, required)
+    damaged = None
+    if hit is not None:
+        # Named by their place in the staged tree (the file's names were mapped onto state's).
+        damaged = [p for p, t in foreign_sanity.tensors_with_paths(tree) if id(t) in hit]
+        suspect = [f"{r} damaged_tensors={(damaged or sorted(hit.values()))[:10]}" for r in suspect]
+        lacking = foreign_sanity.unbounded(tree, state, damaged)
         if lacking:
-            tops = sorted({str(p[0]) for p in dcp_state.paths_of(md).values()})[:10]
-            raise CheckpointFormatError(
-                f"dcp_keys_missing: {c.path} has nothing for {lacking} (top-level names {tops}); "
-                "pass foreign_loader= to map them"
-            )
-        warnings = [f"missing_optional_key: {c.path} has no {k!r}; it keeps its current value" for k in mapping.missing]
-        log.debug("DCP %s: tensors restored per key %s", c.path, mapping.restored)
-    return Staged(tree=tree, rng=None, step=c.step, warnings=warnings, damaged=[foreign_sanity.ALL])
+            opts = (extra_names, safe, foreign_loader, required)
+            warnings += _judge_by_neighbour(c, store, state, tree, lacking, step, opts)
+            damaged = [p for p in damaged if p not in lacking]
+    return Staged(tree=tree, rng=None, step=step, suspect=suspect, warnings=warnings, damaged=damaged)
 
 
-def _first_failure(e: BaseException) -> str:
-    """One line for a failed ``dcp.load``: the first rank's error, not DCP's wrapped traceback."""
-    failures = getattr(e, "failures", None)
-    inner = next(iter(failures.values()), e) if isinstance(failures, dict) and failures else e
-    if isinstance(inner, tuple):  # (exception, traceback) in some torch versions
-        inner = inner[0]
-    text = (str(inner).strip().splitlines() or [""])[0]
-    return f"{type(inner).__name__}: {text[:240]}"
+def match_foreign(
+    obj: Any,
+    state: dict[str, Any],
+    *,
+    path: str,
+    foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
+    required: Iterable[str] = (),
+) -> tuple[dict[str, Any], list[str]]:
+    """Map a foreign object's top-level keys onto ``state``: same name, then common aliases, or the user's function."""
+    if foreign_loader is not None:
+        mapped = foreign_loader(obj, state)
+        if not isinstance(mapped, dict):
+            raise CheckpointFormatError(f"{path}: foreign_loader returned {type(mapped).__name__}, not a dict")
+        return mapped, []
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError(f"{path}: holds a {type(obj).__name__}, not a dict of state")
+    modules = [k for k, v in state.items() if _role(v) == "module"]
+    if len(modules) == 1 and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        obj = {modules[0]: obj}  # a bare model state_dict
+    tree: dict[str, Any] = {}
+    warnings: list[str] = []
+    missing: list[str] = []
+    req = set(required)
+    for k, v in state.items():
+        names = (k, f"{k}_state_dict") + ALIASES.get(_role(v) or "", ())
+        hit = next((n for n in names if n in obj), None)
+        if hit is not None:
+            tree[k] = obj[hit]
+        elif k in req:
+            missing.append(k)
+        else:
+            warnings.append(f"missing_optional_key: {path} has no {k!r}; it keeps its current value")
+    if missing:
+        raise CheckpointFormatError(
+            f"{path}: keys do not match: missing {missing} (file has {sorted(map(str, obj))[:20]}); "
+            "pass foreign_loader= to map them"
+        )
+    return tree, warnings
 
 
-def check_dcp_files(root: str, md: Any, where: str) -> None:
-    """Every byte range the metadata names lies inside its file, and every tensor's chunks add up to its
-    size: a truncated or swapped shard fails here, named, before DCP reads a byte of it."""
-    sizes: dict[str, int] = {}
-    for idx, info in getattr(md, "storage_data", {}).items():
-        rp = info.relative_path
-        if rp not in sizes:
-            try:
-                sizes[rp] = os.lstat(os.path.join(root, rp)).st_size
-            except OSError as e:
-                raise CheckpointFormatError(f"missing: {where}/{rp}: {e.strerror}") from None
-        end = int(info.offset) + int(info.length)
-        if end > sizes[rp]:
-            raise CheckpointFormatError(
-                f"truncated: {where}/{rp} is {sizes[rp]} bytes, the metadata puts {getattr(idx, 'fqn', '?')!r} at "
-                f"{info.offset}..{end}"
-            )
-    for fqn, meta in getattr(md, "state_dict_metadata", {}).items():
-        size = getattr(meta, "size", None)
-        if size is None:
+def read_torch_object(
+    c: Candidate, store: Store, *, extra_safe_globals: Iterable[Any] = (), data: bytes | None = None
+) -> Any:
+    """A foreign ``torch.save`` file's object, for a lower-layer ``load_fn`` (the framework adapters use it).
+
+    The same path as a resume: its pickle's globals judged against the allowlist and every zip
+    CRC checked before ``torch.load(weights_only=True)``. A CRC mismatch raises: no sanity gate
+    judges the damaged tensors on this path. ``data``: the file's bytes when the caller read them already.
+    """
+    names, safe = _split_safe_globals(extra_safe_globals)
+    obj, rep = _read_torch(store, c.rel, c.path, names, safe, data)
+    if rep.crc == "mismatch":
+        raise CheckpointFormatError("checksum_mismatch: " + "; ".join(rep.problems))
+    return obj
+
+
+def _read_torch(
+    store: Store, rel: str, path: str, extra_names: list[str], safe: list[Any], data: bytes | None = None
+) -> tuple[Any, Any]:
+    """A torch.save file's object and sniff report: every CRC checked, globals judged, then weights-only."""
+    if data is None:
+        data = stores.read_whole(store, rel)
+    if not data:
+        raise CheckpointFormatError(f"{path}: empty file")
+    # Every CRC: the whole file is in memory anyway; planning checked only up to its budget.
+    rep = formats.sniff_torch_file(io.BytesIO(data), len(data), path, extra_names, planning=False)
+    if rep.unsafe_globals:
+        log.warning("security_event: %s needs unsafe_globals=%s; never loaded", path, list(rep.unsafe_globals))
+        raise CheckpointFormatError(f"{path}: unsafe_globals={list(rep.unsafe_globals)}; loading it would run code")
+    if not rep.ok:
+        raise CheckpointFormatError("; ".join(rep.problems))
+    try:
+        with torch.serialization.safe_globals(safe):
+            obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as e:
+        why = str(e).splitlines()[0][:300]
+        raise CheckpointFormatError(f"{path}: torch.load(weights_only=True) refused it: {why}") from e
+    return obj, rep
+
+
+def _map(
+    obj: Any, state: dict[str, Any], path: str, foreign_loader: Any, required: Iterable[str]
+) -> tuple[dict[str, Any], list[str]]:
+    if isinstance(obj, dict) and _is_lightning(obj):
+        obj = _lightning_view(obj, state)
+    return match_foreign(obj, state, path=path, foreign_loader=foreign_loader, required=required)
+
+
+# Sibling files sniffed at most when looking for an intact neighbour (each costs a full read).
+MAX_NEIGHBOURS = 4
+
+
+def _judge_by_neighbour(
+    c: Candidate,
+    store: Store,
+    state: dict[str, Any],
+    tree: dict[str, Any],
+    paths: list[str],
+    step: int,
+    opts: tuple[Any, ...],
+) -> list[str]:
+    """Judge damaged tensors the live state cannot bound against the same tensors in the nearest intact sibling.
+
+    The sibling is the next candidate a resume would try in the same directory: the newest
+    torch.save file of an older step whose every CRC matches. Raises (naming the neighbour)
+    when a tensor is over its bound, or when no intact sibling holds it.
+    """
+    extra_names, safe, foreign_loader, required = opts
+    parent, _, own = c.rel.rpartition("/")
+    try:
+        entries = stores.list_tree(store, parent, max_depth=1)
+    except OSError:
+        entries = []
+    older = []
+    for e in entries:
+        if e.kind != "file" or e.rel == own or not e.rel.lower().endswith(formats.TORCH_SUFFIXES):
             continue
-        total = 1
-        for d in size:
-            total *= int(d)
-        covered = 0
-        for ch in meta.chunks:
-            n = 1
-            for d in ch.sizes:
-                n *= int(d)
-            covered += n
-        if covered != total:
-            raise CheckpointFormatError(
-                f"metadata_inconsistent: {where}: tensor {fqn!r} of {total} elements has chunks of {covered}"
-            )
+        name_step = formats.step_from_name(e.rel)
+        if name_step is None or step < 0 or name_step < step:
+            older.append((-(name_step if name_step is not None else -1), e.rel))
+    for _, name in sorted(older)[:MAX_NEIGHBOURS]:  # newest older step first, nameless ones last
+        rel = f"{parent}/{name}" if parent else name
+        try:
+            obj, rep = _read_torch(store, rel, store.uri(rel), extra_names, safe)
+            if rep.crc != "ok":
+                continue
+            ref, _ = _map(obj, state, store.uri(rel), foreign_loader, required)
+        except CheckpointFormatError:
+            continue
+        return foreign_sanity.judge_against(tree, ref, paths, f"the intact neighbour {store.uri(rel)}")
+    return foreign_sanity.judge_against(tree, statetree.capture(state), paths, "the live state")
 
 
-class _DCPMetadataUnpickler(pickle._Unpickler):
-    """Resolves only allowlisted globals; anything else (``posix.system``...) is refused before it is imported.
+def load_safetensors(
+    c: Candidate,
+    store: Store,
+    state: dict[str, Any],
+    *,
+    foreign_loader: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
+    required: Iterable[str] = (),
+) -> Staged:
+    """Stage a bare safetensors file or a sharded set: each header checked against its file, tensors merged
+    and mapped as a model state."""
+    from .statetree import tensors_from_buffer
 
-    The pure-Python unpickler, because its ``BUILD`` can be overridden (the C one's cannot): state
-    is set only on instances of allowlisted classes, never on a class (``setattr(PosixPath, ...)``) or
-    an enum member (both shared by the whole process), and never under a ``__`` key (``__class__``...).
+    head, _, name = c.rel.rpartition("/")
+    obj: dict[str, Any] = {}
+    for shard in safetensors_set(name) or [name]:
+        rel = f"{head}/{shard}" if head else shard
+        data = stores.read_whole(store, rel)
+        header = formats.parse_header(io.BytesIO(data), len(data), name=store.uri(rel))
+        buf = torch.frombuffer(bytearray(data[header.data_start :]), dtype=torch.uint8) if header.payload_size else None
+        obj.update(tensors_from_buffer(header.entries, buf if buf is not None else torch.empty(0, dtype=torch.uint8)))
+    tree, warnings = match_foreign(obj, state, path=c.path, foreign_loader=foreign_loader, required=required)
+    return Staged(tree=tree, rng=None, step=c.step, warnings=warnings)
+
+
+# ----------------------------------------------------------------------------- Lightning and damage
+
+
+def _is_lightning(obj: dict[str, Any]) -> bool:
+    return "state_dict" in obj and ("pytorch-lightning_version" in obj or "optimizer_states" in obj)
+
+
+def _lightning_view(obj: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """A Lightning ``.ckpt`` as ``state`` names things: the model from ``state_dict`` (its attribute
+    prefix, ``net.``, dropped when the live model is the inner module), the optimizers from
+    ``optimizer_states`` and the schedulers from ``lr_schedulers``, each in order."""
+    view: dict[str, Any] = {}
+    optims = list(obj.get("optimizer_states") or [])
+    scheds = list(obj.get("lr_schedulers") or [])
+    for k, v in state.items():
+        r = _role(v)
+        if r == "module":
+            view[k] = _strip_prefix(obj["state_dict"], v.state_dict())
+        elif r == "optimizer" and optims:
+            view[k] = optims.pop(0)
+        elif r == "scheduler" and scheds:
+            view[k] = scheds.pop(0)
+    for key in ("global_step", "epoch"):
+        if isinstance(obj.get(key), int):
+            view[key] = obj[key]
+    return view
+
+
+def _strip_prefix(saved: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with the one leading attribute path removed that makes its names the live module's, if any."""
+    if set(saved) == set(live) or not saved:
+        return saved
+    first = next(iter(live), "")
+    for name in saved:
+        if name.endswith("." + first):
+            pre = name[: -len(first)]
+            cut = {n[len(pre) :]: t for n, t in saved.items() if n.startswith(pre)}
+            if set(cut) == set(live):
+                return cut
+    return saved
+
+
+def _damaged_tensors(obj: Any, damaged: dict[str, tuple[int, int]], path: str) -> dict[int, str]:
+    """The loaded tensors (by id, with their path in the file) whose storage holds a member that failed its CRC.
+
+    A storage's bytes are the member's bytes (``map_location="cpu"``), so equal size and CRC32 name it.
+    Damage outside tensor storages (``data.pkl`` that still unpickled: an ``lr``, a step) cannot be
+    judged by any bound: the candidate fails.
     """
-
-    def __init__(self, f: Any, extra: frozenset[str]):
-        super().__init__(f)
-        self._extra = extra
-
-    def find_class(self, module: str, name: str) -> Any:
-        qual = f"{module}.{name}"
-        if not formats.is_safe_global(qual, self._extra, dcp=True):
-            raise pickle.UnpicklingError(f"unsafe_global {qual}")
-        return super().find_class(module, name)
-
-    def _load_build(self) -> None:
-        state, inst = self.stack[-1], self.stack[-2]  # type: ignore[attr-defined]
-        if isinstance(inst, type):
-            raise pickle.UnpicklingError(
-                f"state_on_class: BUILD would set attributes of the class {inst.__module__}.{inst.__qualname__}"
-            )
-        qual = f"{type(inst).__module__}.{type(inst).__qualname__}"
-        if isinstance(inst, enum.Enum):  # a member is one shared object: BUILD would change it for the process
-            raise pickle.UnpicklingError(f"state_on_enum_member: BUILD would set attributes of {qual}.{inst.name}")
-        if not formats.is_safe_global(qual, self._extra, dcp=True):
-            raise pickle.UnpicklingError(f"unsafe_build: BUILD of a {qual[:100]} instance")
-        for part in state if isinstance(state, tuple) and len(state) == 2 else (state,):
-            bad = [k for k in part if not isinstance(k, str) or k.startswith("__")] if isinstance(part, dict) else []
-            if bad:
-                raise pickle.UnpicklingError(f"unsafe_build_key: BUILD of a {qual} sets {str(bad[0])[:100]!r}")
-        super().load_build()  # type: ignore[misc]
-
-    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: _load_build}  # type: ignore[dict-item]
-
-
-def read_dcp_metadata(path: str, extra_safe_globals: Iterable[str] = ()) -> Any:
-    """A DCP ``.metadata`` file, unpickled with the allowlist; every file it names must be a plain name."""
-    fd = stores.open_regular(path)
-    with os.fdopen(fd, "rb") as f:
-        raw = f.read(formats.MAX_PICKLE_BYTES + 1)
-    if len(raw) > formats.MAX_PICKLE_BYTES:
-        raise CheckpointFormatError(f"{path}: DCP metadata larger than {formats.MAX_PICKLE_BYTES} bytes; not read")
-    try:
-        md = _DCPMetadataUnpickler(io.BytesIO(raw), frozenset(extra_safe_globals)).load()
-    except (
-        pickle.UnpicklingError,
-        EOFError,
-        ValueError,
-        TypeError,
-        AttributeError,
-        ImportError,
-        IndexError,
-        KeyError,
-        RecursionError,
-    ) as e:
-        if isinstance(e, pickle.UnpicklingError):
-            log.warning("security_event: %s: DCP metadata refused: %s", path, e)
-        raise CheckpointFormatError(f"{path}: DCP metadata refused: {type(e).__name__}: {str(e)[:200]}") from None
-    data = getattr(md, "storage_data", None)
-    if not isinstance(data, dict):
-        raise CheckpointFormatError(f"{path}: DCP metadata without a storage_data mapping")
-    for info in data.values():
-        rp = getattr(info, "relative_path", None)
-        if not isinstance(rp, str) or not rp or rp in (".", "..") or "/" in rp or "\\" in rp or "\x00" in rp:
-            raise CheckpointFormatError(f"{path}: DCP metadata names a file outside its directory: {str(rp)[:100]!r}")
-    return md
-
-
-def _safe_dcp_planner(path: str, names: list[str], safe: list[Any], *, flatten: bool = True) -> Any:
-    """A ``DefaultLoadPlanner`` whose non-tensor items are checked as a ``torch.save`` file and loaded weights-only.
-
-    DCP writes each non-tensor value with ``torch.save(obj, BytesIO)``; torch's planner reads it
-    back with weights-only off, which runs any pickle planted in a ``.distcp`` file. Here its
-    globals are checked first (nothing unpickled), then ``torch.load(weights_only=True)`` decides.
-    """
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint._traverse import set_element
-
-    class _SafePlanner(DefaultLoadPlanner):
-        refused: CheckpointFormatError | None = None
-
-        def _refuse(self, why: str) -> CheckpointFormatError:
-            self.refused = CheckpointFormatError(why)
-            return self.refused
-
-        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-            fqn = read_item.dest_index.fqn
-            where = f"{path}: DCP item {fqn!r}"
-            rep = formats.sniff_torch_file(value, len(value.getbuffer()), where, names)
-            if rep.unsafe_globals:
-                log.warning("security_event: %s needs unsafe_globals=%s; never loaded", where, list(rep.unsafe_globals))
-                raise self._refuse(f"{where}: unsafe_globals={list(rep.unsafe_globals)}; loading it would run code")
-            if not rep.ok or rep.crc == "mismatch":
-                raise self._refuse("; ".join(rep.problems))
-            value.seek(0)
-            try:
-                with torch.serialization.safe_globals(safe):
-                    obj = torch.load(value, weights_only=True, map_location="cpu")
-            except Exception as e:
-                why = (str(e).splitlines() or [type(e).__name__])[0][:300]
-                raise self._refuse(f"{where}: torch.load(weights_only=True) refused it: {why}") from e
-            if self.flatten_state_dict:
-                set_element(self.original_state_dict, self.mappings[fqn], obj)
-            else:
-                self.original_state_dict[fqn] = obj  # the caller's dict (self.state_dict is a copy)
-
-    return _SafePlanner(flatten_state_dict=flatten)
-
-
-def _safe_dcp_reader(path: str, extra_safe_globals: Iterable[str], metadata: Any = None) -> Any:
-    """torch's ``FileSystemReader`` with every ``.metadata`` unpickled through :func:`read_dcp_metadata`.
-
-    ``metadata`` is the directory's ``.metadata`` when the caller has read it already: the
-    allowlisting unpickler is pure Python (about 3x the C one), so it is not run twice.
-    """
-    from torch.distributed.checkpoint import FileSystemReader
-
-    extra = tuple(extra_safe_globals)
-
-    class _SafeReader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            rank = kwargs.get("rank")
-            name = DCP_METADATA if rank is None else f"__{rank}{DCP_METADATA}"
-            md = (
-                metadata
-                if rank is None and metadata is not None
-                else read_dcp_metadata(os.path.join(path, name), extra)
-            )
-            if hasattr(md, "storage_meta"):
-                from torch.distributed.checkpoint.metadata import StorageMeta
-
-                if md.storage_meta is None:
-                    md.storage_meta = StorageMeta()
-                if hasattr(self, "load_id"):
-                    md.storage_meta.load_id = self.load_id
-            return md
-
-    return _SafeReader(path)
-
-
-def full_check_dcp(root: str) -> tuple[str, list[str]]:
-    """``dist-guardian verify`` of a local DCP directory: the metadata (allowlisted), every byte range inside
-    its file, every tensor's chunks adding up. DCP holds no checksums, so L is the best it can be."""
-    try:
-        md = read_dcp_metadata(os.path.join(root, DCP_METADATA))
-        check_dcp_files(root, md, root)
-    except CheckpointFormatError as e:
-        return "R", [str(e)]
-    except OSError as e:
-        return "R", [f"unreadable: {root}: {e.strerror or e}"]
-    n = len(getattr(md, "state_dict_metadata", {}))
-    files = {i.relative_path for i in md.storage_data.values()}
-    return "L", [
-        f"legacy_unverified: PyTorch DCP directory, {n} items in {len(files)} files, every byte range inside "
-        "its file (the format holds no checksums)"
-    ]
+    storages = {n: v for n, v in damaged.items() if "/data/" in n}
+    if len(storages) != len(damaged):
+        other = sorted(set(damaged) - set(storages))
+        raise CheckpointFormatError(f"tree_damaged: {path}: zip CRC mismatch outside tensor data ({other[:3]})")
+    want = set(storages.values())
+    sizes = {size for size, _ in want}
+    out: dict[int, str] = {}
+    crc_of: dict[int, int] = {}
+    for p, t in foreign_sanity.tensors_with_paths(obj):
+        st = t.untyped_storage()
+        if st.nbytes() not in sizes:
+            continue
+        key = st.data_ptr()
+        if key not in crc_of:
+            crc_of[key] = zlib.crc32(torch.empty(0, dtype=torch.uint8).set_(st).numpy().tobytes())
+        if (st.nbytes(), crc_of[key]) in want:
+            out[id(t)] = p
+    if not out:
+        raise CheckpointFormatError(
+            f"tree_damaged: {path}: no loaded tensor holds the damaged bytes of {sorted(storages)[:3]}"
+        )
+    return out

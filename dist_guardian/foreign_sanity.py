@@ -2,12 +2,12 @@
 
 A foreign file carries no saved ``max|x|`` (native manifests do, F03), so a damaged tensor is
 judged against the same tensor in the live state, or, where the live state has none (a fresh
-optimizer's ``exp_avg``), in the nearest intact sibling file (``foreign_files`` finds it): finite,
+optimizer's ``exp_avg``), in the nearest intact sibling file (``foreign_loading`` finds it): finite,
 and ``max|x|`` within :data:`FOREIGN_FACTOR` of the reference. With no reference at all the gate
 fails, so the attempt fails and the next intact candidate loads instead: a zip CRC mismatch must
 never put an Adam moment of 3.5e21 into training. For a DCP checkpoint (no checksums at all)
 every floating tensor is judged where the live state bounds it, and must be finite everywhere.
-Called by ``staging.accept`` and ``foreign_files``; no I/O.
+Called by ``staging.accept`` and ``foreign_loading``; no I/O.
 """
 
 from __future__ import annotations

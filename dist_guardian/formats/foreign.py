@@ -321,6 +321,21 @@ def _pick_step(found: dict[str, int]) -> int | None:
     return next((found[k] for k in STEP_KEYS if k in found), None)
 
 
+def _effects() -> dict[str, tuple[int, bool, tuple[bool, ...]]]:
+    """Per opcode name: items popped below a mark or from the top (mark first when the first is True), and
+    what it pushes (True for a mark). From ``pickletools``' own declaration of every opcode's stack effect."""
+    out = {}
+    for op in pickletools.opcodes:
+        before = [x.name for x in op.stack_before]
+        mark = "mark" in before
+        n = before.index("mark") if mark else len(before)
+        out[op.name] = (n, mark, tuple(x.name == "mark" for x in op.stack_after))
+    return out
+
+
+_EFFECTS = _effects()
+
+
 class _Walker:
     """A shadow of the unpickler's stack: strings, ints, globals and dicts as tags, everything else None."""
 
@@ -328,6 +343,35 @@ class _Walker:
         self.stack: list[tuple | None] = []
         self.memo: dict[int, tuple | None] = {}
         self.extra, self.unsafe, self.found, self.dcp = extra, unsafe, found, dcp
+        self.special = {
+            "BINPUT": self._put,
+            "LONG_BINPUT": self._put,
+            "PUT": self._put,
+            "MEMOIZE": self._memoize,
+            "BINGET": self._get,
+            "LONG_BINGET": self._get,
+            "GET": self._get,
+            "EMPTY_DICT": self._empty_dict,
+            "SETITEM": self._setitem,
+            "SETITEMS": self._setitems,
+            "GLOBAL": self._global,
+            "INST": self._global,
+            "STACK_GLOBAL": self._stack_global,
+            "REDUCE": self._reduce,
+        }
+
+    def op(self, op: Any, arg: Any) -> None:
+        nm = op.name
+        if nm in _STRING_OPS:
+            self.stack.append(("s", arg))
+        elif nm in _INT_OPS:
+            self.stack.append(("i", arg) if isinstance(arg, int) and not isinstance(arg, bool) else None)
+        else:
+            fn = self.special.get(nm)
+            if fn is not None:
+                fn(nm, arg)
+            else:
+                self._generic(nm)
 
     def _pop_to_mark(self) -> list[tuple | None]:
         st = self.stack
@@ -340,72 +384,69 @@ class _Walker:
         del st[i:]
         return items
 
-    def _set(self, d: tuple | None, pairs: list[tuple | None]) -> None:
+    def _set(self, pairs: list[tuple | None]) -> None:
+        d = self.stack[-1] if self.stack else None
         if not (d and d[0] == "d" and d[1]):
             return  # not the top-level dict
         for key, val in zip(pairs[::2], pairs[1::2], strict=False):
             if key and key[0] == "s" and key[1] in STEP_KEYS and val and val[0] == "i":
                 self.found.setdefault(key[1], val[1])
 
-    def op(self, op: Any, arg: Any) -> None:
-        nm, st = op.name, self.stack
-        if nm in _STRING_OPS:
-            st.append(("s", arg))
-        elif nm in _INT_OPS:
-            st.append(("i", arg) if isinstance(arg, int) and not isinstance(arg, bool) else None)
-        elif nm in ("BINPUT", "LONG_BINPUT", "PUT"):
-            self.memo[int(arg)] = st[-1] if st else None
-        elif nm == "MEMOIZE":
-            self.memo[len(self.memo)] = st[-1] if st else None
-        elif nm in ("BINGET", "LONG_BINGET", "GET"):
-            st.append(self.memo.get(int(arg)))
-        elif nm == "EMPTY_DICT":
-            st.append(("d", not st))
-        elif nm == "SETITEM":
-            val, key = st.pop(), st.pop()
-            self._set(st[-1] if st else None, [key, val])
-        elif nm == "SETITEMS":
-            items = self._pop_to_mark()
-            self._set(st[-1] if st else None, items)
-        elif nm in ("GLOBAL", "INST"):
-            mod, _, attr = str(arg).partition(" ")
-            _judge(f"{mod}.{attr}", self.extra, self.unsafe, self.dcp)
-            if nm == "INST":
-                self._pop_to_mark()
-            st.append(("g", f"{mod}.{attr}"))
-        elif nm == "STACK_GLOBAL":
-            sattr, smod = st.pop(), st.pop()
-            qual = f"{smod[1] if smod and smod[0] == 's' else None}.{sattr[1] if sattr and sattr[0] == 's' else None}"
-            _judge(qual, self.extra, self.unsafe, self.dcp)
-            st.append(("g", qual))
-        elif nm == "REDUCE":
-            _args, fn = st.pop(), st.pop()
-            st.append(("d", not st) if fn == ("g", "collections.OrderedDict") else None)
-        else:
-            self._generic(op, nm)
+    def _put(self, nm: str, arg: Any) -> None:
+        self.memo[int(arg)] = self.stack[-1] if self.stack else None
 
-    def _generic(self, op: Any, nm: str) -> None:
+    def _memoize(self, nm: str, arg: Any) -> None:
+        self.memo[len(self.memo)] = self.stack[-1] if self.stack else None
+
+    def _get(self, nm: str, arg: Any) -> None:
+        self.stack.append(self.memo.get(int(arg)))
+
+    def _empty_dict(self, nm: str, arg: Any) -> None:
+        self.stack.append(("d", not self.stack))
+
+    def _setitem(self, nm: str, arg: Any) -> None:
+        val, key = self.stack.pop(), self.stack.pop()
+        self._set([key, val])
+
+    def _setitems(self, nm: str, arg: Any) -> None:
+        self._set(self._pop_to_mark())
+
+    def _global(self, nm: str, arg: Any) -> None:
+        mod, _, attr = str(arg).partition(" ")
+        _judge(f"{mod}.{attr}", self.extra, self.unsafe, self.dcp)
+        if nm == "INST":
+            self._pop_to_mark()
+        self.stack.append(("g", f"{mod}.{attr}"))
+
+    def _stack_global(self, nm: str, arg: Any) -> None:
+        sattr, smod = self.stack.pop(), self.stack.pop()
+        qual = f"{smod[1] if smod and smod[0] == 's' else None}.{sattr[1] if sattr and sattr[0] == 's' else None}"
+        _judge(qual, self.extra, self.unsafe, self.dcp)
+        self.stack.append(("g", qual))
+
+    def _reduce(self, nm: str, arg: Any) -> None:
+        st = self.stack
+        _args, fn = st.pop(), st.pop()
+        st.append(("d", not st) if fn == ("g", "collections.OrderedDict") else None)
+
+    def _generic(self, nm: str) -> None:
         """Any other opcode by its declared stack effect (``pickletools`` knows every one)."""
         st = self.stack
-        before = [s.name for s in op.stack_before]
-        base = None
-        if "mark" in before:
+        n, mark, after = _EFFECTS[nm]
+        if mark:
             self._pop_to_mark()
-            n = before.index("mark")
-        else:
-            n = len(before)
+        base = None
         if n:
             if len(st) < n:
                 raise ValueError(f"{nm}: stack underflow")
             base = st[-n]
             del st[-n:]
-        after = op.stack_after
         if nm in _KEEP_BASE and after:
             st.append(base)
         elif nm == "DUP":
             st += [base, base]
         else:
-            st += [_MARK if s.name == "mark" else None for s in after]
+            st += [_MARK if m else None for m in after]
 
 
 def _judge(qualname: str, extra: frozenset[str], unsafe: list[str], dcp: bool) -> None:

@@ -5,7 +5,8 @@ and nowhere else in the package):
 
 - :func:`find_resume_checkpoint` for ``trainer.fit(model, ckpt_path=find_resume_checkpoint(dirpath, stores=[...]))``:
   collective; the newest ``.ckpt`` in ``dirpath`` or a mirror whose bytes match their recorded
-  checksum and that loads (``torch.load(weights_only=True)``) on every rank. A damaged or missing
+  checksum and that loads (``dist_guardian.read_torch_object``: allowlisted globals, zip CRCs,
+  ``weights_only=True``) on every rank. A damaged or missing
   local copy is first restored from the mirror copy that loaded, so Lightning reads a good file.
 - :class:`GuardianCheckpointIO`, a Lightning ``CheckpointIO`` plugin: each save is written to a
   temporary name, fsynced and renamed (atomic), with its xxh3-128 checksum beside it in
@@ -20,13 +21,11 @@ import io
 import json
 import logging
 import os
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-import fsspec
 import torch
 import xxhash
 from pytorch_lightning.plugins.io import CheckpointIO
@@ -57,15 +56,15 @@ def find_resume_checkpoint(
     def load(c: Candidate, store: Store) -> bytes:
         if not c.rel.endswith(".ckpt"):
             raise CheckpointFormatError(f"not_lightning: {c.path} is not a .ckpt file")
-        data = _read(store, c.rel)
+        data = dist_guardian.read_bytes(store, c.rel)
         _check_sum(store, c.rel, data, c.path)
-        obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        obj = dist_guardian.read_torch_object(c, store, data=data)  # our sniffing, every zip CRC, then weights-only
         if not isinstance(obj, dict) or "state_dict" not in obj:
             raise CheckpointFormatError(f"not_lightning: {c.path} holds no Lightning checkpoint (no state_dict)")
         return data
 
     def apply(c: Candidate, data: bytes) -> None:
-        chosen["path"] = _restore_local(local_dir, c, data)
+        chosen["path"] = _restore_local(dist_guardian.resolve_store(local_dir), c, data)
 
     result = dist_guardian.resume(load, [local_dir, *(stores or ())], apply_fn=apply, run=run, **guardian_options)
     if not result.resumed:
@@ -95,6 +94,9 @@ class GuardianCheckpointIO(CheckpointIO):
                 f"GuardianCheckpointIO got unknown options {sorted(guardian_options)}; "
                 "allowed: stores, run, storage_options, mirror_timeout"
             )
+        self._mirror_stores = [
+            dist_guardian.resolve_store(u, i + 1, self.storage_options) for i, u in enumerate(self.stores)
+        ]
         self._pool: ThreadPoolExecutor | None = None
         self._mirrored: dict[str, Future[None]] = {}
         self._steps: dict[str, int] = {}  # path -> step, of every checkpoint this plugin saved
@@ -107,9 +109,10 @@ class GuardianCheckpointIO(CheckpointIO):
         torch.save(checkpoint, buf)
         data = buf.getvalue()
         step = checkpoint.get("global_step")
-        sums = _sums(os.path.basename(path), data, step if isinstance(step, int) else None)
-        _atomic_write(_sums_path(path), sums)  # first: a committed file always has its checksum
-        _atomic_write(path, data)
+        store, name = _here(path)
+        sums = _sums(name, data, step if isinstance(step, int) else None)
+        _write(store, _sums_rel(name), sums)  # first: a committed file always has its checksum
+        _write(store, name, data)  # a unique new file, fsynced, renamed over the old one, its directory fsynced
         self._steps[path] = step if isinstance(step, int) else -1
         if self.stores:
             if self._pool is None:
@@ -136,7 +139,7 @@ class GuardianCheckpointIO(CheckpointIO):
         if self._newest_good() == path:
             log.warning("checkpoint_kept: %s is the newest good checkpoint; not removed", path)
             return
-        for p in (path, _sums_path(path)):
+        for p in (path, os.path.join(os.path.dirname(path), _sums_rel(os.path.basename(path)))):
             try:
                 os.remove(p)
             except FileNotFoundError:
@@ -155,11 +158,9 @@ class GuardianCheckpointIO(CheckpointIO):
     # ------------------------------------------------------------------ helpers
 
     def _mirror(self, name: str, data: bytes, sums: bytes) -> None:
-        for url in self.stores:
-            base = url.rstrip("/")
-            opts = _options(base, self.storage_options)
-            _put(f"{base}/{self.run}/{SUMS_DIR}/{name}.json", sums, opts)
-            _put(f"{base}/{self.run}/{name}", data, opts)
+        for store in self._mirror_stores:
+            _write(store, f"{self.run}/{_sums_rel(name)}", sums)
+            _write(store, f"{self.run}/{name}", data)
 
     def _landed(self, path: str) -> bool:
         fut = self._mirrored.get(path)
@@ -176,40 +177,48 @@ class GuardianCheckpointIO(CheckpointIO):
 
     def _newest_good(self) -> str | None:
         for p, _ in sorted(self._steps.items(), key=lambda kv: (-kv[1], kv[0])):
+            store, name = _here(p)
             try:
-                with open(p, "rb") as f:
-                    _check_local_sum(p, f.read())
+                _check_sum(store, name, dist_guardian.read_bytes(store, name), p)
             except (OSError, CheckpointFormatError):
                 continue
             return p
         return None
 
     def _good_bytes(self, path: str) -> bytes:
+        store, name = _here(path)
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-            _check_local_sum(path, data)
+            data = dist_guardian.read_bytes(store, name)
+            _check_sum(store, name, data, path)
             return data
         except (OSError, CheckpointFormatError) as e:
             why = f"{type(e).__name__}: {e}"
-        name = os.path.basename(path)
-        for url in self.stores:
-            base = url.rstrip("/")
-            opts = _options(base, self.storage_options)
+        for mirror in self._mirror_stores:
             try:
-                data = _get(f"{base}/{self.run}/{name}", opts)
-                want = json.loads(_get(f"{base}/{self.run}/{SUMS_DIR}/{name}.json", opts))
+                data = dist_guardian.read_bytes(mirror, f"{self.run}/{name}")
+                want = json.loads(dist_guardian.read_bytes(mirror, f"{self.run}/{_sums_rel(name)}"))
             except (OSError, ValueError):
                 continue
-            if want.get("xxh3_128") == xxhash.xxh3_128_hexdigest(data):
-                log.warning("replica_restored: %s (%s) restored from %s", path, why, base)
-                _atomic_write(_sums_path(path), json.dumps(want).encode())
-                _atomic_write(path, data)
+            if isinstance(want, dict) and want.get("xxh3_128") == xxhash.xxh3_128_hexdigest(data):
+                log.warning("replica_restored: %s (%s) restored from %s", path, why, mirror.url)
+                _write(store, _sums_rel(name), json.dumps(want).encode())
+                _write(store, name, data)
                 return data
         raise CheckpointFormatError(f"checkpoint_unusable: {path}: {why}; no mirror holds an intact copy")
 
 
 # ---------------------------------------------------------------------- files and stores
+# Every byte goes through dist_guardian's store helpers: the safe open (no symlink, never a FIFO) and the
+# atomic replace locally, deadline-bounded calls remotely.
+
+
+def _here(path: str) -> tuple[Store, str]:
+    """The local store of a checkpoint's directory, and its name in it."""
+    return dist_guardian.resolve_store(os.path.dirname(path)), os.path.basename(path)
+
+
+def _write(store: Store, rel: str, data: bytes) -> None:
+    dist_guardian.write_bytes(store, rel, data, what=f"write {store.uri(rel)}")
 
 
 def _sums(name: str, data: bytes, step: int | None) -> bytes:
@@ -217,22 +226,20 @@ def _sums(name: str, data: bytes, step: int | None) -> bytes:
     return json.dumps({**doc, "step": step}).encode()
 
 
-def _sums_path(path: str) -> str:
-    return os.path.join(os.path.dirname(path), SUMS_DIR, os.path.basename(path) + ".json")
+def _sums_rel(rel: str) -> str:
+    """Where the checksum of the checkpoint at ``rel`` is kept: ``.dist_guardian/<name>.json`` beside it."""
+    head, _, name = rel.rpartition("/")
+    return f"{head}/{SUMS_DIR}/{name}.json" if head else f"{SUMS_DIR}/{name}.json"
 
 
-def _check_local_sum(path: str, data: bytes) -> None:
+def _check_sum(store: Store, rel: str, data: bytes, where: str) -> None:
+    """``data`` against the checksum recorded beside ``rel``; a file saved without one is judged by its zip CRCs."""
     try:
-        with open(_sums_path(path), "rb") as f:
-            want = json.loads(f.read())
+        want = json.loads(dist_guardian.read_bytes(store, _sums_rel(rel)))
     except FileNotFoundError:
-        return  # not saved through GuardianCheckpointIO: torch.load and its zip CRCs judge it
+        return
     except (OSError, ValueError) as e:
-        raise CheckpointFormatError(f"checksum_unreadable: {_sums_path(path)}: {e}") from None
-    _compare(want, data, path)
-
-
-def _compare(want: Any, data: bytes, where: str) -> None:
+        raise CheckpointFormatError(f"checksum_unreadable: {where}: {e}") from None
     got = xxhash.xxh3_128_hexdigest(data)
     if not isinstance(want, dict) or want.get("xxh3_128") != got:
         size = want.get("size") if isinstance(want, dict) else None
@@ -241,81 +248,15 @@ def _compare(want: Any, data: bytes, where: str) -> None:
         )
 
 
-def _check_sum(store: Store, rel: str, data: bytes, where: str) -> None:
-    head, _, name = rel.rpartition("/")
-    sums_rel = f"{head}/{SUMS_DIR}/{name}.json" if head else f"{SUMS_DIR}/{name}.json"
-    try:
-        want = json.loads(_read(store, sums_rel))
-    except FileNotFoundError:
-        return
-    except (OSError, ValueError) as e:
-        raise CheckpointFormatError(f"checksum_unreadable: {where}: {e}") from None
-    _compare(want, data, where)
-
-
-def _read(store: Store, rel: str) -> bytes:
-    if store.is_local:
-        with open(store.join(rel), "rb") as f:
-            return f.read()
-    with fsspec.open(store.uri(rel), "rb", **store.storage_options) as f:
-        return f.read()
-
-
-def _restore_local(local_dir: str, c: Candidate, data: bytes) -> str:
+def _restore_local(local: Store, c: Candidate, data: bytes) -> str:
     """The local path Lightning should read: the loaded file itself, or its bytes written there first."""
-    local = os.path.join(local_dir, c.rel.rsplit("/", 1)[-1])
+    name = c.rel.rsplit("/", 1)[-1]
     try:
-        with open(local, "rb") as f:
-            if xxhash.xxh3_128_hexdigest(f.read()) == xxhash.xxh3_128_hexdigest(data):
-                return local
+        if xxhash.xxh3_128_hexdigest(dist_guardian.read_bytes(local, name)) == xxhash.xxh3_128_hexdigest(data):
+            return local.join(name)
     except OSError:
         pass
-    log.warning("replica_restored: %s restored from %s", local, c.path)
-    _atomic_write(_sums_path(local), _sums(os.path.basename(local), data, c.step if c.step >= 0 else None))
-    _atomic_write(local, data)
-    return local
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write to a unique temporary name beside ``path``, fsync, rename over it, fsync the directory."""
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _options(url: str, by_prefix: dict[str, Any]) -> dict[str, Any]:
-    best = max((p for p in by_prefix if url.startswith(p)), key=len, default=None)
-    return dict(by_prefix[best]) if best is not None else {}
-
-
-def _put(url: str, data: bytes, opts: dict[str, Any]) -> None:
-    if "://" not in url or url.startswith("file://"):
-        _atomic_write(os.path.abspath(url.removeprefix("file://")), data)
-        return
-    with fsspec.open(url, "wb", **opts) as f:  # an object store's PUT is atomic
-        f.write(data)
-
-
-def _get(url: str, opts: dict[str, Any]) -> bytes:
-    if "://" not in url or url.startswith("file://"):
-        with open(os.path.abspath(url.removeprefix("file://")), "rb") as f:
-            return f.read()
-    with fsspec.open(url, "rb", **opts) as f:
-        return f.read()
+    log.warning("replica_restored: %s restored from %s", local.join(name), c.path)
+    _write(local, _sums_rel(name), _sums(name, data, c.step if c.step >= 0 else None))
+    _write(local, name, data)
+    return local.join(name)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import warnings
 
 import helpers
@@ -19,7 +17,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from dist_guardian import Guardian
+from dist_guardian import Guardian, cli
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
@@ -101,7 +99,7 @@ def test_missing_required_key_is_one_short_reason(tmp_path):
     assert len(why) < 400 and "\n" not in why
 
 
-def test_flipped_bytes_in_a_dcp_shard_never_reach_training(tmp_path):
+def test_flipped_bytes_in_a_dcp_shard_never_reach_training(tmp_path, capsys):
     """DCP has no checksums: a weight of 3e25 is caught by the bound from the live model, and the older
     intact checkpoint is loaded instead; a shard cut short fails on the metadata's byte ranges."""
     saved = _saved()
@@ -124,22 +122,11 @@ def test_flipped_bytes_in_a_dcp_shard_never_reach_training(tmp_path):
     assert "sanity_gate_failed: tensor model/0.weight" in why and "live state" in why, why
     assert float(fresh["model"][0].weight.detach().abs().max()) < 10
     os.truncate(d / shard, len(raw) // 2)
-    out = subprocess.run(
-        [sys.executable, "-m", "dist_guardian.cli", "verify", str(d), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 1 and "Traceback" not in out.stderr
-    rep = json.loads(out.stdout)
+    assert cli.main(["verify", str(d), "--json"]) == 1
+    rep = json.loads(capsys.readouterr().out)
     assert rep["tier"] == "R" and rep["reasons"][0].startswith("truncated:"), rep
-    out = subprocess.run(
-        [sys.executable, "-m", "dist_guardian.cli", "verify", str(tmp_path / "checkpoint-100")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0 and "PyTorch DCP directory" in out.stdout, out.stdout + out.stderr
+    assert cli.main(["verify", str(tmp_path / "checkpoint-100")]) == 0
+    assert "PyTorch DCP directory" in capsys.readouterr().out
 
 
 def test_a_minus_inf_mask_the_live_model_also_holds_loads(tmp_path):

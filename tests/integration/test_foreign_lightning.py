@@ -71,3 +71,13 @@ def test_truncated_newest_ckpt_falls_back_to_the_previous(tmp_path):
     st = _state(False)
     r = Guardian(stores=[d], run="r").resume(st)
     assert r.resumed and r.step == 10 and r.path.endswith("epoch=0-step=10.ckpt"), r.to_json()
+
+
+def test_verify_on_a_lightning_ckpt(run_dir):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "dist_guardian.cli", "verify", os.path.join(run_dir, "last-v1.ckpt")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "tier L" in out.stdout and "step 30 (from the content)" in out.stdout, out
+    assert "Traceback" not in out.stderr

@@ -11,6 +11,7 @@ import ast
 import os
 
 import lightning_helpers as lh
+import pytest
 import torch
 
 import dist_guardian
@@ -90,3 +91,31 @@ def test_the_adapter_imports_only_the_public_api():
             assert all(a.name in dist_guardian.__all__ for a in node.names), [a.name for a in node.names]
         if isinstance(node, ast.Import):
             assert all(not a.name.startswith("dist_guardian.") for a in node.names)
+
+
+@pytest.mark.timeout(180)
+def test_two_ranks_agree_and_the_local_copy_is_restored_once_for_all(tmp_path):
+    import foreign_rank_fns
+    from dg_harness import run_ranks
+
+    d, mirror = str(tmp_path / "ck"), str(tmp_path / "mirror")
+    _fit(d, 20, mirror)
+    newest = os.path.join(d, "epoch=1-step=20.ckpt")
+    size = os.path.getsize(newest)
+    os.truncate(newest, size // 2)
+    out = run_ranks(foreign_rank_fns.lightning_find, 2, timeout=150, dirpath=d, mirror=mirror)
+    assert out.ok(), out.errors
+    assert [out.results[r] for r in range(2)] == [{"path": newest, "size": size}] * 2
+
+
+@pytest.mark.timeout(120)
+def test_an_s3_mirror_restores_the_truncated_newest(tmp_path, s3):
+    so = s3.storage_options()
+    d = str(tmp_path / "ck")
+    io_ = dgl.GuardianCheckpointIO(stores=[s3.url], storage_options=so)
+    lh.fit(d, 20, plugins=[io_], save_last=False)
+    newest = os.path.join(d, "epoch=1-step=20.ckpt")
+    good = open(newest, "rb").read()
+    os.truncate(newest, 100)
+    path = dgl.find_resume_checkpoint(d, stores=[s3.url], storage_options=so)
+    assert path == newest and open(newest, "rb").read() == good

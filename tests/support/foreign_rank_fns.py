@@ -81,3 +81,13 @@ def plain_resume(rank: int, world: int, *, root: str) -> dict[str, Any]:
         for k, v in d.items():
             out[f"o.{names[i]}.{k}"] = float(v.double().sum())
     return {"resumed": r.resumed, "step": r.step, "full": out, "record": r.to_json()}
+
+
+def lightning_find(rank: int, world: int, *, dirpath: str, mirror: str) -> dict[str, Any]:
+    """Every rank asks for the Lightning checkpoint to resume from (collective)."""
+    import os
+
+    from dist_guardian.integrations.lightning import find_resume_checkpoint
+
+    path = find_resume_checkpoint(dirpath, stores=[mirror], timeout=60)
+    return {"path": path, "size": os.path.getsize(path) if path else None}

@@ -62,7 +62,7 @@ LAYERS = [
     "staging",
     "sharded_io",
     "dcp_state",
-    "foreign_files",
+    "foreign_dcp",
     "completeness",
     "foreign_loading",
     "hf_loading",
