@@ -222,3 +222,18 @@ def test_table_json_is_checked_column_by_column():
     ):
         with pytest.raises(TableError):
             formats.TensorTable.from_json(bad)
+
+
+@pytest.mark.parametrize(
+    "tree",
+    [
+        {"a": {"__tensor__": "a"}, "lr": 0.1, "k": [1, "é", None], "n": {"__float__": "nan"}},
+        {"__dict__": [["__rng__", 1], ["x", 2]]},
+        {},
+        [1, 2],
+    ],
+)
+def test_tree_json_and_digests_equal_the_two_calls(tree):
+    text, digests = formats.tree_json_and_digests(tree)
+    assert text == json.dumps(tree, separators=(",", ":"), allow_nan=False)
+    assert digests == formats.tree_key_digests(tree)
