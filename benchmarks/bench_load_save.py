@@ -1,31 +1,35 @@
-"""Load and save throughput of dist_guardian against the baselines, measured in the same run.
+"""Load and save of dist_guardian against its limits and its peers, measured fairly in one run.
 
-For a transformer-like state (bf16 matrices, fp32 norms, fp32 Adam moments; --size GiB)
-it measures, interleaved round by round (so drift hits every row alike), the median of
---runs runs of:
+Fair means: every saver writes a NEW path each round (on this VM a new-file write costs
+about 3x an overwrite of a file just written); the rows run in a new random order every
+round, so drift and a neighbour's load hit every row alike; the loader's limit is a raw read
+into FRESH memory with the same number of threads as dist_guardian's reader (next to the read
+into already-touched memory); safetensors loads are followed by a copy (``load_file`` maps
+lazily; no row maps a file lazily, so every byte is in memory when a row ends); and each row's peak RSS is measured in
+a process of its own (a loader's process holds the target state, as a resuming job does).
 
-  load: raw readinto (8 MiB chunks, pre-touched buffer, one thread) of the same bytes;
-        torch.load; torch.load(mmap=True) + clone; safetensors load_file + clone;
-        DCP load; the seed's way (torch.load + a separate sha256 pass over the file);
-        dist_guardian resume (checksums on, every byte verified)
-  save: raw write+fsync of the same bytes; torch.save + fsync; safetensors save + fsync;
-        DCP save; dist_guardian save (fsync, checksums, per-tensor max|x|, atomic commit)
+    python benchmarks/bench_load_save.py --case many --runs 3      # 100,000 tensors of 640 floats (256 MB)
+    python benchmarks/bench_load_save.py --case big --size 1 --runs 3  # 1 GiB, 64 x 16 MiB + 200 small
 
-warm (file in the page cache) and cold (pages dropped with posix_fadvise(DONTNEED)).
-Ratios against raw read/write are the headline; absolute GB/s are secondary.
-
-    python benchmarks/bench_load_save.py --size 2 --runs 3 --out benchmarks/out/load_save.jsonl
+Rows named "limit" are what the machine gives (the bar's reference); rows named "peer" are the
+other checkpoint libraries. The load average before and after the run is printed with the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import hashlib
-import logging
+import json
 import os
+import random
+import resource
 import shutil
+import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -34,29 +38,234 @@ import common  # noqa: E402
 
 from dist_guardian import Guardian  # noqa: E402
 
+READ_THREADS = 4  # formats.read_and_hash's default: dist_guardian's reader and the fresh-memory limit alike
+CHUNK = 32 << 20
 
-def flat_tensors(tree, prefix="", out=None):
-    out = {} if out is None else out
-    if isinstance(tree, torch.Tensor):
-        out[prefix] = tree
-    elif isinstance(tree, dict):
-        for k, v in tree.items():
-            flat_tensors(v, f"{prefix}.{k}" if prefix else str(k), out)
-    return out
+LIMIT, PEER, OURS = "limit", "peer", "dist_guardian"
 
 
-def main(argv=None) -> int:
+def make_state(case: str, size_gib: float) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    if case == "many":
+        return {"model": {f"experts.{i}.w": torch.randn(640, generator=g) for i in range(100_000)}}
+    n_big = max(1, int(size_gib * 64))
+    big = {f"layers.{i}.w": torch.randn(4 << 20, generator=g) for i in range(n_big)}  # 16 MiB each
+    small = {f"norms.{i}.w": torch.randn(1024, generator=g) for i in range(200)}
+    return {"model": {**big, **small}}
+
+
+def flat(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {f"{k}.{n}": t for k, v in state.items() for n, t in v.items()}
+
+
+# ----------------------------------------------------------------------------- the raw limits
+
+
+def raw_write_new(path: str, mv: memoryview) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        pos = 0
+        while pos < len(mv):
+            pos += os.write(fd, mv[pos : pos + (8 << 20)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def raw_read_fresh(path: str, threads: int = READ_THREADS) -> torch.Tensor:
+    """Fresh memory (``torch.empty``), filled by ``threads`` parallel ``preadv`` calls: the loader's limit."""
+    size = os.path.getsize(path)
+    buf = torch.empty(size, dtype=torch.uint8)
+    mv = buf.numpy().data
+    fd = os.open(path, os.O_RDONLY)
+
+    def read(lo: int) -> None:
+        hi, pos = min(lo + CHUNK, size), lo
+        while pos < hi:
+            pos += os.preadv(fd, [mv[pos:hi]], pos)
+
+    try:
+        with cf.ThreadPoolExecutor(threads) as ex:
+            list(ex.map(read, range(0, size, CHUNK)))
+    finally:
+        os.close(fd)
+    return buf
+
+
+def fsync_path(path: str) -> None:
+    paths = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+class Rows:
+    """Every row as a callable, prepared files under ``base``; savers get a new path per call."""
+
+    def __init__(self, base: str, state: dict[str, Any] | None, *, dcp: bool):
+        import safetensors.torch as st
+
+        self.base, self.state, self.st, self.n = base, state, st, 0
+        self.files = {k: os.path.join(base, v) for k, v in (("pt", "state.pt"), ("sf", "state.safetensors"))}
+        self.files.update(dcp=os.path.join(base, "dcp"), dg=os.path.join(base, "dg"), raw=os.path.join(base, "raw.bin"))
+        self.dcp = dcp
+
+    def prepare(self) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        s, f = self.state, self.files
+        assert s is not None
+        torch.save(s, f["pt"])
+        self.st.save_file(flat(s), f["sf"])
+        if self.dcp:
+            dcp.save(s, checkpoint_id=f["dcp"])
+        assert Guardian(stores=[f["dg"]], run="bench", rng=False).save(s, step=0).committed
+        shutil.copyfile(self.dg_file(), f["raw"])
+
+    def dg_file(self) -> str:
+        return os.path.join(self.files["dg"], "bench", "step-000000000000", "replicated.dgt")
+
+    def new_path(self, name: str) -> str:
+        self.n += 1
+        return os.path.join(self.base, f"new-{self.n}-{name}")
+
+    def loads(self) -> dict[str, tuple[str, Callable[[], Any]]]:
+        f, st = self.files, self.st
+        touched = torch.empty(os.path.getsize(f["raw"]), dtype=torch.uint8).fill_(1)
+
+        def seed_way() -> Any:
+            obj = torch.load(f["pt"], weights_only=True)
+            h = hashlib.sha256()
+            with open(f["pt"], "rb", buffering=0) as fh:
+                while chunk := fh.read(8 << 20):
+                    h.update(chunk)
+            return obj
+
+        def dg_resume() -> Any:
+            target: dict[str, Any] = {"model": {}}
+            r = Guardian(stores=[f["dg"]], run="bench", rng=False, timeout=3600).resume(target)
+            assert r.resumed and r.tier == "V", r.to_json()
+            return target
+
+        rows = {
+            "raw read, touched memory, 1 thread": (LIMIT, lambda: common.raw_read(f["raw"], touched.numpy().data)),
+            f"raw read, fresh memory, {READ_THREADS} threads": (LIMIT, lambda: raw_read_fresh(f["raw"])),
+            "torch.load": (PEER, lambda: torch.load(f["pt"], weights_only=True)),
+            "safetensors load_file + copy": (PEER, lambda: {k: v.clone() for k, v in st.load_file(f["sf"]).items()}),
+            "seed's way (torch.load + sha256)": (PEER, seed_way),
+            "dist_guardian resume": (OURS, dg_resume),
+        }
+        if self.dcp:
+            rows["DCP load"] = (PEER, self._dcp_load)
+        return rows
+
+    def _dcp_load(self) -> Any:
+        import torch.distributed.checkpoint as dcp
+
+        assert self.state is not None
+        target = {k: {n: torch.empty_like(t) for n, t in v.items()} for k, v in self.state.items()}
+        dcp.load(target, checkpoint_id=self.files["dcp"])
+        return target
+
+    def saves(self) -> dict[str, tuple[str, Callable[[], Any]]]:
+        s = self.state
+        assert s is not None
+        raw = torch.empty(os.path.getsize(self.files["raw"]), dtype=torch.uint8)
+        with open(self.files["raw"], "rb") as fh:
+            fh.readinto(raw.numpy().data)
+
+        def torch_save() -> None:
+            p = self.new_path("pt")
+            with open(p, "wb") as fh:
+                torch.save(s, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+        def sf_save() -> None:
+            p = self.new_path("sf")
+            self.st.save_file(flat(s), p)
+            fsync_path(p)
+
+        def dg_save() -> None:
+            assert Guardian(stores=[self.new_path("dg")], run="bench", rng=False).save(s, step=1).committed
+
+        rows = {
+            "raw write + fsync, new file": (LIMIT, lambda: raw_write_new(self.new_path("raw"), raw.numpy().data)),
+            "torch.save + fsync, new file": (PEER, torch_save),
+            "safetensors save_file + fsync, new file": (PEER, sf_save),
+            "dist_guardian save (new step dir)": (OURS, dg_save),
+        }
+        if self.dcp:
+            rows["DCP save + fsync, new dir"] = (PEER, self._dcp_save)
+        return rows
+
+    def _dcp_save(self) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        p = self.new_path("dcp")
+        dcp.save(self.state, checkpoint_id=p)
+        fsync_path(p)
+
+    def cleanup_new(self) -> None:
+        for x in os.listdir(self.base):
+            if x.startswith("new-"):
+                p = os.path.join(self.base, x)
+                shutil.rmtree(p) if os.path.isdir(p) else os.unlink(p)
+
+
+# ----------------------------------------------------------------------------- peak RSS, one process per row
+
+
+def rss_child(args: argparse.Namespace) -> int:
+    """Run one row once in this fresh process; print its peak RSS and the RSS it started the row with."""
+    load = args.rss_row.startswith("load:")
+    state = make_state(args.case, args.size)
+    rows = Rows(args.rss_base, state, dcp=not args.no_dcp)
+    if load:  # a resuming job holds its live state; the row's own copy comes on top
+        table = rows.loads()
+    else:
+        table = rows.saves()
+    fn = table[args.rss_row.split(":", 1)[1]][1]
+    before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    base_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"before": before, "peak": max(peak, base_peak), "grew": peak > base_peak}))
+    rows.cleanup_new()
+    return 0
+
+
+def peak_rss(args: argparse.Namespace, base: str, kind: str, name: str) -> dict[str, Any]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--case", args.case, "--size", str(args.size)]
+    cmd += ["--rss-row", f"{kind}:{name}", "--rss-base", base] + (["--no-dcp"] if args.no_dcp else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if out.returncode:
+        return {"error": out.stderr[-300:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", type=float, default=2.0, help="state size in GiB (default %(default)s)")
+    p.add_argument("--case", choices=("many", "big"), default="many")
+    p.add_argument("--size", type=float, default=1.0, help="GiB of the big case (default %(default)s)")
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--dir", default=None, help="where to write (default: a temp dir on the disk of this checkout)")
-    p.add_argument("--no-cold", action="store_true", help="skip cold-cache rows")
+    p.add_argument("--dir", default=None, help="where to write (default: a temp dir next to this script)")
     p.add_argument("--no-dcp", action="store_true")
+    p.add_argument("--no-rss", action="store_true", help="skip the per-row peak RSS processes")
+    p.add_argument("--seed", type=int, default=None, help="row order seed (default: random, printed)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "load_save.jsonl"))
+    p.add_argument("--rss-row", help=argparse.SUPPRESS)
+    p.add_argument("--rss-base", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-
+    if args.rss_row:
+        return rss_child(args)
     base = tempfile.mkdtemp(prefix="dg-bench-", dir=args.dir or os.path.dirname(os.path.abspath(__file__)))
     try:
         return run(args, base)
@@ -64,200 +273,77 @@ def main(argv=None) -> int:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def run(args, base: str) -> int:
-    import safetensors.torch as st
-    import torch.distributed.checkpoint as dcp
-
-    print(f"building a {args.size:.2f} GiB transformer-like state ...", flush=True)
-    state = common.transformer_state(int(args.size * 2**30))
-    nbytes = common.state_bytes(state)
-    flat = flat_tensors(state)
-    print(f"{nbytes / 1e9:.3f} GB in {len(flat)} tensors", flush=True)
-
-    pt = os.path.join(base, "state.pt")
-    sf = os.path.join(base, "state.safetensors")
-    dcp_dir = os.path.join(base, "dcp")
-    raw = os.path.join(base, "raw.bin")
-    dg_root = os.path.join(base, "dg")
-    torch.save(state, pt)
-    st.save_file({k: v.contiguous() for k, v in flat.items()}, sf)
-    if not args.no_dcp:
-        dcp.save(state, checkpoint_id=dcp_dir)
-    g = Guardian(stores=[dg_root], run="bench", rng=False)
-    g.save(state, step=0)
-    dg_file = os.path.join(dg_root, "bench", "step-000000000000", "replicated.dgt")
-    file_size = os.path.getsize(dg_file)
-    buf = torch.empty(file_size, dtype=torch.uint8)
-    buf.fill_(1)  # pre-touched
-    mv = memoryview(buf.numpy())
-    with open(dg_file, "rb") as f:
-        f.readinto(mv)
-
-    def dg_resume():
-        target = {"model": {}, "optim": {}, "trainer": {}}
-        r = Guardian(stores=[dg_root], run="bench", rng=False, timeout=3600).resume(target)
-        assert r.resumed and r.tier == "V", r.to_json()
-        return target
-
-    def seed_way():
-        obj = torch.load(pt, weights_only=True)
-        h = hashlib.sha256()
-        with open(pt, "rb", buffering=0) as f:
-            while chunk := f.read(8 << 20):
-                h.update(chunk)
-        return obj
-
-    def dcp_load():
-        target = {
-            "model": {k: torch.empty_like(v) for k, v in state["model"].items()},
-            "optim": {
-                "state": {
-                    k: {n: torch.empty_like(t) for n, t in v.items()} for k, v in state["optim"]["state"].items()
-                },
-                "param_groups": state["optim"]["param_groups"],
-            },
-            "trainer": dict(state["trainer"]),
-        }
-        dcp.load(target, checkpoint_id=dcp_dir)
-        return target
-
-    loads = {
-        "raw readinto": (lambda: common.raw_read(dg_file, mv), dg_file, file_size),
-        "torch.load": (lambda: common.touch(torch.load(pt, weights_only=True)), pt, os.path.getsize(pt)),
-        "torch.load(mmap)+clone": (
-            lambda: {k: v.clone() for k, v in flat_tensors(torch.load(pt, weights_only=True, mmap=True)).items()},
-            pt,
-            os.path.getsize(pt),
-        ),
-        "safetensors+clone": (lambda: {k: v.clone() for k, v in st.load_file(sf).items()}, sf, os.path.getsize(sf)),
-        "seed (torch.load+sha256)": (lambda: common.touch(seed_way()), pt, os.path.getsize(pt)),
-        "dist_guardian resume": (lambda: common.touch(dg_resume()), os.path.join(dg_root, "bench"), file_size),
-    }
-    if not args.no_dcp:
-        loads["DCP load"] = (lambda: common.touch(dcp_load()), dcp_dir, nbytes)
-
-    counter = [0]
-
-    def dg_save():
-        counter[0] += 1
-        root = os.path.join(base, f"dgsave-{counter[0]}")
-        r = Guardian(stores=[root], run="bench", rng=False).save(state, step=counter[0])
-        assert r.committed
-        shutil.rmtree(root)
-
-    pending = []
-
-    def dg_async_blocked():
-        """Only what training waits for: the copy into reusable buffers (the rest runs in the background)."""
-        counter[0] += 1
-        root = os.path.join(base, f"dgasync-{counter[0]}")
-        g = async_guardians.setdefault("g", Guardian(stores=[root], run="bench", rng=False))
-        pending.append(g.save(state, step=counter[0], blocking=False))
-
-    async_guardians: dict = {}
-
-    def torch_save_fsync():
-        path = os.path.join(base, "save.pt")
-        with open(path, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.unlink(path)
-
-    def sf_save_fsync():
-        path = os.path.join(base, "save.safetensors")
-        st.save_file({k: v.contiguous() for k, v in flat.items()}, path)
-        fd = os.open(path, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-        os.unlink(path)
-
-    def dcp_save():
-        d = os.path.join(base, f"dcpsave-{counter[0]}")
-        dcp.save(state, checkpoint_id=d)
-        for f in os.listdir(d):
-            fd = os.open(os.path.join(d, f), os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-        shutil.rmtree(d)
-
-    def raw_write():
-        common.raw_write_fsync(raw, mv)
-        os.unlink(raw)
-
-    saves = {
-        "raw write+fsync": raw_write,
-        "torch.save+fsync": torch_save_fsync,
-        "safetensors+fsync": sf_save_fsync,
-        "dist_guardian save": dg_save,
-        "dist_guardian async save (training blocked)": dg_async_blocked,
-    }
-    if not args.no_dcp:
-        saves["DCP save+fsync"] = dcp_save
-
+def run(args: argparse.Namespace, base: str) -> int:
+    seed = args.seed if args.seed is not None else random.randrange(1 << 30)
+    rnd = random.Random(seed)
+    load0 = os.getloadavg()
+    state = make_state(args.case, args.size)
+    nbytes, ntensors = common.state_bytes(state), len(flat(state))
+    print(f"case {args.case}: {nbytes / 1e9:.3f} GB in {ntensors} tensors; row order seed {seed}", flush=True)
+    rows = Rows(base, state, dcp=not args.no_dcp)
+    rows.prepare()
+    table = {("load", k): v for k, v in rows.loads().items()} | {("save", k): v for k, v in rows.saves().items()}
     times: dict[tuple[str, str], list[float]] = {}
-    modes = ["warm"] + ([] if args.no_cold else ["cold"])
-    for r in range(args.runs + 1):  # round 0 is an untimed warm-up
-        for mode in modes:
-            for name, (fn, path, _) in loads.items():
-                prep = (
-                    (lambda p=path: common.warm_cache(p)) if mode == "warm" else (lambda p=path: common.drop_cache(p))
-                )
-                t = common.timed(fn, prep)
-                if r:
-                    times.setdefault(("load", f"{name} [{mode}]"), []).append(t)
-        for name, fn in saves.items():
+    for r in range(args.runs + 1):  # round 0: an untimed warm-up
+        order = list(table)
+        rnd.shuffle(order)
+        for path in rows.files.values():  # every loader reads from the page cache
+            if os.path.exists(path):
+                common.warm_cache(path)
+        for key in order:
             os.sync()
-            t = common.timed(fn)
-            while pending:  # the background part of an async save is not what training waits for
-                assert pending.pop().result().committed
+            t = common.timed(table[key][1])
             if r:
-                times.setdefault(("save", name), []).append(t)
+                times.setdefault(key, []).append(t)
+        rows.cleanup_new()
         print(f"round {r}/{args.runs} done", flush=True)
-
-    med = {k: common.median(v) for k, v in times.items()}
-    rows = []
-    for (kind, name), t in med.items():
-        mode = name.rsplit("[", 1)[-1].rstrip("]") if kind == "load" else "warm"
-        size = nbytes
-        row = {
-            "kind": kind,
-            "method": name,
-            "seconds": t,
-            "gb_s": size / t / 1e9,
-            "runs": len(times[(kind, name)]),
-            "min": min(times[(kind, name)]),
-            "max": max(times[(kind, name)]),
-        }
-        if kind == "load":
-            rawt = med[("load", f"raw readinto [{mode}]")]
-            row["x_raw"] = rawt / t
-            dg = med[("load", f"dist_guardian resume [{mode}]")]
-            row["dg_speedup"] = t / dg
-        else:
-            row["x_raw"] = med[("save", "raw write+fsync")] / t
-            row["dg_speedup"] = t / med[("save", "dist_guardian save")]
-        rows.append(row)
-    meta = {"bench": "load_save", "size_gb": nbytes / 1e9, "tensors": len(flat), **common.machine()}
+    out = summarize(times, table, nbytes)
+    if not args.no_rss:
+        for row in out:
+            rss = peak_rss(args, base, row["kind"], row["method"])
+            row["peak_rss_gb"] = rss.get("peak", 0) / 1e9 or None
+            # what the row added on top of a process that holds the state, as a multiple of the state
+            row["rss_x_state"] = 1 + (rss["peak"] - rss["before"]) / nbytes if "peak" in rss else None
+    load1 = os.getloadavg()
+    meta = {"bench": "load_save", "case": args.case, "bytes": nbytes, "tensors": ntensors, "seed": seed}
+    meta |= {"loadavg_before": load0, "loadavg_after": load1, **common.machine()}
     common.print_table(
-        f"load/save of {nbytes / 1e9:.2f} GB ({len(flat)} tensors), median of {args.runs} "
-        f"(x_raw: throughput relative to raw read/write of the same bytes; "
-        f"dg_speedup: how much faster dist_guardian is than this row)",
-        rows,
+        f"{args.case}: {nbytes / 1e9:.3f} GB in {ntensors} tensors, median of {args.runs} rounds in random order; "
+        f"load average {load0[0]:.2f} before, {load1[0]:.2f} after",
+        out,
         [
-            ("method", "method", "s"),
+            ("kind", "kind", "s"),
+            ("role", "role", "s"),
+            ("method", "row", "s"),
             ("seconds", "s", ".3f"),
-            ("gb_s", "GB/s", ".2f"),
-            ("x_raw", "x raw", ".2f"),
-            ("dg_speedup", "dg speedup", ".2f"),
-            ("min", "min s", ".3f"),
-            ("max", "max s", ".3f"),
+            ("min", "min", ".3f"),
+            ("max", "max", ".3f"),
+            ("dg_speedup", "dist_guardian faster by", ".2f"),
+            ("peak_rss_gb", "peak RSS GB", ".2f"),
+            ("rss_x_state", "(state + row's peak) / state", ".2f"),
         ],
     )
-    common.write_jsonl(args.out, rows, meta)
-    print(f"\nmachine: {meta}")
-    print(f"JSON lines appended to {args.out}")
+    common.write_jsonl(args.out, out, meta)
+    print(f"\nJSON lines appended to {args.out}")
     return 0
+
+
+def summarize(times: dict, table: dict, nbytes: int) -> list[dict[str, Any]]:
+    med = {k: common.median(v) for k, v in times.items()}
+    ours = {"load": med[("load", "dist_guardian resume")], "save": med[("save", "dist_guardian save (new step dir)")]}
+    return [
+        {
+            "kind": kind,
+            "role": table[(kind, name)][0],
+            "method": name,
+            "seconds": t,
+            "min": min(times[(kind, name)]),
+            "max": max(times[(kind, name)]),
+            "gb_s": nbytes / t / 1e9,
+            "dg_speedup": t / ours[kind],
+        }
+        for (kind, name), t in sorted(med.items(), key=lambda kv: (kv[0][0], table[kv[0]][0], kv[1]))
+    ]
 
 
 if __name__ == "__main__":

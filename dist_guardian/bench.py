@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import statistics
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -146,28 +145,117 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
         print(f"{r['method']:<22} {r['seconds']:>8.3f} {r['gb_s']:>7.2f} {r['x_raw']:>6.2f}")
 
 
-def plot(rows: list[dict[str, Any]], path: str) -> None:
+def require_matplotlib() -> Any:
+    """``matplotlib.pyplot`` (Agg backend), or a :class:`ConfigError` saying how to get it.
+
+    Imported only here: matplotlib is the ``plot`` extra, not a dependency of checkpointing.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("dist-guardian bench: --plot needs matplotlib (pip install dist-guardian[plot])", file=sys.stderr)
-        return
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar([r["method"] for r in rows], [r["gb_s"] for r in rows], color=["#999", "#999", "#2a7", "#2a7"][: len(rows)])
-    ax.set_ylabel("GB/s")
-    ax.set_title(f"{rows[0]['store']}")
-    for i, r in enumerate(rows):
-        ax.text(i, r["gb_s"], f"{r['x_raw']:.2f}x", ha="center", va="bottom")
+        from .errors import ConfigError
+
+        raise ConfigError("dist-guardian bench --plot needs matplotlib: pip install 'dist-guardian[plot]'") from None
+    return plt
+
+
+def sweep(
+    store_url: str, *, size_mb: int, runs: int = 1, counts: tuple[int, ...] = (10, 1_000, 10_000, 100_000)
+) -> list[dict[str, Any]]:
+    """Save and load time against size and against tensor count, for dist_guardian and (local stores) its peers.
+
+    Sizes: 1/16, 1/4 and all of ``size_mb``; counts: 10 ... 100,000 tensors (of 64 floats or more) of
+    ``min(size_mb, 64)`` MiB in all. Every save writes a new path. Rows: ``{"sweep", "x", "method",
+    "seconds"}`` (median of ``runs``).
+    """
+    import tempfile
+
+    import torch
+
+    from . import stores
+
+    local = stores.resolve(store_url, 0, None).is_local
+    out: list[dict[str, Any]] = []
+    cases = [("size_mb", mb, mb, 8) for mb in sorted({max(1, size_mb // 16), max(1, size_mb // 4), size_mb})]
+    count_mb = min(size_mb, 64)
+    cases += [("tensors", n, count_mb, n) for n in counts if count_mb * 2**18 >= 64 * n]  # >= 64 floats each
+    for sweep_name, x, mb, n in cases:
+        per = max(1, mb * 2**18 // n)
+        state = {"model": {f"t{i}": torch.randn(per) for i in range(n)}}
+        times: dict[str, list[float]] = {}
+        for r in range(runs):
+            run = f"dg-sweep-{uuid.uuid4().hex[:8]}"
+            _guardian_round(store_url, run, state, r, {}, lambda k, t: times.setdefault(k, []).append(t))
+            _cleanup(stores.resolve(store_url, 0, None), run)
+            if local:
+                with tempfile.TemporaryDirectory(dir=stores.resolve(store_url, 0, None).root) as d:
+                    for k, t in _peer_round(state, d).items():
+                        times.setdefault(k, []).append(t)
+        out += [{"sweep": sweep_name, "x": x, "method": k, "seconds": statistics.median(v)} for k, v in times.items()]
+    return out
+
+
+def _peer_round(state: dict[str, Any], d: str) -> dict[str, float]:
+    """torch.save/torch.load and safetensors save/load (with a copy) of ``state``, each to a new file, fsynced."""
+    import torch
+
+    flat = {f"model.{k}": v for k, v in state["model"].items()}
+    out: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with open(os.path.join(d, "s.pt"), "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    out["torch.save"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    torch.load(os.path.join(d, "s.pt"), weights_only=True)
+    out["torch.load"] = time.perf_counter() - t0
+    try:
+        from safetensors.torch import load_file, save_file
+    except ImportError:
+        return out
+    t0 = time.perf_counter()
+    save_file(flat, os.path.join(d, "s.st"))
+    with open(os.path.join(d, "s.st"), "rb") as f:
+        os.fsync(f.fileno())
+    out["safetensors save"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    {k: v.clone() for k, v in load_file(os.path.join(d, "s.st")).items()}
+    out["safetensors load + copy"] = time.perf_counter() - t0
+    return out
+
+
+def plot(rows: list[dict[str, Any]], sweep_rows: list[dict[str, Any]], path: str) -> None:
+    """Two panels, time against size and against tensor count, one line per method; and the bench's figures."""
+    plt = require_matplotlib()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, name, label in ((axes[0], "size_mb", "state size (MiB)"), (axes[1], "tensors", "tensors (same bytes)")):
+        pts = [r for r in sweep_rows if r["sweep"] == name]
+        for method in sorted({r["method"] for r in pts}):
+            xs = sorted((r["x"], r["seconds"]) for r in pts if r["method"] == method)
+            style = "-o" if method.startswith("dist_guardian") else "--."
+            ax.plot([x for x, _ in xs], [y for _, y in xs], style, label=method)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("seconds")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=7)
+    summary = ", ".join(f"{r['method']} {r['gb_s']:.2f} GB/s" for r in rows)
+    fig.suptitle(f"{rows[0]['store'] if rows else ''}: {summary}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
+    plt.close(fig)
     print(f"plot written to {path}")
 
 
 def main(args) -> int:
     opts = json.loads(args.storage_options) if args.storage_options else None
+    if args.plot:
+        require_matplotlib()  # before minutes of measuring
     rows = run_bench(
         args.store, size_mb=args.size_mb, runs=args.runs, storage_options=opts, concurrency=args.concurrency
     )
@@ -176,5 +264,5 @@ def main(args) -> int:
     else:
         print_rows(rows)
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, sweep(args.store, size_mb=args.size_mb), args.plot)
     return 0

@@ -69,7 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--runs", type=int, default=3)
     be.add_argument("--concurrency", type=int, default=1, help="parallel ranged GETs for remote loads")
     be.add_argument("--json", action="store_true")
-    be.add_argument("--plot", default=None, help="write a bar chart (PNG) here; needs matplotlib")
+    be.add_argument(
+        "--plot",
+        default=None,
+        help="also measure time against size and tensor count (with torch and safetensors on a local store) "
+        "and write the plot (PNG) here; needs matplotlib (the plot extra)",
+    )
     be.add_argument("--storage-options", "--storage_options", default=None)
     return p
 

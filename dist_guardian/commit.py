@@ -66,7 +66,7 @@ class WrittenEntry:
     def from_json(cls, d: dict[str, Any]) -> WrittenEntry:
         return cls(
             entry=FileEntry(name=d["name"], size=d["size"], digest=d["digest"], rank=d["rank"]),
-            stats=TensorTable.from_json(d["table"]),
+            stats=TensorTable.of_own_json(d["table"]),
             trees=d["trees"],
         )
 

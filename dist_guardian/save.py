@@ -313,7 +313,7 @@ def write_tree(path: str, tree: dict[str, Any], *, rank: int, step: int, file_ra
 def _write_tree(path: str, tree: dict[str, Any], *, rank: int, step: int, file_rank: int | None) -> WrittenEntry:
     enc = statetree.Encoder()
     encoded = enc.encode(tree, "")
-    tree_json = json.dumps(encoded, separators=(",", ":"), allow_nan=False)
+    tree_json, trees = formats.tree_json_and_digests(encoded)
     specs, packed = statetree.tensor_specs(enc.tensors)
     return write_file(
         path,
@@ -323,5 +323,5 @@ def _write_tree(path: str, tree: dict[str, Any], *, rank: int, step: int, file_r
         rank=rank,
         step=step,
         file_rank=file_rank,
-        trees=formats.tree_key_digests(encoded),
+        trees=trees,
     )

@@ -182,6 +182,8 @@ def apply(staged: Staged, state: dict[str, Any]) -> None:
         live = state[k]
         if k in staged.fqn:
             sharding.apply(state, k, staged.fqn[k], v)
+        elif isinstance(live, torch.nn.Module) and isinstance(v, dict) and _copy_module_state(live, v):
+            continue
         elif hasattr(live, "load_state_dict") and not isinstance(live, torch.Tensor):
             live.load_state_dict(v)
         elif isinstance(live, torch.Tensor) and isinstance(v, torch.Tensor):
@@ -196,3 +198,36 @@ def apply(staged: Staged, state: dict[str, Any]) -> None:
             state[k] = v
     if staged.rng is not None:
         statetree.set_rng_state(staged.rng)
+
+
+def _copy_module_state(live: torch.nn.Module, staged: dict[str, Any]) -> bool:
+    """``live.load_state_dict(staged)`` as one ``torch._foreach_copy_``, when nothing in ``live`` customizes loading.
+
+    ``load_state_dict`` copies tensor by tensor in Python (tens of microseconds each: seconds for
+    100,000 parameters); this is one call. Declined (False, nothing touched) when any submodule
+    overrides ``_load_from_state_dict`` (BatchNorm, quantized modules), has a state-dict or load
+    hook, or the names differ: ``load_state_dict`` then runs as before.
+    """
+    base = torch.nn.Module
+    if type(live).load_state_dict is not base.load_state_dict or type(live).state_dict is not base.state_dict:
+        return False
+    for m in live.modules():
+        if type(m)._load_from_state_dict is not base._load_from_state_dict or any(getattr(m, h, None) for h in _HOOKS):
+            return False
+    dst = live.state_dict(keep_vars=True)
+    if dst.keys() != staged.keys():
+        return False
+    src = [staged[k] for k in dst]
+    if not all(isinstance(t, torch.Tensor) for t in src) or not all(isinstance(t, torch.Tensor) for t in dst.values()):
+        return False
+    with torch.no_grad():
+        torch._foreach_copy_(list(dst.values()), src)
+    return True
+
+
+_HOOKS = (
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+)

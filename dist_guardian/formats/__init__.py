@@ -62,6 +62,7 @@ from .native import (
     region_bounds,
     region_spans,
     tree_digest,
+    tree_json_and_digests,
     tree_key_digests,
 )
 from .writing import write_all, write_native
@@ -115,6 +116,7 @@ __all__ = [
     "step_from_name",
     "stream_digests",
     "tree_digest",
+    "tree_json_and_digests",
     "tree_key_digests",
     "unit_spans",
     "write_all",

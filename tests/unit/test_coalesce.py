@@ -222,3 +222,48 @@ def test_table_json_is_checked_column_by_column():
     ):
         with pytest.raises(TableError):
             formats.TensorTable.from_json(bad)
+
+
+@pytest.mark.parametrize(
+    "tree",
+    [
+        {"a": {"__tensor__": "a"}, "lr": 0.1, "k": [1, "é", None], "n": {"__float__": "nan"}},
+        {"__dict__": [["__rng__", 1], ["x", 2]]},
+        {},
+        [1, 2],
+    ],
+)
+def test_tree_json_and_digests_equal_the_two_calls(tree):
+    text, digests = formats.tree_json_and_digests(tree)
+    assert text == json.dumps(tree, separators=(",", ":"), allow_nan=False)
+    assert digests == formats.tree_key_digests(tree)
+
+
+def test_module_apply_is_one_foreach_copy_and_customized_modules_keep_load_state_dict(tmp_path):
+    from dist_guardian import staging
+
+    torch.manual_seed(0)
+    wide = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2000)])  # load_state_dict: minutes at 20,000
+    bn = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    hooked = torch.nn.Linear(2, 2)
+    seen = []
+    hooked.register_load_state_dict_pre_hook(lambda *a, **k: seen.append(1))
+    state = {"wide": wide, "bn": bn, "hooked": hooked}
+    want = {k: {n: t.clone() for n, t in m.state_dict().items()} for k, m in state.items()}
+    root = str(tmp_path)
+    _save(root, state)
+    assert staging._copy_module_state(wide, want["wide"]) and not staging._copy_module_state(bn, want["bn"])
+    assert not staging._copy_module_state(hooked, want["hooked"])
+    fresh = {
+        "wide": torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2000)]),
+        "bn": torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)),
+        "hooked": hooked,
+    }
+    with torch.no_grad():
+        hooked.weight.zero_()
+    r = _resume(root, fresh)
+    assert r.resumed
+    for k, m in fresh.items():
+        for n, t in m.state_dict().items():
+            assert torch.equal(t, want[k][n]), (k, n)
+    assert seen  # the hooked module went through load_state_dict
