@@ -51,6 +51,7 @@ def find_resume_checkpoint(
     """
     local_dir = os.path.abspath(os.fspath(dirpath))
     run = guardian_options.pop("run", None) or DEFAULT_RUN
+    safe = tuple(guardian_options.get("extra_safe_globals", ()))  # planning judges with them too
     chosen: dict[str, str] = {}
 
     def load(c: Candidate, store: Store) -> bytes:
@@ -58,7 +59,9 @@ def find_resume_checkpoint(
             raise CheckpointFormatError(f"not_lightning: {c.path} is not a .ckpt file")
         data = dist_guardian.read_bytes(store, c.rel)
         _check_sum(store, c.rel, data, c.path)
-        obj = dist_guardian.read_torch_object(c, store, data=data)  # our sniffing, every zip CRC, then weights-only
+        obj = dist_guardian.read_torch_object(
+            c, store, data=data, extra_safe_globals=safe
+        )  # sniffed, CRCs, weights-only
         if not isinstance(obj, dict) or "state_dict" not in obj:
             raise CheckpointFormatError(f"not_lightning: {c.path} holds no Lightning checkpoint (no state_dict)")
         return data
@@ -82,6 +85,8 @@ class GuardianCheckpointIO(CheckpointIO):
         run: the mirror sub-directory (default ``"lightning"``, as :func:`find_resume_checkpoint`).
         storage_options: fsspec options per URL prefix, as for :class:`dist_guardian.Guardian`.
         mirror_timeout: seconds ``teardown`` and ``remove_checkpoint`` wait for a mirror upload.
+        extra_safe_globals: classes the checkpoints' pickles may name besides the allowlist (your
+            ``hyper_parameters``' types), as for :class:`dist_guardian.Guardian`.
     """
 
     def __init__(self, stores: Sequence[str] = (), run: str | None = None, **guardian_options: Any) -> None:
@@ -89,10 +94,11 @@ class GuardianCheckpointIO(CheckpointIO):
         self.run = run or DEFAULT_RUN
         self.storage_options: dict[str, Any] = dict(guardian_options.pop("storage_options", None) or {})
         self.mirror_timeout = float(guardian_options.pop("mirror_timeout", 600.0))
+        self.extra_safe_globals = tuple(guardian_options.pop("extra_safe_globals", ()))
         if guardian_options:
             raise ConfigError(
                 f"GuardianCheckpointIO got unknown options {sorted(guardian_options)}; "
-                "allowed: stores, run, storage_options, mirror_timeout"
+                "allowed: stores, run, storage_options, mirror_timeout, extra_safe_globals"
             )
         self._mirror_stores = [
             dist_guardian.resolve_store(u, i + 1, self.storage_options) for i, u in enumerate(self.stores)
@@ -124,12 +130,16 @@ class GuardianCheckpointIO(CheckpointIO):
     ) -> dict[str, Any]:
         """The checkpoint at ``path`` (restored from a mirror first when the local copy is damaged or gone).
 
-        Always ``weights_only=True``: a checkpoint is data, never code (pass the classes your
-        hyperparameters need to ``torch.serialization.add_safe_globals``).
+        Read as a resume reads a foreign file (allowlisted globals, every zip CRC, ``weights_only=True``,
+        onto the CPU): a checkpoint is data, never code. ``map_location`` and ``weights_only`` are
+        accepted for Lightning's call and not used; pass ``extra_safe_globals`` for hyperparameter types.
         """
         path = os.path.abspath(os.fspath(path))
         data = self._good_bytes(path)
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        store, name = _here(path)
+        c = Candidate(id=f"0:{name}", store=store.url, store_index=0, rel=name, path=path, kind="torch", step=-1)
+        # Our sniffing and every zip CRC, then weights-only onto the CPU; Lightning moves the state to its device.
+        return dict(dist_guardian.read_torch_object(c, store, data=data, extra_safe_globals=self.extra_safe_globals))
 
     def remove_checkpoint(self, path: Any) -> None:
         path = os.path.abspath(os.fspath(path))
