@@ -191,5 +191,38 @@ def apply(state: dict[str, Any], key: str, owner: str | None, value: Any) -> Non
     opts = StateDictOptions(strict=True)
     if owner is None:
         set_model_state_dict(state[key], value, options=opts)
-    else:
+    elif not _load_by_index(state[owner], state[key], value):
         set_optimizer_state_dict(state[owner], state[key], value, options=opts)
+
+
+def _load_by_index(model: torch.nn.Module, optim: torch.optim.Optimizer, value: Any) -> bool:
+    """``set_optimizer_state_dict``'s mapping (parameter FQN -> this optimizer's index), done directly.
+
+    torch's call first runs a zero-gradient step on a fresh optimizer, to create the state it
+    then replaces: for a large model that is a full optimizer step of allocations. When every
+    saved name is a parameter name of the module (FSDP2 and TP keep them), the state is loaded
+    by index instead, taking the staged tensors as they are. False: torch's call does it.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    index: dict[str, int] = {}
+    for g in optim.param_groups:
+        for p in g["params"]:
+            n = names.get(id(p))
+            if n is None or n in index:
+                return False
+            index[n] = len(index)
+    groups = value.get("param_groups") if isinstance(value, dict) else None
+    saved = value.get("state") if isinstance(value, dict) else None
+    if not isinstance(groups, list) or not isinstance(saved, dict):
+        return False
+    listed = [n for g in groups for n in g.get("params", ())]
+    # torch pairs saved and live parameters by position, so the saved order must be the live one
+    if listed != list(index) or not set(saved) <= set(index):
+        return False
+    optim.load_state_dict(
+        {
+            "state": {index[n]: v for n, v in saved.items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups],
+        }
+    )
+    return True

@@ -63,11 +63,12 @@ def test_fsdp2_save_resume_same_world_bit_identical(tmp_path, capsys):
         "shards-00001-of-00002.dgt",
     ]
     _cli_shows_the_sharded_layout(root, capsys)
-    out = run_ranks(srf.resume_run, 2, timeout=90, root=root, run="r", total=5)
+    out = run_ranks(srf.resume_run, 2, timeout=90, root=root, run="r", total=5, forbid_unpickle=True)
     assert out.ok(), out.errors
     for r in range(2):
         got = out.results[r]
         assert got["resumed"] and got["step"] == 2
+        assert got["unpickled"] == []  # get/set_state_dict act on live objects: no checkpoint byte is unpickled
         _equal(got["loaded"], saved.results[r]["at"][2])  # model and AdamW step/exp_avg/exp_avg_sq
         _equal(got["final"], saved.results[r]["final"])  # the continuation, bit for bit
         assert got["data"] == {"position": 3 + 100 * r}

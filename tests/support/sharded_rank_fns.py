@@ -8,6 +8,7 @@ layout holds with what the writer held.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -146,6 +147,7 @@ def resume_run(
     data: bool = True,
     storage_options: dict | None = None,
     plain: bool = False,
+    forbid_unpickle: bool = False,
 ) -> dict[str, Any]:
     """A freshly built model and an optimizer that never stepped, resumed from ``root`` (a store URL); then
     trained up to ``total``."""
@@ -156,9 +158,12 @@ def resume_run(
     g = Guardian(
         stores=[root], run=run, timeout=30, per_rank=("data",) if data else (), storage_options=storage_options
     )
-    r = g.resume(state)
+    unpickled: list[str] = []
+    with _no_unpickling(unpickled) if forbid_unpickle else contextlib.nullcontext():
+        r = g.resume(state)
     g.close()
     out: dict[str, Any] = {
+        "unpickled": unpickled,
         "resumed": r.resumed,
         "step": r.step,
         "warnings": list(r.warnings),
@@ -171,6 +176,28 @@ def resume_run(
         train(model, optim, total - r.step - 1, r.step + 1)
         out["final"] = gathered(model, optim)
     return out
+
+
+@contextlib.contextmanager
+def _no_unpickling(seen: list[str]) -> Any:
+    """Every unpickler entry point (pickle, torch.load) raises and is recorded while the block runs."""
+    import pickle
+    from unittest import mock
+
+    def refuse(name: str) -> Any:
+        def f(*a: Any, **k: Any) -> Any:
+            seen.append(name)
+            raise AssertionError(f"{name} called during a sharded resume")
+
+        return f
+
+    with (
+        mock.patch.object(pickle, "load", refuse("pickle.load")),
+        mock.patch.object(pickle, "loads", refuse("pickle.loads")),
+        mock.patch.object(pickle, "Unpickler", refuse("pickle.Unpickler")),
+        mock.patch.object(torch, "load", refuse("torch.load")),
+    ):
+        yield
 
 
 def shard_file_sizes(root: str) -> dict[str, int]:
