@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import time
 import traceback
@@ -102,7 +103,9 @@ def _entry(fn: Callable[..., Any], rank: int, world: int, launch: _Launch, q: An
             timeout=datetime.timedelta(seconds=launch.pg_timeout_s),
             **device_kw,
         )
-        q.put((rank, "ok", fn(rank, world, **kwargs)))
+        # By value (plain pickle): a tensor put on the queue as it is travels as a shared-memory fd that
+        # the parent fetches from this process later, which fails when this rank has exited by then.
+        q.put((rank, "ok", pickle.dumps(fn(rank, world, **kwargs))))
     except BaseException as e:  # report everything, including SystemExit/KeyboardInterrupt
         q.put((rank, "err", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
         code = 3
@@ -187,13 +190,20 @@ def _run(
     return out
 
 
+def _report(out: RankOutcome, rank: int, kind: str, val: Any) -> None:
+    if kind == "ok":
+        out.results[rank] = pickle.loads(val)  # a result this test's own rank function returned
+    else:
+        out.errors[rank] = val
+
+
 def _collect(q: Any, procs: list[Any], out: RankOutcome, deadline: float) -> None:
     """Take reports off the queue until every rank reported, or every silent rank has exited, or the deadline."""
     world = len(procs)
     while len(out.results) + len(out.errors) < world and time.monotonic() < deadline:
         try:
             rank, kind, val = q.get(timeout=0.05)
-            (out.results if kind == "ok" else out.errors)[rank] = val
+            _report(out, rank, kind, val)
         except queue.Empty:
             dead = [i for i, p in enumerate(procs) if p.exitcode is not None]
             reported = set(out.results) | set(out.errors)
@@ -202,7 +212,7 @@ def _collect(q: Any, procs: list[Any], out: RankOutcome, deadline: float) -> Non
                 while True:
                     try:
                         rank, kind, val = q.get_nowait()
-                        (out.results if kind == "ok" else out.errors)[rank] = val
+                        _report(out, rank, kind, val)
                     except queue.Empty:
                         break
                 break
