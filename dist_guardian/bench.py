@@ -205,10 +205,8 @@ def _peer_round(state: dict[str, Any], d: str) -> dict[str, float]:
     flat = {f"model.{k}": v for k, v in state["model"].items()}
     out: dict[str, float] = {}
     t0 = time.perf_counter()
-    with open(os.path.join(d, "s.pt"), "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    torch.save(state, os.path.join(d, "s.pt"))
+    _fsync(os.path.join(d, "s.pt"))
     out["torch.save"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     torch.load(os.path.join(d, "s.pt"), weights_only=True)
@@ -219,13 +217,22 @@ def _peer_round(state: dict[str, Any], d: str) -> dict[str, float]:
         return out
     t0 = time.perf_counter()
     save_file(flat, os.path.join(d, "s.st"))
-    with open(os.path.join(d, "s.st"), "rb") as f:
-        os.fsync(f.fileno())
+    _fsync(os.path.join(d, "s.st"))
     out["safetensors save"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     {k: v.clone() for k, v in load_file(os.path.join(d, "s.st")).items()}
     out["safetensors load + copy"] = time.perf_counter() - t0
     return out
+
+
+def _fsync(path: str) -> None:
+    from . import stores
+
+    fd = stores.open_regular(path)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def plot(rows: list[dict[str, Any]], sweep_rows: list[dict[str, Any]], path: str) -> None:

@@ -138,7 +138,8 @@ class Saver:
             return self._failed(step, [(0, staging_doc["error"])], t0)
         staging = staging_doc["staging"]
         # 2. Every rank writes its files into staging, hashing as it goes.
-        docs, errors = self._write_and_gather(comm, captured, rng, staging, step)
+        with gc_paused():  # 100,000 tensors' tables cross ranks as JSON: see bulk
+            docs, errors = self._write_and_gather(comm, captured, rng, staging, step)
         if errors:
             if comm.rank == 0:
                 discard_staging(staging)
@@ -151,9 +152,9 @@ class Saver:
             entries = [WrittenEntry.from_json(e) for d in docs for e in d["files"]]
             try:
                 sharded = sharded_io.merge([d["chunks"] for d in docs])
-                done = self._commit(
-                    primary, staging, step, entries, _CommitInfo(metrics, comm.world_size, layout, generation, sharded)
-                )
+                info = _CommitInfo(metrics, comm.world_size, layout, generation, sharded)
+                with gc_paused():
+                    done = self._commit(primary, staging, step, entries, info)
                 outcome = {"path": done.path}
             except Exception as e:
                 discard_staging(staging)

@@ -41,12 +41,11 @@ def write_native(
     total = sum(sizes)
     pipe = _WritePipe(fd)
     pipe.put(memoryview(header))
+    pipe.mid_hook, pipe.mid = hook, (total + 1) // 2  # bytes of payload queued when the hook runs
     regions: list[str] = []
     raw_digests: list[bytes] = []
     tensor_digests: list[str] = []
     stats: list[tuple[float | None, bool]] = []
-    queued = 0
-    mid_called = hook is None
     try:
         for first, stop in region_bounds(sizes, REGION_BYTES):
             h = xxhash.xxh3_128()
@@ -54,31 +53,18 @@ def write_native(
                 stats.extend(stats_fn(s) for s in ordered[first:stop])
             if stop - first == 1:
                 mv = ordered[first].data
-                for i in range(0, len(mv), _CHUNK):
-                    chunk = mv[i : i + _CHUNK]
-                    h.update(chunk)
-                    pipe.add(chunk)
-                    queued += len(chunk)
-                    if not mid_called and queued * 2 >= total:
-                        pipe.drain()
-                        mid_called = True
-                        hook("mid_data_write")
-                tensor_digests.append(h.hexdigest()[:TENSOR_DIGEST_HEX])
+                pieces = [mv[i : i + _CHUNK] for i in range(0, len(mv), _CHUNK)]
             else:
                 tensor_digests.extend(xxhash.xxh3_64_hexdigest(s.data) for s in ordered[first:stop])
-                for run in _runs(ordered[first:stop]):
-                    h.update(run)
-                    pipe.add(run)
-                queued += sum(sizes[first:stop])
-                if not mid_called and queued * 2 >= total:
-                    pipe.drain()
-                    mid_called = True
-                    hook("mid_data_write")
+                pieces = _runs(ordered[first:stop])
+            for piece in pieces:
+                h.update(piece)
+                pipe.add_payload(piece)
+            if stop - first == 1:
+                tensor_digests.append(h.hexdigest()[:TENSOR_DIGEST_HEX])
             raw_digests.append(h.digest())
             regions.append(h.hexdigest())
-        if not mid_called:
-            pipe.drain()
-            hook("mid_data_write")
+        pipe.add_payload(memoryview(b""))  # an empty payload still reaches its midpoint
         pipe.flush()
     finally:
         pipe.close()
@@ -126,6 +112,9 @@ class _WritePipe:
 
     def __init__(self, fd: int, depth: int = 4):
         self.fd = fd
+        self.queued = 0  # payload bytes handed to add_payload
+        self.mid = 0
+        self.mid_hook: Callable[[str], object] | None = None
         self.q: queue.Queue[list[memoryview] | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self._batch: list[memoryview] = []
@@ -145,6 +134,22 @@ class _WritePipe:
                 self.error = e
             finally:
                 self.q.task_done()
+
+    def add_payload(self, mv: memoryview) -> None:
+        """:meth:`add` for payload bytes: at the midpoint (``mid`` bytes queued), drain and call ``mid_hook``."""
+        hook = self.mid_hook
+        if hook is not None and self.queued + len(mv) >= self.mid:
+            k = self.mid - self.queued
+            if k > 0:
+                self.add(mv[:k])
+                self.queued += k
+            self.drain()
+            self.mid_hook = None
+            hook("mid_data_write")
+            mv = mv[max(k, 0) :]
+        if len(mv):
+            self.add(mv)
+            self.queued += len(mv)
 
     def put(self, mv: memoryview) -> None:
         self.add(mv)
