@@ -24,7 +24,7 @@ $(VENV)/.base-ok: $(VENV)/.torch-ok pyproject.toml
 	touch $@
 
 $(VENV)/.test-ok: $(VENV)/.torch-ok pyproject.toml
-	$(PIP) install -e ".[test]" "$(TORCH_SPEC)"
+	$(PIP) install -e ".[test,plot]" "$(TORCH_SPEC)"
 	touch $@ $(VENV)/.base-ok
 
 demo: $(VENV)/.base-ok
