@@ -311,7 +311,7 @@ def _run_reads(store: Store, c_rel: str, reads: list[_Read], concurrency: int | 
                 _pread_all(fds[r.chunk.file], mv, r.chunk.begin, store.uri(c_rel, r.chunk.file))
             else:
                 stores.read_range_into(store, f"{c_rel}/{r.chunk.file}", r.chunk.begin, mv, concurrency=concurrency)
-            got = xxhash.xxh3_128_hexdigest(mv)
+            got = xxhash.xxh3_128(mv).hexdigest()  # hashes outside the GIL (xxh3_128_hexdigest holds it)
             if r.then is not None:
                 r.then(r.into)
             if got != r.chunk.digest:
