@@ -305,12 +305,13 @@ def _run_reads(store: Store, c_rel: str, reads: list[_Read], concurrency: int | 
                 fds[f] = stores.open_regular(store.join(c_rel, f))
 
         def one(r: _Read) -> str | None:
+            _MEMORY.prepare(r.into)
             mv = r.into.numpy().data
             if r.chunk.file in fds:
                 _pread_all(fds[r.chunk.file], mv, r.chunk.begin, store.uri(c_rel, r.chunk.file))
             else:
                 stores.read_range_into(store, f"{c_rel}/{r.chunk.file}", r.chunk.begin, mv, concurrency=concurrency)
-            got = xxhash.xxh3_128_hexdigest(mv)
+            got = xxhash.xxh3_128(mv).hexdigest()  # hashes outside the GIL (xxh3_128_hexdigest holds it)
             if r.then is not None:
                 r.then(r.into)
             if got != r.chunk.digest:
@@ -326,6 +327,56 @@ def _run_reads(store: Store, c_rel: str, reads: list[_Read], concurrency: int | 
         for fd in fds.values():
             os.close(fd)
     return [f for f in found if f]
+
+
+class _Memory:
+    """Fresh staging memory populated for a chunk's bytes in one system call, not one fault per page.
+
+    Every staged byte lands in memory never touched before (nothing live changes before the vote,
+    F29); on this VM each 4 KiB page that ``preadv`` faults in costs about as much as the copy
+    into it (1 GiB from the page cache: 0.8-1.0 s into fresh memory, 0.2 s into touched memory).
+    ``MADV_POPULATE_WRITE`` faults a destination's pages in at once, in the read thread and
+    outside the GIL, so the four readers overlap it with each other's copies and hashes
+    (measured, fresh processes: read + hash of 1 GiB in 8 MiB tensors 0.67-0.79 -> 0.55-0.70 CPU
+    seconds). Contents are never written by it; a kernel without it (or not Linux) leaves the
+    faults to the read, as before. (``MADV_HUGEPAGE`` was slower: the kernel compacts memory to
+    find huge pages, and found none under load.)
+    """
+
+    POPULATE_WRITE = 23  # Linux 5.14+
+    MIN_BYTES = 1 << 20
+
+    def __init__(self) -> None:
+        self._madvise: Any = None
+        self._page = 0
+        self._tried = False
+
+    def _load(self) -> Any:
+        if not self._tried:
+            self._tried = True
+            try:
+                import ctypes
+
+                fn = ctypes.CDLL(None, use_errno=True).madvise
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                self._page = os.sysconf("SC_PAGE_SIZE")
+                self._madvise = fn
+            except (OSError, AttributeError, ValueError):
+                self._madvise = None
+        return self._madvise
+
+    def prepare(self, t: torch.Tensor) -> None:
+        n = t.numel() * t.element_size()
+        madvise = self._load() if n >= self.MIN_BYTES else None
+        if madvise is None:
+            return
+        ptr = t.data_ptr()
+        lo, hi = -(-ptr // self._page) * self._page, (ptr + n) // self._page * self._page
+        if hi > lo and madvise(lo, hi - lo, self.POPULATE_WRITE) != 0:
+            self._madvise = None  # unsupported here (EINVAL): the reads fault the pages in
+
+
+_MEMORY = _Memory()
 
 
 def _pread_all(fd: int, mv: memoryview, start: int, name: str) -> None:
