@@ -88,6 +88,8 @@ class TensorSpec(NamedTuple):
     # writer hashes and writes a run of neighbours with one call instead of one per tensor.
     base: memoryview | None = None
     base_offset: int = 0
+    # ``(max|x|, finite)`` when the packer computed it in bulk; None leaves it to the writer's ``stats_fn``.
+    stats: tuple[float | None, bool] | None = None
 
 
 class TensorEntry(NamedTuple):

@@ -127,9 +127,10 @@ def test_packed_stats_equal_per_tensor_stats():
         "f8": torch.randn(6).to(torch.float8_e4m3fn),
         "big": torch.randn(300_000),
     }
-    specs, packed = statetree.tensor_specs(ts)
+    specs = statetree.tensor_specs(ts)
+    packed = {s.name: s.stats for s in specs if s.stats is not None}
     assert {s.name for s in specs} == set(ts)
-    assert "big" not in packed and "i" not in packed
+    assert "big" not in packed and packed["i"] == (None, True)
     for name, st in packed.items():
         want = statetree.max_abs(ts[name])
         assert st[1] == want[1] and (st[0] == want[0] or st[0] is want[0] is None), name
@@ -267,3 +268,22 @@ def test_module_apply_is_one_foreach_copy_and_customized_modules_keep_load_state
         for n, t in m.state_dict().items():
             assert torch.equal(t, want[k][n]), (k, n)
     assert seen  # the hooked module went through load_state_dict
+
+
+def test_pool_buffers_are_reused_and_hold_the_current_values():
+    pool: dict = {}
+    ts = {"a": torch.randn(5, 3), "b": torch.arange(4), "c": torch.randn(7)}
+    first = statetree.tensor_specs(ts, pool)
+    bufs = {k: v.data_ptr() for k, v in pool.items()}
+    assert {k[0] for k in pool} == {torch.float32, torch.int64}
+    ts["a"].add_(1.0)
+    ts["b"].add_(3)
+    second = statetree.tensor_specs(ts, pool)
+    assert {k: v.data_ptr() for k, v in pool.items()} == bufs  # the same memory, refilled
+    for s in second:
+        assert bytes(s.data) == ts[s.name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), s.name
+    assert [s.name for s in first] == [s.name for s in second]
+    ts["d"] = torch.randn(2)  # the float32 group grows: its buffer is replaced, the int64 one kept
+    statetree.tensor_specs(ts, pool)
+    assert len(pool) == 2 and pool[(torch.int64, 4)].data_ptr() == bufs[(torch.int64, 4)]
+    assert (torch.float32, 15 + 7 + 2) in pool
