@@ -86,7 +86,7 @@ class Encoder:
             return [self.encode(v, f"{path}/{i}") for i, v in enumerate(value)]
         if isinstance(value, dict):
             if all(isinstance(k, str) and not k.startswith("__") for k in value):
-                return {k: self.encode(v, f"{path}/{k}" if path else k) for k, v in value.items()}
+                return self._encode_str_dict(value, path)
             return {
                 "__dict__": [
                     [self.encode(k, f"{path}/key"), self.encode(v, f"{path}/{k}" if path else str(k))]
@@ -105,6 +105,20 @@ class Encoder:
             f"state[{path!r}]: cannot save a {type(value).__module__}.{type(value).__qualname__} without pickle; "
             "use tensors, numbers, strings, lists, tuples and dicts (or an object with state_dict())"
         )
+
+
+    def _encode_str_dict(self, value: dict[str, Any], path: str) -> dict[str, Any]:
+        """A dict of string keys; its tensors inline (a state_dict of 100,000 tensors: no call per tensor)."""
+        out: dict[str, Any] = {}
+        tensors = self.tensors
+        for k, v in value.items():
+            p = f"{path}/{k}" if path else k
+            if isinstance(v, torch.Tensor) and p and p not in tensors:  # else encode names it uniquely
+                tensors[p] = v
+                out[k] = {"__tensor__": p}
+            else:
+                out[k] = self.encode(v, p)
+        return out
 
 
 def decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -206,12 +220,13 @@ def tensor_specs(
     for (dt, _), items in groups.items():
         names = [n for n, _ in items]
         ts = [t for _, t in items]
+        shapes = [tuple(t.shape) for t in ts]
         try:
-            flat = _pack(ts, dt, pool)
+            flat = _pack(ts, shapes, dt, pool)
         except (RuntimeError, NotImplementedError):  # a layout that cannot be packed: refused by name below
             specs.extend(tensor_spec(name, t) for name, t in items)
             continue
-        numels = [t.numel() for t in ts]
+        numels = list(map(math.prod, shapes))
         base = flat.view(torch.uint8).numpy().data
         st, es = TO_ST[dt], flat.element_size()
         ends = list(itertools.accumulate(n * es for n in numels))
@@ -222,7 +237,7 @@ def tensor_specs(
                 TensorSpec,
                 names,
                 itertools.repeat(st),
-                [tuple(t.shape) for t in ts],
+                shapes,
                 map(base.__getitem__, map(slice, starts, ends)),
                 itertools.repeat(base),
                 starts,
@@ -233,19 +248,47 @@ def tensor_specs(
 
 
 def _pack(
-    ts: list[torch.Tensor], dt: torch.dtype, pool: dict[tuple[torch.dtype, int], torch.Tensor] | None
+    ts: list[torch.Tensor],
+    shapes: list[tuple[int, ...]],
+    dt: torch.dtype,
+    pool: dict[tuple[torch.dtype, int], torch.Tensor] | None,
 ) -> torch.Tensor:
-    """The tensors concatenated flat into one CPU buffer (``pool``'s one of that size when it has it)."""
+    """The tensors concatenated flat into one CPU buffer (``pool``'s one of that size when it has it).
+
+    One ``torch.stack`` per run of equal shapes writes straight into the buffer: no per-tensor
+    ``reshape`` (a third of the packing at 100,000 tensors).
+    """
     with torch.no_grad():
-        if pool is None or ts[0].device.type != "cpu":  # a group is of one device
+        if ts[0].device.type != "cpu":  # a group is of one device
             return torch._utils._flatten_dense_tensors(ts).cpu()
-        total = sum(t.numel() for t in ts)
-        buf = pool.get((dt, total))
+        total = sum(map(math.prod, shapes))
+        buf = pool.get((dt, total)) if pool is not None else None
         if buf is None:
-            for old in [k for k in pool if k[0] == dt]:  # the state changed size: its old buffer goes
-                del pool[old]
-            buf = pool[(dt, total)] = torch.empty(total, dtype=dt)
-        return torch.cat([t.reshape(-1) for t in ts], out=buf)
+            buf = torch.empty(total, dtype=dt)
+            if pool is not None:
+                for old in [k for k in pool if k[0] == dt]:  # the state changed size: its old buffer goes
+                    del pool[old]
+                pool[(dt, total)] = buf
+        off = 0
+        for i, j in _equal_runs(shapes):
+            shape = shapes[i]
+            n = math.prod(shape) * (j - i)
+            torch.stack(ts[i:j], out=buf[off : off + n].view(j - i, *shape))
+            off += n
+        return buf
+
+
+def _equal_runs(xs: list[tuple[int, ...]]) -> list[tuple[int, int]]:
+    """``(first, stop)`` of each run of equal neighbours in ``xs``."""
+    out: list[tuple[int, int]] = []
+    first = 0
+    for i in range(1, len(xs)):
+        if xs[i] != xs[i - 1]:
+            out.append((first, i))
+            first = i
+    if xs:
+        out.append((first, len(xs)))
+    return out
 
 
 def _packed_max_abs(flat: torch.Tensor, numels: list[int]) -> list[tuple[float | None, bool]]:

@@ -19,6 +19,7 @@ import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import BinaryIO, NamedTuple
 
 import xxhash
@@ -233,13 +234,17 @@ def encode_header(
     # and dims are ours, names are escaped by the encoder json.dumps itself uses).
     quote = json.encoder.encode_basestring_ascii
     parts = [f"{{{quote(META_KEY)}:{json.dumps(meta, separators=(',', ':'))}"]
-    off = 0
-    for s in ordered:
-        n = off + len(s.data)
+    names = [s.name for s in ordered]
+    ends = list(accumulate(len(s.data) for s in ordered))
+    starts = [0, *ends[:-1]]
+    i = 0
+    for j in _run_stops(ordered):  # one %-template per run of equal dtype and shape (an MoE layer's experts)
+        s = ordered[i]
         dims = ",".join(map(str, s.shape))
-        parts.append(f'{quote(s.name)}:{{"dtype":"{s.dtype}","shape":[{dims}],"data_offsets":[{off},{n}]}}')
-        off = n
-    if len({s.name for s in ordered} | {META_KEY}) != len(ordered) + 1:
+        tmpl = f'%s:{{"dtype":"{s.dtype}","shape":[{dims}],"data_offsets":[%d,%d]}}'
+        parts.extend(map(tmpl.__mod__, zip(map(quote, names[i:j]), starts[i:j], ends[i:j], strict=True)))
+        i = j
+    if len({*names, META_KEY}) != len(ordered) + 1:
         raise CheckpointFormatError("two tensors share a name (or one is named __metadata__)")
     blob = (",".join(parts) + "}").encode()
     blob += b" " * ((-(8 + len(blob))) % 8)
@@ -338,6 +343,12 @@ def _entry(name: str, tname: str, ent: object) -> TensorEntry:
 
 def _span(e: TensorEntry) -> tuple[int, int]:
     return e.begin, e.end
+
+
+def _run_stops(ordered: Sequence[TensorSpec]) -> list[int]:
+    """The stop index of each run of neighbours with equal dtype and shape."""
+    keys = [(s.dtype, s.shape) for s in ordered]
+    return [i for i in range(1, len(keys)) if keys[i] != keys[i - 1]] + ([len(keys)] if keys else [])
 
 
 def _index_json(ordered: Sequence[TensorSpec]) -> str:
