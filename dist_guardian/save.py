@@ -309,10 +309,12 @@ def _holds_dtensor(tree: Any) -> bool:
         v = stack.pop()
         if isinstance(v, cls):
             return True
-        if isinstance(v, dict):
-            stack.extend(v.values())
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
+        vals = list(v.values()) if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else ()
+        types = set(map(type, vals))  # a state_dict's 100,000 values are of one or two types
+        if any(issubclass(t, cls) for t in types):
+            return True
+        if any(issubclass(t, (dict, list, tuple)) for t in types):
+            stack.extend(x for x in vals if isinstance(x, (dict, list, tuple)))
     return False
 
 

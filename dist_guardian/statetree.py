@@ -106,7 +106,6 @@ class Encoder:
             "use tensors, numbers, strings, lists, tuples and dicts (or an object with state_dict())"
         )
 
-
     def _encode_str_dict(self, value: dict[str, Any], path: str) -> dict[str, Any]:
         """A dict of string keys; its tensors inline (a state_dict of 100,000 tensors: no call per tensor)."""
         out: dict[str, Any] = {}
@@ -302,8 +301,11 @@ def _packed_max_abs(flat: torch.Tensor, numels: list[int]) -> list[tuple[float |
             j += 1
         run = x[off : off + (j - i) * n].view(j - i, n)
         m = torch.maximum(-run.amin(1), run.amax(1)).double()  # two reductions beat aminmax(dim=1) by 2x
-        ok = torch.isfinite(m).tolist()
-        out.extend((v if f else None, f) for v, f in zip(m.tolist(), ok, strict=True))
+        fin = torch.isfinite(m)
+        if bool(fin.all()):  # the usual case: no per-tensor test
+            out.extend(zip(m.tolist(), itertools.repeat(True)))
+        else:
+            out.extend((v if f else None, f) for v, f in zip(m.tolist(), fin.tolist(), strict=True))
         off += (j - i) * n
         i = j
     return out

@@ -16,6 +16,7 @@ import xxhash
 from corruption import flip_bit_in_tensor
 
 from dist_guardian import Guardian, formats, manifest, statetree
+from dist_guardian.formats import native
 from dist_guardian.layout import MANIFEST_NAME
 
 RUN = "coal"
@@ -287,3 +288,18 @@ def test_pool_buffers_are_reused_and_hold_the_current_values():
     statetree.tensor_specs(ts, pool)
     assert len(pool) == 2 and pool[(torch.int64, 4)].data_ptr() == bufs[(torch.int64, 4)]
     assert (torch.float32, 15 + 7 + 2) in pool
+
+
+def test_header_index_is_the_json_of_its_columns():
+    ts = {"s": torch.tensor(1.0), "s2": torch.tensor(2.0), "e": torch.zeros(2, 0, 3), 'n\u00e9"': torch.zeros(3, 2)}
+    ts |= {f"x.{i}": torch.zeros(4 if i % 3 else 5, dtype=torch.int64 if i % 2 else torch.float32) for i in range(9)}
+    header, ordered = formats.encode_header("{}", statetree.tensor_specs(ts))
+    meta = json.loads(header[8:])["__metadata__"]
+    want = {
+        "names": [s.name for s in ordered],
+        "dtypes": [[d, sum(1 for s in ordered if s.dtype == d)] for d in dict.fromkeys(s.dtype for s in ordered)],
+        "ndim": [len(s.shape) for s in ordered],
+        "dims": [d for s in ordered for d in s.shape],
+    }
+    assert meta[native.INDEX_KEY] == json.dumps(want, separators=(",", ":"))
+    assert formats.encode_header("{}", [])[1] == []
