@@ -44,7 +44,6 @@ from .mirror import Upkeep
 from .stores import Store
 
 log = logging.getLogger(__name__)
-PackPool = dict[tuple[torch.dtype, int], torch.Tensor]  # statetree.tensor_specs' reused packing buffers
 
 
 def check_state(state: Any) -> None:
@@ -72,8 +71,6 @@ class Saver:
         self._upkeep = upkeep
         self.failed_saves = 0
         self.buffers = statetree.SnapshotBuffers()
-        # Packing buffers of the replicated and the per-rank file, reused by the next save (saves never overlap).
-        self._pools: tuple[PackPool, PackPool] = ({}, {})
         self._pool: ThreadPoolExecutor | None = None  # one background save at a time (blocking=False)
         self._pending: Future[SaveResult] | None = None
 
@@ -239,14 +236,12 @@ class Saver:
                 out.append(write_file(path, tree_json, [], None, rank=rank, step=step, file_rank=None, trees=trees))
             else:
                 replicated = {k: v for k, v in captured.items() if k not in per_rank}
-                out.append(write_tree(path, replicated, rank=rank, step=step, file_rank=None, pool=self._pools[0]))
+                out.append(write_tree(path, replicated, rank=rank, step=step, file_rank=None, pool="replicated"))
         per = {k: v for k, v in captured.items() if k in per_rank}
         if rng is not None:
             per[statetree.RNG_KEY] = rng
         name = rank_file_name(rank, comm.world_size)
-        out.append(
-            write_tree(os.path.join(staging, name), per, rank=rank, step=step, file_rank=rank, pool=self._pools[1])
-        )
+        out.append(write_tree(os.path.join(staging, name), per, rank=rank, step=step, file_rank=rank, pool="rank"))
         return out, chunks
 
     def _commit(
@@ -330,18 +325,23 @@ class _CommitInfo:
 
 
 def write_tree(
-    path: str, tree: dict[str, Any], *, rank: int, step: int, file_rank: int | None, pool: PackPool | None = None
+    path: str, tree: dict[str, Any], *, rank: int, step: int, file_rank: int | None, pool: str | None = None
 ) -> WrittenEntry:
     """Encode a state tree (tensors out of line) and write it as one native file.
 
-    ``pool``: packing buffers kept from the last write of the same file (``statetree.tensor_specs``).
+    ``pool``: the kind of file whose packing buffers this write reuses (``statetree.PackBuffers``).
     """
-    with gc_paused():  # 100,000 tensors: see bulk
-        return _write_tree(path, tree, rank=rank, step=step, file_rank=file_rank, pool=pool)
+    bufs = statetree.PACK_BUFFERS.take(pool) if pool is not None else None
+    try:
+        with gc_paused():  # 100,000 tensors: see bulk
+            return _write_tree(path, tree, rank=rank, step=step, file_rank=file_rank, pool=bufs)
+    finally:
+        if pool is not None and bufs is not None:
+            statetree.PACK_BUFFERS.give(pool, bufs)
 
 
 def _write_tree(
-    path: str, tree: dict[str, Any], *, rank: int, step: int, file_rank: int | None, pool: PackPool | None
+    path: str, tree: dict[str, Any], *, rank: int, step: int, file_rank: int | None, pool: statetree.PackPool | None
 ) -> WrittenEntry:
     enc = statetree.Encoder()
     encoded = enc.encode(tree, "")

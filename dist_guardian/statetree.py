@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import threading
 from typing import Any, cast
 
 import numpy as np
@@ -190,15 +191,13 @@ PACK_BYTES = 1 << 20
 _PLAIN_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def tensor_specs(
-    tensors: dict[str, torch.Tensor], pool: dict[tuple[torch.dtype, int], torch.Tensor] | None = None
-) -> list[TensorSpec]:
+def tensor_specs(tensors: dict[str, torch.Tensor], pool: PackPool | None = None) -> list[TensorSpec]:
     """Every tensor's spec, small ones packed, with the ``max|x|`` of the packed ones computed in bulk.
 
     100,000 small tensors cost ~190 us each as one spec and one ``aminmax`` per tensor; packed,
     they are one C++ concatenation per dtype, slices of one buffer, and one ``aminmax`` per run
     of equal-sized tensors. ``pool`` keeps the packing buffers between saves (one per dtype and
-    size): a fresh 256 MB buffer costs its page faults on every save, a third of the packing.
+    total size, see :class:`PackBuffers`): a fresh 256 MB buffer costs its page faults on every save.
     Big tensors stay zero-copy views (:func:`tensor_spec`); their stats are left to the
     writer's ``stats_fn``, overlapped with the write.
     """
@@ -246,11 +245,42 @@ def tensor_specs(
     return specs
 
 
+PackPool = dict[tuple[torch.dtype, int], torch.Tensor]
+POOL_MAX_BYTES = 1 << 30  # packing buffers kept between saves, per kind of file, at most
+
+
+class PackBuffers:
+    """Packing buffers kept between saves of this process, one set per kind of file (replicated, per-rank).
+
+    A write takes its kind's set (:meth:`take`), packs into it, and gives it back once the file is
+    written (:meth:`give`), so two writes at once never share a buffer (the second packs into fresh
+    memory). Process-wide rather than per Guardian: a job that makes a new Guardian per save reuses
+    them too. At most :data:`POOL_MAX_BYTES` per kind are kept; a larger state packs into fresh memory.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[str, PackPool] = {}
+        self._lock = threading.Lock()
+
+    def take(self, kind: str) -> PackPool:
+        with self._lock:
+            return self._free.pop(kind, {})
+
+    def give(self, kind: str, pool: PackPool) -> None:
+        if sum(b.nbytes for b in pool.values()) > POOL_MAX_BYTES:
+            return
+        with self._lock:
+            self._free.setdefault(kind, pool)
+
+
+PACK_BUFFERS = PackBuffers()
+
+
 def _pack(
     ts: list[torch.Tensor],
     shapes: list[tuple[int, ...]],
     dt: torch.dtype,
-    pool: dict[tuple[torch.dtype, int], torch.Tensor] | None,
+    pool: PackPool | None,
 ) -> torch.Tensor:
     """The tensors concatenated flat into one CPU buffer (``pool``'s one of that size when it has it).
 

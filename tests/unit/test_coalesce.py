@@ -303,3 +303,17 @@ def test_header_index_is_the_json_of_its_columns():
     }
     assert meta[native.INDEX_KEY] == json.dumps(want, separators=(",", ":"))
     assert formats.encode_header("{}", [])[1] == []
+
+
+def test_pack_buffers_are_lent_to_one_write_at_a_time():
+    bufs = statetree.PackBuffers()
+    a = bufs.take("replicated")
+    statetree.tensor_specs({"w": torch.randn(10)}, a)
+    assert bufs.take("replicated") == {}  # lent out: a second write at once packs into fresh memory
+    bufs.give("replicated", a)
+    assert bufs.take("rank") == {}
+    assert bufs.take("replicated") is a
+    big = {(torch.uint8, statetree.POOL_MAX_BYTES + 1): torch.empty(0)}
+    big[(torch.uint8, 1)] = torch.empty(statetree.POOL_MAX_BYTES + 1, dtype=torch.uint8, device="meta")
+    bufs.give("rank", big)  # past the cap: not kept
+    assert bufs.take("rank") == {}
