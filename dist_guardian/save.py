@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from . import copying, formats, manifest, sharded_io, sharding, statetree, stores
+from . import copying, formats, geometry, manifest, sharded_io, sharding, statetree, stores
 from .bulk import gc_paused
 from .comm import Comm
 from .commit import (
@@ -187,7 +187,7 @@ class Saver:
         replicated = {k: v for k, v in captured.items() if k not in self.config.per_rank}
         plan: sharded_io.ShardPlan | None = None
         try:
-            if sharding.holds_dtensor(replicated):  # the same on every rank: the state's structure decides
+            if _holds_dtensor(replicated):  # the same on every rank: the state's structure decides
                 plan = sharded_io.agree(comm, replicated, step)
             if not stores.is_dir(staging):
                 raise SaveFailed(
@@ -200,12 +200,12 @@ class Saver:
         except Exception as e:
             err = save_errno_reason(e, staging if stores.is_dir(staging) else ".")
             log.warning("[rank=%d] %s", comm.rank, err)
-        texts = comm.gather_strings(
-            json.dumps({"files": mine, "chunks": chunks, "error": err}),
-            f"gather digests of step {step}",
-            max_len=1 << 26,
-        )
-        docs = [json.loads(t) for t in texts]
+        own: dict[str, Any] = {"files": mine, "chunks": chunks, "error": err}
+        if not comm.distributed:  # one process: its own entries need no JSON round trip (0.1 s at 100,000 tensors)
+            docs = [json.loads(json.dumps(own)) if chunks else own]
+        else:
+            texts = comm.gather_strings(json.dumps(own), f"gather digests of step {step}", max_len=1 << 26)
+            docs = [json.loads(t) for t in texts]
         return docs, [(r, d["error"]) for r, d in enumerate(docs) if d["error"]]
 
     def _write_rank_files(
@@ -236,12 +236,12 @@ class Saver:
                 out.append(write_file(path, tree_json, [], None, rank=rank, step=step, file_rank=None, trees=trees))
             else:
                 replicated = {k: v for k, v in captured.items() if k not in per_rank}
-                out.append(write_tree(path, replicated, rank=rank, step=step, file_rank=None))
+                out.append(write_tree(path, replicated, rank=rank, step=step, file_rank=None, pool="replicated"))
         per = {k: v for k, v in captured.items() if k in per_rank}
         if rng is not None:
             per[statetree.RNG_KEY] = rng
         name = rank_file_name(rank, comm.world_size)
-        out.append(write_tree(os.path.join(staging, name), per, rank=rank, step=step, file_rank=rank))
+        out.append(write_tree(os.path.join(staging, name), per, rank=rank, step=step, file_rank=rank, pool="rank"))
         return out, chunks
 
     def _commit(
@@ -294,6 +294,25 @@ class Saver:
         return SaveResult(committed=False, step=step, seconds=time.monotonic() - t0, reason=reason)
 
 
+def _holds_dtensor(tree: Any) -> bool:
+    """:func:`sharding.holds_dtensor` in one walk with the class looked up once (0.3 s less at 100,000 tensors)."""
+    cls = geometry.dtensor_class()
+    if cls is None:
+        return False
+    stack = [tree]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, cls):
+            return True
+        vals = list(v.values()) if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else ()
+        types = set(map(type, vals))  # a state_dict's 100,000 values are of one or two types
+        if any(issubclass(t, cls) for t in types):
+            return True
+        if any(issubclass(t, (dict, list, tuple)) for t in types):
+            stack.extend(x for x in vals if isinstance(x, (dict, list, tuple)))
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class _CommitInfo:
     """What the manifest of one save records besides its files."""
@@ -305,22 +324,34 @@ class _CommitInfo:
     sharded: dict[str, manifest.ShardedTensor]
 
 
-def write_tree(path: str, tree: dict[str, Any], *, rank: int, step: int, file_rank: int | None) -> WrittenEntry:
-    """Encode a state tree (tensors out of line) and write it as one native file."""
-    with gc_paused():  # 100,000 tensors: see bulk
-        return _write_tree(path, tree, rank=rank, step=step, file_rank=file_rank)
+def write_tree(
+    path: str, tree: dict[str, Any], *, rank: int, step: int, file_rank: int | None, pool: str | None = None
+) -> WrittenEntry:
+    """Encode a state tree (tensors out of line) and write it as one native file.
+
+    ``pool``: the kind of file whose packing buffers this write reuses (``statetree.PackBuffers``).
+    """
+    bufs = statetree.PACK_BUFFERS.take(pool) if pool is not None else None
+    try:
+        with gc_paused():  # 100,000 tensors: see bulk
+            return _write_tree(path, tree, rank=rank, step=step, file_rank=file_rank, pool=bufs)
+    finally:
+        if pool is not None and bufs is not None:
+            statetree.PACK_BUFFERS.give(pool, bufs)
 
 
-def _write_tree(path: str, tree: dict[str, Any], *, rank: int, step: int, file_rank: int | None) -> WrittenEntry:
+def _write_tree(
+    path: str, tree: dict[str, Any], *, rank: int, step: int, file_rank: int | None, pool: statetree.PackPool | None
+) -> WrittenEntry:
     enc = statetree.Encoder()
     encoded = enc.encode(tree, "")
     tree_json, trees = formats.tree_json_and_digests(encoded)
-    specs, packed = statetree.tensor_specs(enc.tensors)
+    specs = statetree.tensor_specs(enc.tensors, pool)
     return write_file(
         path,
         tree_json,
         specs,
-        lambda spec: packed.get(spec.name) or statetree.max_abs(enc.tensors[spec.name]),
+        lambda spec: statetree.max_abs(enc.tensors[spec.name]),
         rank=rank,
         step=step,
         file_rank=file_rank,

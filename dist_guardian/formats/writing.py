@@ -10,6 +10,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import xxhash
 
@@ -49,14 +50,18 @@ def write_native(
     try:
         for first, stop in region_bounds(sizes, REGION_BYTES):
             h = xxhash.xxh3_128()
+            group = ordered[first:stop]
             if stats_fn is not None:
-                stats.extend(stats_fn(s) for s in ordered[first:stop])
+                got = [s.stats for s in group]  # the packed ones came with stats computed in bulk
+                if None in got:
+                    got = [st if st is not None else stats_fn(s) for s, st in zip(group, got, strict=True)]
+                stats.extend(cast(list[tuple[float | None, bool]], got))
             if stop - first == 1:
                 mv = ordered[first].data
                 pieces = [mv[i : i + _CHUNK] for i in range(0, len(mv), _CHUNK)]
             else:
-                tensor_digests.extend(xxhash.xxh3_64_hexdigest(s.data) for s in ordered[first:stop])
-                pieces = _runs(ordered[first:stop])
+                tensor_digests.extend(map(xxhash.xxh3_64_hexdigest, [s.data for s in group]))
+                pieces = _runs(group)
             for piece in pieces:
                 h.update(piece)
                 pipe.add_payload(piece)

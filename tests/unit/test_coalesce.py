@@ -16,6 +16,7 @@ import xxhash
 from corruption import flip_bit_in_tensor
 
 from dist_guardian import Guardian, formats, manifest, statetree
+from dist_guardian.formats import native
 from dist_guardian.layout import MANIFEST_NAME
 
 RUN = "coal"
@@ -127,9 +128,10 @@ def test_packed_stats_equal_per_tensor_stats():
         "f8": torch.randn(6).to(torch.float8_e4m3fn),
         "big": torch.randn(300_000),
     }
-    specs, packed = statetree.tensor_specs(ts)
+    specs = statetree.tensor_specs(ts)
+    packed = {s.name: s.stats for s in specs if s.stats is not None}
     assert {s.name for s in specs} == set(ts)
-    assert "big" not in packed and "i" not in packed
+    assert "big" not in packed and packed["i"] == (None, True)
     for name, st in packed.items():
         want = statetree.max_abs(ts[name])
         assert st[1] == want[1] and (st[0] == want[0] or st[0] is want[0] is None), name
@@ -267,3 +269,51 @@ def test_module_apply_is_one_foreach_copy_and_customized_modules_keep_load_state
         for n, t in m.state_dict().items():
             assert torch.equal(t, want[k][n]), (k, n)
     assert seen  # the hooked module went through load_state_dict
+
+
+def test_pool_buffers_are_reused_and_hold_the_current_values():
+    pool: dict = {}
+    ts = {"a": torch.randn(5, 3), "b": torch.arange(4), "c": torch.randn(7)}
+    first = statetree.tensor_specs(ts, pool)
+    bufs = {k: v.data_ptr() for k, v in pool.items()}
+    assert {k[0] for k in pool} == {torch.float32, torch.int64}
+    ts["a"].add_(1.0)
+    ts["b"].add_(3)
+    second = statetree.tensor_specs(ts, pool)
+    assert {k: v.data_ptr() for k, v in pool.items()} == bufs  # the same memory, refilled
+    for s in second:
+        assert bytes(s.data) == ts[s.name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(), s.name
+    assert [s.name for s in first] == [s.name for s in second]
+    ts["d"] = torch.randn(2)  # the float32 group grows: its buffer is replaced, the int64 one kept
+    statetree.tensor_specs(ts, pool)
+    assert len(pool) == 2 and pool[(torch.int64, 4)].data_ptr() == bufs[(torch.int64, 4)]
+    assert (torch.float32, 15 + 7 + 2) in pool
+
+
+def test_header_index_is_the_json_of_its_columns():
+    ts = {"s": torch.tensor(1.0), "s2": torch.tensor(2.0), "e": torch.zeros(2, 0, 3), 'n\u00e9"': torch.zeros(3, 2)}
+    ts |= {f"x.{i}": torch.zeros(4 if i % 3 else 5, dtype=torch.int64 if i % 2 else torch.float32) for i in range(9)}
+    header, ordered = formats.encode_header("{}", statetree.tensor_specs(ts))
+    meta = json.loads(header[8:])["__metadata__"]
+    want = {
+        "names": [s.name for s in ordered],
+        "dtypes": [[d, sum(1 for s in ordered if s.dtype == d)] for d in dict.fromkeys(s.dtype for s in ordered)],
+        "ndim": [len(s.shape) for s in ordered],
+        "dims": [d for s in ordered for d in s.shape],
+    }
+    assert meta[native.INDEX_KEY] == json.dumps(want, separators=(",", ":"))
+    assert formats.encode_header("{}", [])[1] == []
+
+
+def test_pack_buffers_are_lent_to_one_write_at_a_time():
+    bufs = statetree.PackBuffers()
+    a = bufs.take("replicated")
+    statetree.tensor_specs({"w": torch.randn(10)}, a)
+    assert bufs.take("replicated") == {}  # lent out: a second write at once packs into fresh memory
+    bufs.give("replicated", a)
+    assert bufs.take("rank") == {}
+    assert bufs.take("replicated") is a
+    big = {(torch.uint8, statetree.POOL_MAX_BYTES + 1): torch.empty(0)}
+    big[(torch.uint8, 1)] = torch.empty(statetree.POOL_MAX_BYTES + 1, dtype=torch.uint8, device="meta")
+    bufs.give("rank", big)  # past the cap: not kept
+    assert bufs.take("rank") == {}
