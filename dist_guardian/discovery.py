@@ -191,31 +191,13 @@ def _from_entries(store: Store, prefix: str, entries: list[Entry], *, ours: bool
             )
             continue
         if e.kind in ("dir", "symlink") and any(k.rel == DCP_METADATA for k in kids):
-            out.append(
-                Sighting(
-                    store=store,
-                    rel=rel,
-                    kind="dcp",
-                    step=formats.step_from_name(name),
-                    entry_kind=e.kind,
-                    children=kids,
-                )
-            )
+            out.append(_dir_sighting(store, rel, name, e, "dcp", kids))
             continue
         # A symlink named checkpoint-N is listed without its files: sighted, so that verify says why it is refused.
         if (e.kind == "dir" and hf_layout.looks_like_hf(name, (k.rel for k in kids))) or (
             e.kind == "symlink" and hf_layout.HF_DIR_RE.match(name)
         ):
-            out.append(
-                Sighting(
-                    store=store,
-                    rel=rel,
-                    kind="hf",
-                    step=formats.step_from_name(name),
-                    entry_kind=e.kind,
-                    children=kids,
-                )
-            )
+            out.append(_dir_sighting(store, rel, name, e, "hf", kids))
             continue
         if name.lower().endswith(SAFETENSORS_SUFFIX) and e.kind in ("file", "symlink", "other"):
             if safetensors_set(name) is not None:  # a set is one candidate, seen at its first shard
@@ -230,6 +212,14 @@ def _is_foreign_step_dir(kids: tuple[Entry, ...]) -> bool:
     """A ``step-N`` dir under the run that DCP wrote (torchtitan names its dirs so): ``.metadata``, no manifest."""
     names = {k.rel for k in kids}
     return DCP_METADATA in names and MANIFEST_NAME not in names
+
+
+def _dir_sighting(
+    store: Store, rel: str, name: str, e: Entry, kind: Literal["dcp", "hf"], kids: tuple[Entry, ...]
+) -> Sighting:
+    """A foreign checkpoint dir: its step from the name for now (an HF dir's trainer_state.json wins later)."""
+    step = formats.step_from_name(name)
+    return Sighting(store=store, rel=rel, kind=kind, step=step, entry_kind=e.kind, children=kids)
 
 
 def _file_sighting(store: Store, rel: str, name: str, e: Entry, kind: Literal["torch", "safetensors"]) -> Sighting:
